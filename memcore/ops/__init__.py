@@ -1,0 +1,1 @@
+"""Backend dispatch and torch.library custom ops; the only package that touches ``memcore._C``."""

@@ -1,0 +1,75 @@
+"""Backend names and the ``backend="auto"`` rule shared by every op family.
+
+- ``reference``: pure PyTorch (memcore/reference), any device; the oracle and the benchmark baseline.
+- ``cpu``: the C++ core (OpenMP), CPU tensors.
+- ``cuda``: the CUDA kernels of the core, CUDA tensors, when the CUDA part was built.
+- ``triton``: Triton kernels, CUDA tensors; CPU tensors only under the interpreter (``TRITON_INTERPRET=1``).
+
+``auto`` picks, for the tensors' device, the fastest backend that is available: CUDA tensors -> ``cuda`` if
+built else ``triton`` else ``reference``; CPU tensors -> ``cpu`` if built else ``reference``. A family may pass
+its own preference order (e.g. when its Triton kernel beats its CUDA one) through ``cuda_order``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from memcore.ops import _native
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``backend`` can run on tensors of ``device``, and why not."""
+    if backend == "reference":
+        return True, ""
+    if backend == "cpu":
+        if device.type != "cpu":
+            return False, f"backend 'cpu' needs CPU tensors, got {device}"
+        if not _native.native_available():
+            return False, "backend 'cpu' needs the compiled core (memcore._C is not built)"
+        return True, ""
+    if backend == "cuda":
+        if device.type != "cuda":
+            return False, f"backend 'cuda' needs CUDA tensors, got {device}"
+        if not _native.native_cuda_usable():
+            return False, "backend 'cuda' needs memcore built with CUDA and a usable device (see memcore.build_info())"
+        return True, ""
+    if backend == "triton":
+        if not triton_importable():
+            return False, "backend 'triton' needs the triton package"
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and triton_interpret():
+            return True, ""
+        return False, f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def resolve(backend: str, device: torch.device, *, cuda_order: tuple[str, ...] = ("cuda", "triton")) -> str:
+    """Turn a user's backend choice into a concrete one for ``device``; clear error when unavailable."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        ok, why = available(backend, device)
+        if not ok:
+            raise ValueError(why)
+        return backend
+    order = (*cuda_order, "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if available(name, device)[0]:
+            return name
+    return "reference"
