@@ -11,7 +11,17 @@ from memcore.ops import _backend
 
 def test_build_info_fields():
     info = memcore.build_info()
-    for key in ("version", "native", "cpu", "cuda", "cuda_archs", "openmp", "families", "cuda_status", "torch"):
+    for key in (
+        "version",
+        "native",
+        "cpu",
+        "cuda",
+        "cuda_archs",
+        "openmp",
+        "families",
+        "cuda_status",
+        "torch",
+    ):
         assert key in info, key
     assert info["native"] is True, "tests run against a built memcore._C"
     assert info["cpu"] is True

@@ -46,7 +46,10 @@ def available(backend: str, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, f"backend 'cuda' needs CUDA tensors, got {device}"
         if not _native.native_cuda_usable():
-            return False, "backend 'cuda' needs memcore built with CUDA and a usable device (see memcore.build_info())"
+            return (
+                False,
+                "backend 'cuda' needs memcore built with CUDA and a usable device (see memcore.build_info())",
+            )
         return True, ""
     if backend == "triton":
         if not triton_importable():
@@ -55,7 +58,10 @@ def available(backend: str, device: torch.device) -> tuple[bool, str]:
             return True, ""
         if device.type == "cpu" and triton_interpret():
             return True, ""
-        return False, f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+        return (
+            False,
+            f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}",
+        )
     return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
 
 

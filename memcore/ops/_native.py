@@ -30,7 +30,10 @@ def _load() -> tuple[Any | None, str | None]:
     try:
         from memcore import _C  # type: ignore[attr-defined]
     except ImportError as exc:  # a source checkout that was never built
-        return None, f"memcore._C is not built ({exc}); install with `pip install .` or run tools/dev_build.py"
+        return (
+            None,
+            f"memcore._C is not built ({exc}); install with `pip install .` or run tools/dev_build.py",
+        )
     return _C, None
 
 

@@ -1,0 +1,89 @@
+"""Shared benchmark helpers: timing (do_bench on GPU, min/median of repeats on CPU) and CSV rows that carry
+device, commit and date. Every benchmark prints ratios against the reference path and writes a CSV under
+benchmarks/results/."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except Exception:
+        return os.environ.get("MEMCORE_COMMIT", "unknown")
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}x{os.cpu_count()}"
+
+
+def time_fn(
+    fn: Callable[[], Any], device: torch.device | str, *, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Seconds per call: {"median": s, "min": s}. GPU: triton.testing.do_bench (median, events);
+    CPU: ``repeats`` wall-clock runs after ``warmup``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med = do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+        mn = do_bench(fn, warmup=5, rep=50, return_mode="min") / 1e3
+        return {"median": med, "min": mn}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times)}
+
+
+def write_csv(name: str, rows: list[dict[str, Any]], device: torch.device | str) -> Path:
+    """Append-free write of ``benchmarks/results/<name>_<device-slug>.csv``; each row gets device/commit/date."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dev = device_name(device)
+    slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
+    path = RESULTS / f"{name}_{slug}.csv"
+    stamp = {
+        "device": dev,
+        "commit": commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+    full = [{**stamp, **r} for r in rows]
+    keys: list[str] = []
+    for r in full:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(full)
+    print(f"wrote {path}")
+    return path
