@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one command: install carried wheels, build memcore with CUDA for sm_90, run the CUDA
+# and Triton tests, then the benchmarks. Logs and CSVs go to $OUT (the device tool brings them back).
+#   usage (device tool, carry [".whl"]): bash tools/gpu_run.sh [tests|bench|all] [extra pytest -k expr]
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/memcore-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$OUT/gpu.txt"
+
+# In-place build (fast, no wheel): the extension lands in memcore/ and PYTHONPATH picks up the tree.
+t0=$(date +%s)
+python3 tools/dev_build.py --cuda ON --jobs 16 > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import memcore, json; print(json.dumps(memcore.build_info()))" | tee -a "$OUT/gpu.txt"
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  (cd tests && python3 -m pytest -q -p no:cacheprovider -m "cuda or triton" ${2:+-k "$2"} . 2>&1 | tee "$OUT/tests_gpu.log" | tail -40)
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  # At most 8 files come back from $OUT: one log for all benchmarks, one tarball of the CSVs.
+  for b in ${BENCHES:-benchmarks/bench_*.py}; do
+    echo "== $b" | tee -a "$OUT/bench.log"
+    timeout "${BENCH_TIMEOUT:-240}" python3 "$b" --device cuda 2>&1 | tee -a "$OUT/bench.log" | tail -25
+  done
+  tar -czf "$OUT/results.tgz" benchmarks/results/*.csv 2>/dev/null
+fi
+exit 0
