@@ -12,7 +12,6 @@ its own preference order (e.g. when its Triton kernel beats its CUDA one) throug
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -23,13 +22,22 @@ from memcore.ops import _native
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
+# What this process can use is fixed for its lifetime, so it is probed once, at import. Keeping the probes
+# (importlib, the native module, the CUDA runtime) out of resolve() also keeps resolve() traceable by
+# torch.compile(fullgraph=True): dynamo cannot trace find_spec or pybind11 calls.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+_NATIVE = _native.native_available()
+_NATIVE_CUDA = _native.native_cuda_usable()
+# Triton reads TRITON_INTERPRET when it is imported, so later changes of the variable do not count either.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _TRITON_INTERPRET
 
 
-@functools.cache
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def available(backend: str, device: torch.device) -> tuple[bool, str]:
@@ -39,13 +47,13 @@ def available(backend: str, device: torch.device) -> tuple[bool, str]:
     if backend == "cpu":
         if device.type != "cpu":
             return False, f"backend 'cpu' needs CPU tensors, got {device}"
-        if not _native.native_available():
+        if not _NATIVE:
             return False, "backend 'cpu' needs the compiled core (memcore._C is not built)"
         return True, ""
     if backend == "cuda":
         if device.type != "cuda":
             return False, f"backend 'cuda' needs CUDA tensors, got {device}"
-        if not _native.native_cuda_usable():
+        if not _NATIVE_CUDA:
             return (
                 False,
                 "backend 'cuda' needs memcore built with CUDA and a usable device (see memcore.build_info())",
