@@ -516,10 +516,12 @@ class Sampler:
         self._gseeds.copy_(seeds)
         for k, v in kwargs.items():
             self._gkw[k].copy_(v)
-        for i in range(len(self.timesteps)):
-            self._gt.copy_(self.t_device[i])
-            self._gstep.fill_(i)
-            self._graph.replay()
+        # NVTX ranges cannot live inside a graph: one range covers the replays (UNet + step of every step).
+        with stage("unet:graph+step"):
+            for i in range(len(self.timesteps)):
+                self._gt.copy_(self.t_device[i])
+                self._gstep.fill_(i)
+                self._graph.replay()
         return self._gx.clone()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
