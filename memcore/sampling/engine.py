@@ -227,6 +227,14 @@ class Sampler:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = lm = load_model(model, device=device, dtype=dtype)
         self.device = lm.device
+        if self.device.type == "cuda" and torch.backends.cudnn.benchmark:
+            # autotuning may pick other conv algorithms in another process: images would not regenerate
+            warnings.warn(
+                "torch.backends.cudnn.benchmark is on: convolution algorithms are chosen by timing, so a "
+                "candidate regenerated in another process may differ in its last bits; turn it off for "
+                "bit-identical regeneration",
+                stacklevel=2,
+            )
         if lm.kind == "sd_pipeline" and getattr(lm.unet.config, "time_cond_proj_dim", None) is not None:
             raise ValueError("UNets with time_cond_proj_dim (LCM guidance embedding) are not supported")
 
