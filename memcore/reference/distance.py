@@ -57,13 +57,14 @@ def squared_tile_max(a: torch.Tensor, b: torch.Tensor, grid: tuple[int, int]) ->
         [N, M] float64 for uint8 (exact integers) and float64 inputs, float32 for other floats.
     """
     n_img, m_img = a.shape[0], b.shape[0]
-    h, w = a.shape[2], a.shape[3]
+    c, h, w = a.shape[1], a.shape[2], a.shape[3]
+    tile = c * (h // grid[0]) * (w // grid[1])
     wa, wb = _work(a), _work(b)
     best = None
     # One tile at a time keeps the working set at one tile of each set (SD: 500 × 49152 values), not 16.
     for rs, cs in tile_slices(h, w, grid):
-        ta = wa[:, :, rs, cs].reshape(n_img, -1)
-        tb = wb[:, :, rs, cs].reshape(m_img, -1)
+        ta = wa[:, :, rs, cs].reshape(n_img, tile)
+        tb = wb[:, :, rs, cs].reshape(m_img, tile)
         s = (ta * ta).sum(1)[:, None] + (tb * tb).sum(1)[None, :] - 2.0 * (ta @ tb.T)
         best = s if best is None else torch.maximum(best, s)
     if best is None:  # impossible with a valid grid; keeps type checkers honest
