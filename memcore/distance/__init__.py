@@ -31,8 +31,8 @@ Functions (``grid=(rows, cols)`` must divide H and W; ``grid=(1, 1)`` is plain L
   ``[N, ceil(M/64)]`` for building a condition's graph incrementally as batches finish (row block i of the
   full graph is ``tiled_l2_graph(batch_i, alpha, b=all_previous)`` next to the pairwise block). ``alpha`` is
   compared as float32 (what ``d <= alpha`` does on a float32 tensor), so for uint8 the bitset agrees bit for
-  bit with thresholding :func:`tiled_l2`. For float inputs the GPU backends compute each ordered pair
-  separately, so the pairwise bitset is symmetric up to float rounding at the threshold.
+  bit with thresholding :func:`tiled_l2`. Every backend derives pairwise results from one value per
+  unordered pair, so pairwise matrices and bitsets are exactly symmetric for every dtype.
 
 Backends: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++/OpenMP), ``"triton"``, ``"cuda"``; ``"auto"`` picks
 the fastest available for the tensors' device (CPU: cpu; CUDA: see :data:`CUDA_ORDER`).
