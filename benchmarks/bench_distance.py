@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, time_fn, write_csv  # noqa: E402
+from _common import device_name, time_fn, write_csv
 
-import memcore.distance as D  # noqa: E402
-from memcore.ops import _backend  # noqa: E402
+import memcore.distance as D
+from memcore.ops import _backend
 
 PEAK_TOPS = {"H100": 1979.0, "H200": 1979.0}  # dense int8 tensor-core ceiling (SXM)
 
@@ -99,8 +99,12 @@ def run(args) -> list[dict]:
     print(f"sd graph: nonzero words {edges}")
 
     # --- CIFAR: streamed k-NN (memory independent of M)
-    q = torch.randint(0, 256, (cf["n"], cf["c"], cf["h"], cf["w"]), generator=gen, dtype=torch.uint8).to(device)
-    r = torch.randint(0, 256, (cf["m"], cf["c"], cf["h"], cf["w"]), generator=gen, dtype=torch.uint8).to(device)
+    q = torch.randint(0, 256, (cf["n"], cf["c"], cf["h"], cf["w"]), generator=gen, dtype=torch.uint8).to(
+        device
+    )
+    r = torch.randint(0, 256, (cf["m"], cf["c"], cf["h"], cf["w"]), generator=gen, dtype=torch.uint8).to(
+        device
+    )
     ops_knn = 2.0 * cf["n"] * cf["m"] * cf["c"] * cf["h"] * cf["w"]
     ref_knn = None
     for be in backends:
