@@ -171,7 +171,12 @@ def _pack(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if x.dtype != torch.uint8:
         x = x.to(torch.float32)
     # reshape may return a strided view (e.g. one-pixel-wide tiles); the kernel needs contiguous rows.
-    return x.reshape(n, c, gh, th, gw, tw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, n, c * th * tw).contiguous()
+    return (
+        x.reshape(n, c, gh, th, gw, tw)
+        .permute(2, 4, 0, 1, 3, 5)
+        .reshape(gh * gw, n, c * th * tw)
+        .contiguous()
+    )
 
 
 def _smax(a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor, int]:
