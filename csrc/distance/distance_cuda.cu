@@ -24,11 +24,11 @@ namespace memcore {
 namespace distance {
 namespace {
 
-constexpr int kBlock = 64;          // rows / columns per thread block
-constexpr int kKStep = 128;         // K values staged in shared memory per step (int8 path)
-constexpr int kSegment = 65536;     // int8 products per int32 partial: 65536 · 2^14 = 2^30 < 2^31
-constexpr int kKStepF = 32;         // float path K step
-constexpr int kF32Chunk = 4096;     // float partial sums run in float32 over this many terms
+constexpr int kBlock = 64;       // rows / columns per thread block
+constexpr int kKStep = 128;      // K values staged in shared memory per step (int8 path)
+constexpr int kSegment = 65536;  // int8 products per int32 partial: 65536 · 2^14 = 2^30 < 2^31
+constexpr int kKStepF = 32;      // float path K step
+constexpr int kF32Chunk = 4096;  // float partial sums run in float32 over this many terms
 
 struct Geo {
   std::int64_t n, c, h, w, gh, gw, th, tw, tiles, d, dp, np;
@@ -45,7 +45,8 @@ Geo make_geo(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std
 
 __device__ __forceinline__ float load_as_float(const void* x, std::int64_t idx, int dtype) {
   switch (dtype) {
-    case 1: return static_cast<const float*>(x)[idx];
+    case 1:
+      return static_cast<const float*>(x)[idx];
     case 2: {
       const unsigned short v = static_cast<const unsigned short*>(x)[idx];
       return __half2float(__ushort_as_half(v));
@@ -97,11 +98,10 @@ __global__ void pack_kernel(const void* __restrict__ x, int dtype, Geo g, Out* _
 }
 
 // Exact int8 Gram per (row block, column block, tile) with WMMA 16×16×16; 4 warps, each 32×32 outputs.
-__global__ void __launch_bounds__(128) tile_i8_kernel(const std::int8_t* __restrict__ pa,
-                                                       const std::int8_t* __restrict__ pb,
-                                                       const long long* __restrict__ na,
-                                                       const long long* __restrict__ nb, Geo ga, Geo gb,
-                                                       bool symmetric, unsigned long long* __restrict__ smax) {
+__global__ void __launch_bounds__(128)
+    tile_i8_kernel(const std::int8_t* __restrict__ pa, const std::int8_t* __restrict__ pb,
+                   const long long* __restrict__ na, const long long* __restrict__ nb, Geo ga, Geo gb,
+                   bool symmetric, unsigned long long* __restrict__ smax) {
   using namespace nvcuda;
   const int bm = blockIdx.x, bn = blockIdx.y, t = blockIdx.z;
   if (symmetric && bn < bm) return;
@@ -187,8 +187,9 @@ __global__ void __launch_bounds__(128) tile_i8_kernel(const std::int8_t* __restr
 }
 
 // Direct differences in fp32 for float images: 16×16 threads, each 4×4 pairs of a 64×64 block.
-__global__ void __launch_bounds__(256) tile_f32_kernel(const float* __restrict__ pa, const float* __restrict__ pb,
-                                                        Geo ga, Geo gb, bool symmetric, float* __restrict__ smax) {
+__global__ void __launch_bounds__(256)
+    tile_f32_kernel(const float* __restrict__ pa, const float* __restrict__ pb, Geo ga, Geo gb,
+                    bool symmetric, float* __restrict__ smax) {
   const int bm = blockIdx.x, bn = blockIdx.y, t = blockIdx.z;
   if (symmetric && bn < bm) return;
   __shared__ float As[kKStepF][kBlock + 1];
@@ -243,7 +244,8 @@ __global__ void __launch_bounds__(256) tile_f32_kernel(const float* __restrict__
       const std::int64_t j = static_cast<std::int64_t>(bn) * kBlock + tx * 4 + q;
       if (i < ga.n && j < gb.n) {
         // S >= 0: the float's bit pattern orders like an int, so an integer atomicMax is a float max.
-        atomicMax(reinterpret_cast<int*>(smax + i * gb.n + j), __float_as_int(static_cast<float>(total[r][q])));
+        atomicMax(reinterpret_cast<int*>(smax + i * gb.n + j),
+                  __float_as_int(static_cast<float>(total[r][q])));
       }
     }
 }
@@ -308,8 +310,8 @@ int grid_for(std::int64_t total, int threads) {
 
 // Computes smax [n, m] (caller frees with cudaFreeAsync). Returns the tile size n_tile.
 void* compute_smax(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t m, std::int64_t c,
-                   std::int64_t h, std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw, bool symmetric,
-                   cudaStream_t stream, std::int64_t* n_tile) {
+                   std::int64_t h, std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw,
+                   bool symmetric, cudaStream_t stream, std::int64_t* n_tile) {
   const bool is_int = static_cast<DType>(dtype) == DType::kUInt8;
   const Geo ga = make_geo(n, c, h, w, gh, gw, is_int ? kKStep : kKStepF);
   const Geo gb = make_geo(m, c, h, w, gh, gw, is_int ? kKStep : kKStepF);
@@ -336,30 +338,34 @@ void* compute_smax(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int6
     long long* na = nullptr;
     long long* nb = nullptr;
     MEMCORE_CUDA_CHECK(cudaMallocAsync(&na, static_cast<std::size_t>(ga.tiles * ga.np) * 8, stream));
-    pack_kernel<std::int8_t><<<dim3(static_cast<unsigned>(ga.np), static_cast<unsigned>(ga.tiles)), 256, 0,
-                               stream>>>(xa, dtype, ga, static_cast<std::int8_t*>(pa), na);
+    pack_kernel<std::int8_t>
+        <<<dim3(static_cast<unsigned>(ga.np), static_cast<unsigned>(ga.tiles)), 256, 0, stream>>>(
+            xa, dtype, ga, static_cast<std::int8_t*>(pa), na);
     MEMCORE_CUDA_CHECK_LAUNCH("distance pack a");
     if (symmetric) {
       nb = na;
     } else {
       MEMCORE_CUDA_CHECK(cudaMallocAsync(&nb, static_cast<std::size_t>(gb.tiles * gb.np) * 8, stream));
-      pack_kernel<std::int8_t><<<dim3(static_cast<unsigned>(gb.np), static_cast<unsigned>(gb.tiles)), 256, 0,
-                                 stream>>>(xb, dtype, gb, static_cast<std::int8_t*>(pb), nb);
+      pack_kernel<std::int8_t>
+          <<<dim3(static_cast<unsigned>(gb.np), static_cast<unsigned>(gb.tiles)), 256, 0, stream>>>(
+              xb, dtype, gb, static_cast<std::int8_t*>(pb), nb);
       MEMCORE_CUDA_CHECK_LAUNCH("distance pack b");
     }
-    tile_i8_kernel<<<tiles_grid, 128, 0, stream>>>(static_cast<std::int8_t*>(pa), static_cast<std::int8_t*>(pb),
-                                                   na, nb, ga, gb, symmetric,
+    tile_i8_kernel<<<tiles_grid, 128, 0, stream>>>(static_cast<std::int8_t*>(pa),
+                                                   static_cast<std::int8_t*>(pb), na, nb, ga, gb, symmetric,
                                                    static_cast<unsigned long long*>(smax));
     MEMCORE_CUDA_CHECK_LAUNCH("distance tile_i8");
     MEMCORE_CUDA_CHECK(cudaFreeAsync(na, stream));
     if (!symmetric) MEMCORE_CUDA_CHECK(cudaFreeAsync(nb, stream));
   } else {
-    pack_kernel<float><<<dim3(static_cast<unsigned>(ga.np), static_cast<unsigned>(ga.tiles)), 256, 0, stream>>>(
-        xa, dtype, ga, static_cast<float*>(pa), nullptr);
+    pack_kernel<float>
+        <<<dim3(static_cast<unsigned>(ga.np), static_cast<unsigned>(ga.tiles)), 256, 0, stream>>>(
+            xa, dtype, ga, static_cast<float*>(pa), nullptr);
     MEMCORE_CUDA_CHECK_LAUNCH("distance pack a");
     if (!symmetric) {
-      pack_kernel<float><<<dim3(static_cast<unsigned>(gb.np), static_cast<unsigned>(gb.tiles)), 256, 0, stream>>>(
-          xb, dtype, gb, static_cast<float*>(pb), nullptr);
+      pack_kernel<float>
+          <<<dim3(static_cast<unsigned>(gb.np), static_cast<unsigned>(gb.tiles)), 256, 0, stream>>>(
+              xb, dtype, gb, static_cast<float*>(pb), nullptr);
       MEMCORE_CUDA_CHECK_LAUNCH("distance pack b");
     }
     tile_f32_kernel<<<tiles_grid, 256, 0, stream>>>(static_cast<float*>(pa), static_cast<float*>(pb), ga, gb,
@@ -399,8 +405,8 @@ void matrix_cuda(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_
     finish_matrix_kernel<true><<<blocks, 256, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
                                                            scale, as_ptr<float>(out));
   } else {
-    finish_matrix_kernel<false><<<blocks, 256, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
-                                                            scale, as_ptr<float>(out));
+    finish_matrix_kernel<false><<<blocks, 256, 0, stream>>>(
+        smax, n, m, symmetric, static_cast<double>(n_tile), scale, as_ptr<float>(out));
   }
   MEMCORE_CUDA_CHECK_LAUNCH("distance finish_matrix");
   MEMCORE_CUDA_CHECK(cudaFreeAsync(smax, stream));
@@ -419,8 +425,8 @@ void graph_cuda(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t
   const int blocks = grid_for(n * words, 128);
   const float thr = static_cast<float>(alpha);
   if (is_int) {
-    finish_graph_kernel<true><<<blocks, 128, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile), scale,
-                                                          thr, as_ptr<unsigned long long>(out));
+    finish_graph_kernel<true><<<blocks, 128, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
+                                                          scale, thr, as_ptr<unsigned long long>(out));
   } else {
     finish_graph_kernel<false><<<blocks, 128, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
                                                            scale, thr, as_ptr<unsigned long long>(out));
