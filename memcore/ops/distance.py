@@ -20,6 +20,7 @@ import torch
 
 from memcore.ops import _native
 from memcore.reference import distance as ref
+from memcore.utils.profiling import stage
 
 #: dtypes the native and Triton backends take (float64 is the reference's oracle dtype only).
 NATIVE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
@@ -82,7 +83,8 @@ def distance_matrix(
     a: torch.Tensor, b: torch.Tensor | None, grid_h: int, grid_w: int, scale: float, backend: str
 ) -> torch.Tensor:
     """Tiled L2 matrix (1×1 grid: plain L2). a: [N, C, H, W]; b: [M, C, H, W] or None -> [N, M]."""
-    return _matrix_impl(a, b, grid_h, grid_w, scale, backend)
+    with stage("distance:matrix"):
+        return _matrix_impl(a, b, grid_h, grid_w, scale, backend)
 
 
 @distance_matrix.register_fake
@@ -166,7 +168,8 @@ def distance_knn(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest refs per query, ascending, ties by smaller index. -> ([N, k] float32, [N, k] int64)."""
-    return _knn_impl(queries, refs, k, grid_h, grid_w, scale, chunk, backend)
+    with stage("distance:knn"):
+        return _knn_impl(queries, refs, k, grid_h, grid_w, scale, chunk, backend)
 
 
 @distance_knn.register_fake
@@ -234,7 +237,8 @@ def distance_graph(
     backend: str,
 ) -> torch.Tensor:
     """Bitset of ``tiled_l2 <= alpha``: a [N, C, H, W], b [M, C, H, W] or None -> uint64 [N, ceil(M/64)]."""
-    return _graph_impl(a, b, alpha, grid_h, grid_w, scale, backend)
+    with stage("distance:graph"):
+        return _graph_impl(a, b, alpha, grid_h, grid_w, scale, backend)
 
 
 @distance_graph.register_fake
