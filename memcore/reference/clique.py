@@ -37,6 +37,8 @@ def pack_bitset(dense: torch.Tensor) -> torch.Tensor:
 def unpack_bitset(adj: torch.Tensor) -> torch.Tensor:
     """uint64 bitset ``[N, ceil(N/64)]`` -> boolean ``[N, N]`` (the inverse of :func:`pack_bitset`)."""
     n = adj.shape[0]
+    if n == 0:
+        return torch.zeros((0, 0), dtype=torch.bool)
     raw = adj.detach().cpu().contiguous().numpy().view(np.uint8).reshape(n, -1)
     bits = np.unpackbits(raw, axis=1, bitorder="little")
     return torch.from_numpy(bits[:, :n].astype(bool))
@@ -45,6 +47,8 @@ def unpack_bitset(adj: torch.Tensor) -> torch.Tensor:
 def validate(adj: torch.Tensor) -> None:
     """Raise ValueError unless the bitset is square, symmetric, loop-free and zero-padded."""
     n = adj.shape[0]
+    if n == 0:
+        return
     raw = adj.detach().cpu().contiguous().numpy().view(np.uint8).reshape(n, -1)
     bits = np.unpackbits(raw, axis=1, bitorder="little").astype(bool)
     if bits[:, n:].any():
