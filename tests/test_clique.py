@@ -336,7 +336,7 @@ def test_batch_releases_the_gil(backend):
         time.sleep(0.001)
     t.join()
     assert time.perf_counter() - t0 >= 0.5
-    assert ticks >= 100  # with the GIL held, this loop would not run at all during the search
+    assert ticks >= 20  # with the GIL held, this loop would not run at all during the search
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

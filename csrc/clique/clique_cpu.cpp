@@ -292,26 +292,45 @@ class LexSearch {
     int64_t cnt = 0;
     for (int64_t w = lo; w <= hi; ++w) cnt += popcount(p[w]);
     if (cnt < need) return false;
-    // Colour the candidates (class by class, BBMC style), then list them in index order with the number of
-    // colour classes meeting each suffix: no clique of `need` members starts at a suffix with fewer.
+    // Greedy probe: the leftmost descent of this search takes the smallest candidate at every level. If it
+    // completes, each vertex it took was the smallest feasible one, so it is the answer: O(need * words)
+    // instead of a colouring per level (a memorized prompt's big clique is found this way at once).
+    {
+      uint64_t* g = q_.data();
+      for (int64_t w = lo; w <= hi; ++w) g[w] = p[w];
+      int64_t glo = lo, got = 0;
+      while (got < need) {
+        while (glo <= hi && g[glo] == 0) ++glo;
+        if (glo > hi) break;
+        const int64_t v = glo * 64 + ctz(g[glo]);
+        cur_[csize + got++] = static_cast<int32_t>(v);
+        g[glo] &= g[glo] - 1;  // drop v itself; later candidates are all > v
+        const uint64_t* rv = adj_ + v * w_;
+        for (int64_t w = glo; w <= hi; ++w) g[w] &= rv[w];
+      }
+      if (got == need) return true;
+    }
+    // Colour the candidates class by class sweeping from the highest index down. That is first-fit colouring
+    // in descending order, so the colours met by each suffix {u >= v} are exactly first-fit on that suffix
+    // alone: a tight bound for every branch. No clique of `need` members starts at a suffix with fewer.
     for (int64_t w = lo; w <= hi; ++w) u_[w] = p[w];
     int32_t col = 0;
-    int64_t ulo = lo;
+    int64_t uhi = hi;
     while (true) {
-      while (ulo <= hi && u_[ulo] == 0) ++ulo;
-      if (ulo > hi) break;
+      while (uhi >= lo && u_[uhi] == 0) --uhi;
+      if (uhi < lo) break;
       ++col;
-      for (int64_t w = ulo; w <= hi; ++w) q_[w] = u_[w];
-      int64_t qlo = ulo;
+      for (int64_t w = lo; w <= uhi; ++w) q_[w] = u_[w];
+      int64_t qhi = uhi;
       while (true) {
-        while (qlo <= hi && q_[qlo] == 0) ++qlo;
-        if (qlo > hi) break;
-        const int64_t v = qlo * 64 + ctz(q_[qlo]);
+        while (qhi >= lo && q_[qhi] == 0) --qhi;
+        if (qhi < lo) break;
+        const int64_t v = qhi * 64 + 63 - __builtin_clzll(q_[qhi]);
         const uint64_t bit = uint64_t{1} << (v & 63);
-        u_[qlo] &= ~bit;
-        q_[qlo] &= ~bit;
+        u_[qhi] &= ~bit;
+        q_[qhi] &= ~bit;
         const uint64_t* rv = adj_ + v * w_;
-        for (int64_t w = qlo; w <= hi; ++w) q_[w] &= ~rv[w];
+        for (int64_t w = lo; w <= qhi; ++w) q_[w] &= ~rv[w];
         colour_of_[v] = col;
       }
     }
