@@ -1,6 +1,4 @@
 // CPU implementation of the clique engine; see clique.h for the contract and the algorithm outline.
-#include "clique/clique.h"
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -9,17 +7,28 @@
 #include <stdexcept>
 #include <thread>
 
+#include "clique/clique.h"
 #include "common/common.h"
 
 namespace memcore {
 namespace clique {
 namespace {
 
-inline int popcount(uint64_t x) { return __builtin_popcountll(x); }
-inline int ctz(uint64_t x) { return __builtin_ctzll(x); }
-inline bool test_bit(const uint64_t* row, int64_t j) { return (row[j >> 6] >> (j & 63)) & 1u; }
-inline void set_bit(uint64_t* row, int64_t j) { row[j >> 6] |= uint64_t{1} << (j & 63); }
-inline void clear_bit(uint64_t* row, int64_t j) { row[j >> 6] &= ~(uint64_t{1} << (j & 63)); }
+inline int popcount(uint64_t x) {
+  return __builtin_popcountll(x);
+}
+inline int ctz(uint64_t x) {
+  return __builtin_ctzll(x);
+}
+inline bool test_bit(const uint64_t* row, int64_t j) {
+  return (row[j >> 6] >> (j & 63)) & 1u;
+}
+inline void set_bit(uint64_t* row, int64_t j) {
+  row[j >> 6] |= uint64_t{1} << (j & 63);
+}
+inline void clear_bit(uint64_t* row, int64_t j) {
+  row[j >> 6] &= ~(uint64_t{1} << (j & 63));
+}
 
 // In-place transpose of a 64 x 64 bit matrix (row r = a[r], column c = bit c, LSB first): the recursive
 // block swap of Hacker's Delight 7-3, written for the LSB-first convention.
@@ -35,7 +44,8 @@ void transpose64(uint64_t a[64]) {
 }
 
 // Loads the 64 x 64 block (row block rb, word wb) of a [n, words] bitset; rows past n are zero.
-inline void load_block(const uint64_t* adj, int64_t n, int64_t words, int64_t rb, int64_t wb, uint64_t b[64]) {
+inline void load_block(const uint64_t* adj, int64_t n, int64_t words, int64_t rb, int64_t wb,
+                       uint64_t b[64]) {
   for (int r = 0; r < 64; ++r) {
     const int64_t i = rb * 64 + r;
     b[r] = i < n ? adj[i * words + wb] : 0;
@@ -169,10 +179,10 @@ class MaxSearch {
     return !budget_.stopped;
   }
 
-  int64_t thr_ = 0;              // cliques of thr_ members or fewer are of no interest
-  int64_t target_ = 0;           // decision mode: stop once thr_ >= target_
+  int64_t thr_ = 0;     // cliques of thr_ members or fewer are of no interest
+  int64_t target_ = 0;  // decision mode: stop once thr_ >= target_
   bool decision_ = false;
-  std::vector<int32_t> best_;    // renumbered members of the best clique found
+  std::vector<int32_t> best_;       // renumbered members of the best clique found
   int64_t root_bound_ = INT64_MAX;  // clique number of what the root has not finished yet
 
  private:
@@ -396,8 +406,8 @@ class LexSearch {
 // -----------------------------------------------------------------------------------------------------------
 void validate(const uint64_t* adj, int64_t n, int64_t words) {
   check(n >= 0, "clique: negative vertex count");
-  check(words == (n + 63) / 64, "clique: bitset rows must have ceil(N / 64) = " + std::to_string((n + 63) / 64) +
-                                    " words, got " + std::to_string(words));
+  check(words == (n + 63) / 64, "clique: bitset rows must have ceil(N / 64) = " +
+                                    std::to_string((n + 63) / 64) + " words, got " + std::to_string(words));
   if (n == 0) return;
   const int64_t tail = n & 63;
   if (tail) {
@@ -406,17 +416,19 @@ void validate(const uint64_t* adj, int64_t n, int64_t words) {
       const uint64_t bad = adj[i * words + words - 1] & pad;
       if (bad) {
         fail("clique: adjacency row " + std::to_string(i) + " has bit " +
-             std::to_string((words - 1) * 64 + ctz(bad)) + " set, past the last vertex " + std::to_string(n - 1) +
-             " (padding bits must be zero)");
+             std::to_string((words - 1) * 64 + ctz(bad)) + " set, past the last vertex " +
+             std::to_string(n - 1) + " (padding bits must be zero)");
       }
     }
   }
   for (int64_t i = 0; i < n; ++i) {
     if (test_bit(adj + i * words, i)) {
-      fail("clique: adjacency has a self loop at vertex " + std::to_string(i) + " (the diagonal must be empty)");
+      fail("clique: adjacency has a self loop at vertex " + std::to_string(i) +
+           " (the diagonal must be empty)");
     }
   }
-  // Symmetry block by block: transpose each 64 x 64 block and compare it with its mirror (~n^2 / 64 word ops).
+  // Symmetry block by block: transpose each 64 x 64 block and compare it with its mirror (~n^2 / 64 word
+  // ops).
   uint64_t a[64], b[64];
   for (int64_t rb = 0; rb < words; ++rb) {
     for (int64_t cb = rb; cb < words; ++cb) {
@@ -429,8 +441,8 @@ void validate(const uint64_t* adj, int64_t n, int64_t words) {
           // a[r] is column (cb*64 + r) of the block rows rb*64.., b[r] is row (cb*64 + r).
           const int64_t j = cb * 64 + r, i = rb * 64 + ctz(diff);
           fail("clique: adjacency is not symmetric: edge (" + std::to_string(i) + ", " + std::to_string(j) +
-               ") is " + (test_bit(adj + i * words, j) ? "set" : "unset") + " but (" + std::to_string(j) + ", " +
-               std::to_string(i) + ") is " + (test_bit(adj + j * words, i) ? "set" : "unset"));
+               ") is " + (test_bit(adj + i * words, j) ? "set" : "unset") + " but (" + std::to_string(j) +
+               ", " + std::to_string(i) + ") is " + (test_bit(adj + j * words, i) ? "set" : "unset"));
         }
       }
     }
@@ -580,7 +592,8 @@ void threshold_impl(const T* dist, int64_t n, double alpha, uint64_t* out) {
   const int64_t words = (n + 63) / 64;
   // Compare in the distances' own dtype, as torch does for `dist <= alpha` with a Python float.
   const T a = static_cast<T>(alpha);
-  // Row pass (contiguous reads): R[i, j] = dist[i, j] <= alpha, i != j. Then out = R & R^T, by 64 x 64 blocks.
+  // Row pass (contiguous reads): R[i, j] = dist[i, j] <= alpha, i != j. Then out = R & R^T, by 64 x 64
+  // blocks.
   for (int64_t i = 0; i < n; ++i) {
     uint64_t* r = out + i * words;
     const T* d = dist + i * n;
