@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 
-import networkx as nx
 import numpy as np
 import torch
 
@@ -74,8 +73,10 @@ def threshold_graph(dist: torch.Tensor, alpha: float) -> torch.Tensor:
     return pack_bitset(e)
 
 
-def to_networkx(adj: torch.Tensor) -> nx.Graph:
+def to_networkx(adj: torch.Tensor):
     """The graph of a bitset as a networkx graph on vertices 0..N-1."""
+    import networkx as nx  # imported here: `import memcore.graph` should not pay for networkx
+
     dense = unpack_bitset(adj).numpy()
     g = nx.Graph()
     g.add_nodes_from(range(dense.shape[0]))
@@ -99,6 +100,8 @@ def max_clique(adj: torch.Tensor, *, min_size: int = 1) -> tuple[list[int], bool
     n = adj.shape[0]
     if n == 0:
         return [], True, 0, 0
+    import networkx as nx
+
     best: list[int] = []
     count = 0
     for c in nx.find_cliques(to_networkx(adj)):
@@ -113,6 +116,8 @@ def max_clique(adj: torch.Tensor, *, min_size: int = 1) -> tuple[list[int], bool
 
 def max_weight_clique(adj: torch.Tensor) -> list[int]:
     """networkx's ``max_weight_clique`` (unit weights): one maximum clique, no tie rule (a baseline only)."""
+    import networkx as nx
+
     members, _ = nx.max_weight_clique(to_networkx(adj), weight=None)
     return sorted(members)
 
