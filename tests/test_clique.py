@@ -437,3 +437,26 @@ def test_cuda_inputs_are_searched_on_the_host():
     assert torch.equal(mg.threshold_graph(dist.cuda(), 0.3), mg.threshold_graph(dist, 0.3))
     batch = mg.max_clique_batch([bits.cuda(), dense], threads=2)
     assert [r.members.tolist() for r in batch] == [cpu.members.tolist()] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_clique_stats_pipeline(backend):
+    """SPEC §2 steps 2-4 on tiny synthetic generations: 12 near-copies of one image among 48 distinct ones
+    are found as the maximum clique, and the medoid / mean distance come from the members' distances."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(60, 3, 8, 8, generator=g, dtype=torch.float64)
+    copies = torch.randperm(60, generator=g)[:12]
+    x[copies] = (x[0] * 0 + 0.5 + 0.01 * torch.randn(12, 3, 8, 8, generator=g, dtype=torch.float64)).clamp(
+        0, 1
+    )
+    t = x.reshape(60, 3, 2, 4, 2, 4).permute(2, 4, 0, 1, 3, 5).reshape(4, 60, -1)  # 2 x 2 grid of tiles
+    dist = (torch.cdist(t, t) / t.shape[-1] ** 0.5).amax(0).float()  # tiled L2
+    bits = mg.threshold_graph(dist, 0.1, backend=backend)
+    res = mg.max_clique(bits, min_size=10, backend=backend)
+    assert res.exact and res.members.tolist() == sorted(copies.tolist())
+    stats = mg.clique_stats(dist, res.members)
+    sub = dist.double()[res.members][:, res.members]
+    assert stats.medoid == int(res.members[int(sub.sum(1).argmin())])
+    assert 0 < stats.mean_distance <= 0.1
+    flagged = mg.max_clique_batch([bits, bits[:0, :0]], min_size=10, decision=True, backend=backend)
+    assert [r.decided_at_least for r in flagged] == [True, False]
