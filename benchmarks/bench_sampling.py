@@ -164,7 +164,10 @@ def build_sd_pipeline(device: torch.device, dtype: torch.dtype, quick: bool):
         max_len = 16
         te_cfg.max_position_embeddings = max_len
     else:
-        unet_kw = dict(cross_attention_dim=768)  # diffusers' defaults are the SD-1.x UNet otherwise
+        unet_kw = dict(
+            cross_attention_dim=768, sample_size=64
+        )  # diffusers' defaults are the SD-1.x UNet otherwise;
+        # sample_size must be set: the stock pipeline derives the image size from it (None crashed the H100 run)
         vae_kw = dict(
             block_out_channels=(128, 256, 512, 512),
             down_block_types=("DownEncoderBlock2D",) * 4,
