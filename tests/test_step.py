@@ -209,6 +209,33 @@ def test_parity_over_a_50_step_chain(backend, dtype):
     _assert_bitwise(x_fused, x_ref, "after 50 steps")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["parity", "fp32"])
+def test_every_16bit_value_as_input(backend, dtype, mode):
+    # All 65536 bit patterns (subnormals, -0, the largest finite values, inf, NaN) as the sample and as the
+    # model output: exercises the kernels' branch-free float16/bfloat16 conversions and rounding at the
+    # edges of the range. Parity mode: bit-identical to diffusers (NaN compared as NaN); fp32 mode: the
+    # same NaN/inf pattern as a float64 computation rounded once, values within tolerance.
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(1, 1, 256, 256)
+    mo = bits[torch.randperm(65536, generator=torch.Generator().manual_seed(0))].view(dtype).reshape(x.shape)
+    s = DDIMScheduler(clip_sample=False)
+    plan = make_plan(s, 10)
+    config = StepConfig.from_scheduler(s, mode=mode)
+    got = fused_step(x, mo, plan, 9, config, backend=backend)
+    if mode == "parity":
+        want = reference_step(x, mo, plan, 9, config)
+        nan = torch.isnan(want)
+        assert torch.equal(nan, torch.isnan(got))
+        _assert_bitwise(got[~nan], want[~nan], "all 16-bit inputs")
+    else:
+        want = reference_step(x.double(), mo.double(), plan, 9, config)
+        finite = torch.isfinite(want) & (want.abs() < torch.finfo(dtype).max / 2)
+        assert torch.equal(torch.isnan(got), torch.isnan(want.to(dtype)))
+        torch.testing.assert_close(got[finite].double(), want[finite], **tol("step_fp32", dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parity: DDPM (diffusers draws its own noise; the reference feeds ours through randn_tensor)
 
