@@ -496,11 +496,21 @@ def fused_step(
             classifier_scale=classifier_scale,
             noise=noise,
         )
-    step = torch.tensor(step_index, dtype=torch.int64, device="cpu" if name == "cpu" else sample.device)
+    step = _step_tensor(plan, step_index, torch.device("cpu") if name == "cpu" else sample.device)
     return _launch(
         name, sample, model_output, plan, config, step, cfg, cls, guidance_scale, classifier_grad,
         classifier_scale, noise,
     )  # fmt: skip
+
+
+def _step_tensor(plan: StepPlan, step_index: int, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 view of ``arange(S)`` on ``device`` holding ``step_index``: no host-to-device copy per step."""
+    key = ("steps", str(device))
+    steps = plan._cache.get(key)
+    if steps is None:
+        steps = torch.arange(len(plan.timesteps), dtype=torch.int64, device=device)
+        plan._cache[key] = steps
+    return steps[step_index]
 
 
 def _launch(
