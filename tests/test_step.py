@@ -592,3 +592,12 @@ def test_cuda_graph_one_capture_serves_every_step(backend):
         graph.replay()
         want = reference_step(x, mo, plan, i, c, guidance_scale=3.0, noise=noise)
         _assert_bitwise(out, want, f"graph replay step {i}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_batch(backend):
+    s = DDIMScheduler()
+    plan = make_plan(s, 4)
+    x = torch.empty(0, 3, 4, 4)
+    out = fused_step(x, torch.empty(0, 3, 4, 4), plan, 1, StepConfig(), guidance_scale=2.0, backend=backend)
+    assert out.shape == x.shape and out.dtype == x.dtype
