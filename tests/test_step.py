@@ -22,6 +22,23 @@ from memcore.sampling.schedule import StepPlan, make_plan
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_BACKENDS = [b for b in cpu_backends() if b != "reference"]
+
+
+@pytest.fixture(params=["best", "baseline"])
+def cpu_isa(request):
+    """Run a test on both CPU code paths: AVX2+F16C (when the CPU has it) and the baseline SSE2 one."""
+    if "cpu" not in KERNEL_BACKENDS:
+        pytest.skip("needs the compiled core")
+    from memcore.ops import _native
+
+    fam = _native.family("step")
+    fam._set_cpu_baseline(request.param == "baseline")
+    try:
+        yield request.param
+    finally:
+        fam._set_cpu_baseline(False)
+
+
 SHAPE = (2, 3, 5, 4)  # odd sizes on purpose
 
 
@@ -175,7 +192,7 @@ def test_ddim_parity_equals_diffusers_step_directly(backend, dtype):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rescale", [0.0, 0.7])
-def test_cfg_and_rescale_parity(backend, dtype, rescale):
+def test_cfg_and_rescale_parity(backend, dtype, rescale, cpu_isa):
     g = torch.Generator().manual_seed(11)
     s = DDIMScheduler(
         timestep_spacing="trailing",
@@ -194,7 +211,7 @@ def test_cfg_and_rescale_parity(backend, dtype, rescale):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_parity_over_a_50_step_chain(backend, dtype):
+def test_parity_over_a_50_step_chain(backend, dtype, cpu_isa):
     # A whole sampling run: the kernel's output feeds the next step, so one differing bit would compound.
     g = torch.Generator().manual_seed(3)
     s = DDIMScheduler(timestep_spacing="linspace", clip_sample=True)
@@ -212,7 +229,7 @@ def test_parity_over_a_50_step_chain(backend, dtype):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", ["parity", "fp32"])
-def test_every_16bit_value_as_input(backend, dtype, mode):
+def test_every_16bit_value_as_input(backend, dtype, mode, cpu_isa):
     # All 65536 bit patterns (subnormals, -0, the largest finite values, inf, NaN) as the sample and as the
     # model output: exercises the kernels' branch-free float16/bfloat16 conversions and rounding at the
     # edges of the range. Parity mode: bit-identical to diffusers (NaN compared as NaN); fp32 mode: the
@@ -308,7 +325,7 @@ def test_ddpm_final_step_adds_zero_without_noise(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_classifier_guidance_parity(backend, dtype):
+def test_classifier_guidance_parity(backend, dtype, cpu_isa):
     g = torch.Generator().manual_seed(21)
     s = DDPMScheduler(clip_sample=True)
     plan = make_plan(s, 8)

@@ -57,6 +57,8 @@ void register_step(py::module_& m) {
         step_cpu(static_cast<DType>(dtype), a, step);
       },
       "CPU fused step; tensors as raw pointers (memcore/ops/step.py).");
+  m.def("_set_cpu_baseline", &set_cpu_baseline, "Tests: force the baseline (non-AVX2) CPU path.");
+  m.def("cpu_uses_avx2", &cpu_uses_avx2, "Whether the CPU step runs its AVX2 + F16C code path.");
 #ifdef MEMCORE_WITH_CUDA
   m.def(
       "step_cuda",

@@ -150,6 +150,9 @@ MEMCORE_HD float step_element(const StepArgs& a, const float* coef, int64_t i, L
 
 // CPU (OpenMP). `step` indexes the table on the host.
 void step_cpu(DType dtype, const StepArgs& args, int64_t step);
+// Tests: force the baseline (SSE2) code path instead of the AVX2+F16C one, and ask which one runs.
+void set_cpu_baseline(bool on);
+bool cpu_uses_avx2();
 
 #ifdef MEMCORE_WITH_CUDA
 // CUDA. The step index is read on the device from `step_ptr` (int64, graph-capturable).

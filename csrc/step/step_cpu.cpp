@@ -17,9 +17,15 @@
 #pragma clang fp contract(off)
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MEMCORE_STEP_X86 1
+#endif
 
 #include "step/step.h"
 
@@ -28,6 +34,9 @@ namespace step {
 namespace {
 
 constexpr int kBlock = 512;
+#if defined(MEMCORE_STEP_X86)
+constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#endif
 
 inline uint32_t f2u(float f) {
   uint32_t u;
@@ -96,177 +105,43 @@ inline float round_bf16(float v) {
   return (bits & 0x7FFFFFFFu) > 0x7F800000u ? v : u2f(r);
 }
 
-struct F32 {
-  using T = float;
-  static void load(const void* p, int64_t i0, int n, float* out) {
-    const float* s = static_cast<const float*>(p) + i0;
-    for (int k = 0; k < n; ++k) out[k] = s[k];
-  }
-  static void store(void* p, int64_t i0, int n, const float* v) {
-    float* d = static_cast<float*>(p) + i0;
-    for (int k = 0; k < n; ++k) d[k] = v[k];
-  }
-  static void round(float*, int) {}
-};
+namespace baseline {
+#include "step/step_cpu_block.inc"
+}  // namespace baseline
 
-struct F16 {
-  static void load(const void* p, int64_t i0, int n, float* out) {
-    const uint16_t* s = static_cast<const uint16_t*>(p) + i0;
-    for (int k = 0; k < n; ++k) out[k] = h2f(s[k]);
-  }
-  static void store(void* p, int64_t i0, int n, const float* v) {
-    uint16_t* d = static_cast<uint16_t*>(p) + i0;
-    for (int k = 0; k < n; ++k) d[k] = f16_bits(round_f16(v[k]));
-  }
-  static void round(float* v, int n) {
-    for (int k = 0; k < n; ++k) v[k] = round_f16(v[k]);
-  }
-};
+#if defined(MEMCORE_STEP_X86)
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+#define MEMCORE_STEP_F16C 1
+namespace avx2 {
+#include "step/step_cpu_block.inc"
+}  // namespace avx2
+#undef MEMCORE_STEP_F16C
+#pragma GCC pop_options
+#endif
 
-struct BF16 {
-  static void load(const void* p, int64_t i0, int n, float* out) {
-    const uint16_t* s = static_cast<const uint16_t*>(p) + i0;
-    for (int k = 0; k < n; ++k) out[k] = bf2f(s[k]);
-  }
-  static void store(void* p, int64_t i0, int n, const float* v) {
-    uint16_t* d = static_cast<uint16_t*>(p) + i0;
-    for (int k = 0; k < n; ++k) d[k] = bf16_bits(v[k]);
-  }
-  static void round(float* v, int n) {
-    for (int k = 0; k < n; ++k) v[k] = round_bf16(v[k]);
-  }
-};
+std::atomic<bool> g_force_baseline{false};
 
-// ---- one block: the operations of step_element, each as a loop over the block -----------------------
-
-template <typename IO>
-void run_block(const StepArgs& a, const float* coef, int64_t i0, int n, bool parity) {
-  alignas(64) float x[kBlock], e[kBlock], t[kBlock], x0[kBlock], eps[kBlock];
-  auto R = [&](float* v) {
-    if (parity) IO::round(v, n);
-  };
-  const int64_t f = a.flags;
-  IO::load(a.sample, i0, n, x);
-  if (f & kCfg) {
-    IO::load(a.model, i0, n, e);                    // u
-    IO::load(a.model, i0 + a.batch * a.chw, n, t);  // c
-    for (int k = 0; k < n; ++k) t[k] = t[k] - e[k];
-    R(t);
-    for (int k = 0; k < n; ++k) t[k] = a.g * t[k];
-    R(t);
-    for (int k = 0; k < n; ++k) e[k] = e[k] + t[k];
-    R(e);
-    if (f & kRescale) {
-      for (int k = 0; k < n; ++k) t[k] = e[k] * a.ratio[(i0 + k) / a.chw];
-      R(t);
-      for (int k = 0; k < n; ++k) t[k] = a.gr * t[k];
-      R(t);
-      for (int k = 0; k < n; ++k) x0[k] = a.one_minus_gr * e[k];
-      R(x0);
-      for (int k = 0; k < n; ++k) e[k] = t[k] + x0[k];
-      R(e);
-    }
-  } else {
-    IO::load(a.model, i0, n, e);
-  }
-  if (f & kCls) {
-    const float kc = coef[kColKC];
-    IO::load(a.grad, i0, n, t);
-    for (int k = 0; k < n; ++k) t[k] = kc * t[k];
-    R(t);
-    for (int k = 0; k < n; ++k) e[k] = e[k] - t[k];
-    R(e);
-  }
-
-  const float sa = coef[kColSA], sb = coef[kColSB], div = coef[kColDiv], recip = coef[kColRecip];
-  const bool use_recip = (f & kRecip) != 0;
-  if (f & kPredV) {
-    for (int k = 0; k < n; ++k) x0[k] = sa * x[k];
-    R(x0);
-    for (int k = 0; k < n; ++k) t[k] = sb * e[k];
-    R(t);
-    for (int k = 0; k < n; ++k) x0[k] = x0[k] - t[k];
-    R(x0);
-    for (int k = 0; k < n; ++k) eps[k] = sa * e[k];
-    R(eps);
-    for (int k = 0; k < n; ++k) t[k] = sb * x[k];
-    R(t);
-    for (int k = 0; k < n; ++k) eps[k] = eps[k] + t[k];
-    R(eps);
-  } else if (f & kPredSample) {
-    for (int k = 0; k < n; ++k) x0[k] = e[k];
-    for (int k = 0; k < n; ++k) t[k] = sa * x0[k];
-    R(t);
-    for (int k = 0; k < n; ++k) t[k] = x[k] - t[k];
-    R(t);
-    if (use_recip) {
-      for (int k = 0; k < n; ++k) eps[k] = t[k] * recip;
-    } else {
-      for (int k = 0; k < n; ++k) eps[k] = t[k] / div;
-    }
-    R(eps);
-  } else {
-    for (int k = 0; k < n; ++k) t[k] = sb * e[k];
-    R(t);
-    for (int k = 0; k < n; ++k) t[k] = x[k] - t[k];
-    R(t);
-    if (use_recip) {
-      for (int k = 0; k < n; ++k) x0[k] = t[k] * recip;
-    } else {
-      for (int k = 0; k < n; ++k) x0[k] = t[k] / div;
-    }
-    R(x0);
-    for (int k = 0; k < n; ++k) eps[k] = e[k];
-  }
-  if (f & kClip) {
-    // NaN stays NaN, as in torch.clamp; the bound is rounded to the storage dtype when it is taken
-    float lo = -a.clip, hi = a.clip;
-    if (parity) {
-      IO::round(&lo, 1);
-      IO::round(&hi, 1);
-    }
-    const float c = a.clip;
-    for (int k = 0; k < n; ++k) {
-      const float v = x0[k];
-      x0[k] = v < -c ? lo : (v > c ? hi : v);
-    }
-  }
-  const float* second = (f & kDdpm) ? x : eps;
-  const float ca = coef[kColA], cb = coef[kColB];
-  for (int k = 0; k < n; ++k) x0[k] = ca * x0[k];
-  R(x0);
-  for (int k = 0; k < n; ++k) t[k] = cb * second[k];
-  R(t);
-  for (int k = 0; k < n; ++k) x0[k] = x0[k] + t[k];
-  R(x0);
-  const float nmode = coef[kColNMode];
-  if (nmode == 1.0f) {
-    const float cn = coef[kColN];
-    IO::load(a.noise, i0, n, t);
-    for (int k = 0; k < n; ++k) t[k] = cn * t[k];
-    R(t);
-    for (int k = 0; k < n; ++k) x0[k] = x0[k] + t[k];
-    R(x0);
-  } else if (nmode == 2.0f) {
-    for (int k = 0; k < n; ++k) x0[k] = x0[k] + 0.0f;  // diffusers adds the integer 0: -0 becomes +0
-    R(x0);
-  }
-  IO::store(a.out, i0, n, x0);
+bool use_avx2() {
+#if defined(MEMCORE_STEP_X86)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok && !g_force_baseline.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
 }
 
-template <typename IO>
-void run(const StepArgs& a, const float* coef, bool parity) {
-  const int64_t n = a.batch * a.chw;
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (blocks > 64)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t i0 = blk * kBlock;
-    const int len = static_cast<int>(n - i0 < kBlock ? n - i0 : kBlock);
-    run_block<IO>(a, coef, i0, len, parity);
-  }
-}
+#if defined(MEMCORE_STEP_X86)
+#define IF_X86(x) x
+#else
+#define IF_X86(x) (void)0
+#endif
 
 }  // namespace
+
+void set_cpu_baseline(bool on) { g_force_baseline.store(on); }
+
+bool cpu_uses_avx2() { return use_avx2(); }
 
 void step_cpu(DType dtype, const StepArgs& a, int64_t step) {
   check(step >= 0 && step < a.num_steps,
@@ -274,15 +149,28 @@ void step_cpu(DType dtype, const StepArgs& a, int64_t step) {
   check(a.batch > 0 && a.chw > 0, "empty step");
   const float* coef = a.table + step * kNumCols;
   const bool parity = (a.flags & kFp32) == 0;
+  const bool fast = use_avx2();
   switch (dtype) {
-    case DType::kFloat32:
-      run<F32>(a, coef, false);  // float32 storage: every operation already rounds to float32
+    case DType::kFloat32:  // float32 storage: every operation already rounds to float32
+      if (fast) {
+        IF_X86(avx2::run<avx2::F32>(a, coef, false));
+      } else {
+        baseline::run<baseline::F32>(a, coef, false);
+      }
       break;
     case DType::kFloat16:
-      run<F16>(a, coef, parity);
+      if (fast) {
+        IF_X86(avx2::run<avx2::F16>(a, coef, parity));
+      } else {
+        baseline::run<baseline::F16>(a, coef, parity);
+      }
       break;
     case DType::kBFloat16:
-      run<BF16>(a, coef, parity);
+      if (fast) {
+        IF_X86(avx2::run<avx2::BF16>(a, coef, parity));
+      } else {
+        baseline::run<baseline::BF16>(a, coef, parity);
+      }
       break;
     default:
       fail(std::string("fused step: unsupported dtype ") + dtype_name(dtype));
