@@ -56,7 +56,7 @@ inline float h2f(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7FFFu;
   const uint32_t exp = em >> 10;
-  const uint32_t normal = (em << 13) + 0x38000000u;          // re-bias exponent 15 -> 127
+  const uint32_t normal = (em << 13) + 0x38000000u;  // re-bias exponent 15 -> 127
   const uint32_t infnan = (em << 13) + 0x70000000u;  // exponent 31 -> 255
   const float sub = static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f;  // em * 2^-24
   uint32_t mag = exp == 0x1Fu ? infnan : normal;
@@ -96,7 +96,9 @@ inline uint16_t bf16_bits(float v) {
   return static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? ((bits >> 16) | 0x40u) : r);
 }
 
-inline float bf2f(uint16_t b) { return u2f(static_cast<uint32_t>(b) << 16); }
+inline float bf2f(uint16_t b) {
+  return u2f(static_cast<uint32_t>(b) << 16);
+}
 
 // float -> the nearest bfloat16 value (ties to even), still as a float; NaN stays NaN.
 inline float round_bf16(float v) {
@@ -139,9 +141,13 @@ bool use_avx2() {
 
 }  // namespace
 
-void set_cpu_baseline(bool on) { g_force_baseline.store(on); }
+void set_cpu_baseline(bool on) {
+  g_force_baseline.store(on);
+}
 
-bool cpu_uses_avx2() { return use_avx2(); }
+bool cpu_uses_avx2() {
+  return use_avx2();
+}
 
 void step_cpu(DType dtype, const StepArgs& a, int64_t step) {
   check(step >= 0 && step < a.num_steps,
