@@ -195,3 +195,16 @@ def test_cuda_compile_with_the_fused_op():
         2 * reference(x.double(), 8, w.double(), None, 1e-5),
         **tol("groupnorm_silu", torch.float16),
     )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_groupnorm_silu_op(channels_last):
+    from memcore.ops.norm import groupnorm_silu_op
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 8, 4, 3, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(8, device=device), torch.randn(8, device=device)
+    torch.library.opcheck(groupnorm_silu_op, (x, 4, w, b, 1e-5))
