@@ -618,3 +618,26 @@ def test_empty_batch(backend):
     x = torch.empty(0, 3, 4, 4)
     out = fused_step(x, torch.empty(0, 3, 4, 4), plan, 1, StepConfig(), guidance_scale=2.0, backend=backend)
     assert out.shape == x.shape and out.dtype == x.dtype
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="needs the compiled core")
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_fullgraph_public_entry_points():
+    s = DDIMScheduler()
+    plan = make_plan(s, 5)
+    c = StepConfig.from_scheduler(s, eta=0.5)
+    g = torch.Generator().manual_seed(0)
+    x, mo, noise, _ = _inputs(g, torch.float16, cfg=True)
+    step_t = torch.tensor(1)
+    want = fused_step_graphable(x, mo, plan, step_t, c, guidance_scale=2.0, noise=noise, backend="cpu")
+
+    def graphable(x, mo, noise, step_t):
+        return fused_step_graphable(x, mo, plan, step_t, c, guidance_scale=2.0, noise=noise, backend="cpu")
+
+    def eager(x, mo, noise):
+        return fused_step(x, mo, plan, 1, c, guidance_scale=2.0, noise=noise, backend="cpu")
+
+    _assert_bitwise(
+        torch.compile(graphable, fullgraph=True, backend="eager")(x, mo, noise, step_t), want, "g"
+    )
+    _assert_bitwise(torch.compile(eager, fullgraph=True, backend="eager")(x, mo, noise), want, "eager")
