@@ -206,6 +206,12 @@ def coefficient_table(
     )
     table = plan._cache.get(key)
     if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fused step: the coefficient table is built with a host-to-device copy, which a CUDA graph "
+                "capture cannot hold; run the step once before capturing (or call "
+                "memcore.ops.step.coefficient_table(plan, config, classifier_scale, dtype, device) first)"
+            )
         base_key = ("rows", config.prediction_type, float(config.eta), float(classifier_scale))
         rows = plan._cache.get(base_key)
         if rows is None:
