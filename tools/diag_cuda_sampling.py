@@ -60,6 +60,29 @@ def main() -> None:
             x = sched.step(pipe.unet(x, tt).sample, t, x, eta=0.0).prev_sample
         img = (x / 2 + 0.5).clamp(0, 1)
         print(f"hand loop (t on {where}) vs stock:", float((img - a).abs().max()))
+    # where do they part? weights, first UNet output, first step
+    pu, su = pipe.unet, s.model.unet
+    wdiff = max(
+        float((a_ - b_).abs().max()) for a_, b_ in zip(pu.state_dict().values(), su.state_dict().values())
+    )
+    print("weights max diff:", wdiff, "devices:", next(pu.parameters()).device, next(su.parameters()).device)
+    sched.set_timesteps(50)
+    t0 = sched.timesteps[0]
+    with torch.no_grad():
+        o_ref = pu(x_ref, t0.to("cuda")).sample
+        o_mc = s.unet_fn(x_ref, s.t_device[0], return_dict=False)[0]
+    print("first UNet output diff:", float((o_ref - o_mc).abs().max()), "t:", int(t0), int(s.t_device[0]))
+    fresh = s._fresh_scheduler()
+    print("timesteps equal:", torch.equal(fresh.timesteps.cpu(), sched.timesteps.cpu()), type(fresh).__name__)
+    seeds_dev = torch.tensor(seeds, device="cuda")
+    with torch.no_grad():
+        x1_mc = s._apply_step(fresh, x_ref, o_ref, 0, seeds_dev)
+    x1_ref = sched.step(o_ref, t0, x_ref, eta=0.0).prev_sample
+    print("first step diff:", float((x1_mc - x1_ref).abs().max()))
+    with torch.no_grad():
+        full = s._denoise_eager(x_ref.clone(), seeds_dev, {})
+    print("eager loop vs stock:", float(((full / 2 + 0.5).clamp(0, 1) - a).abs().max()))
+    print("decode(eager) vs stock:", float((s.decode(full).float() - a).abs().max()))
     cfg = s.config if hasattr(s, "config") else None
     print(
         "sampler config:",
