@@ -176,3 +176,15 @@ def test_training_is_deterministic(tmp_path):
     wa, wb, wc = (load_file(str(r.out_dir / "diffusion_pytorch_model.safetensors")) for r in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_train_demo_main_cli(tmp_path, capsys):
+    from memcore.models.train_demo import main
+
+    assert main(["--out", str(tmp_path), "--variant", "uncond", "--steps", "2", "--batch-size", "4"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    unet, _ = demo.load_demo(model_dir=tmp_path / "uncond")
+    assert unet.config.num_class_embeds is None
+    assert not (tmp_path / "cond").exists()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--variant", "huge"])
