@@ -242,6 +242,8 @@ def test_regenerate_alone_equals_inside_batch(unet_pipe_dir, eta):
     )
     batch = s.run_batch([21, 22, 23, 24])
     for slot, seed in enumerate([21, 22, 23, 24]):
+        assert torch.equal(s.regenerate(seed, slot=slot), batch[slot])
+        # this small pixel UNet is slot-independent too (no row-split matmuls); the SD test needs the slot
         assert torch.equal(s.run_batch([seed])[0], batch[slot])
     other = s.run_batch([99, 24, 98])  # different neighbours, different slot
     assert torch.equal(other[1], batch[3])
@@ -274,9 +276,13 @@ def test_sd_mixed_prompts_regenerate(sd_dir):
     s = Sampler(sd_dir, SamplerConfig(num_inference_steps=8, batch_size=3, step_backend="diffusers"))
     prompts = ["abc", "a photo", "ca"]
     batch = s.run_batch([1, 2, 3], prompts)
-    assert torch.equal(s.run_batch([2], ["a photo"])[0], batch[1])
+    # Same slot: bit-identical alone and with other neighbours (at any thread count).
+    assert torch.equal(s.regenerate(2, "a photo", slot=1), batch[1])
     assert torch.equal(s.run_batch([4, 3], ["abc", "ca"])[1], batch[2])
-    assert not torch.equal(s.run_batch([1], ["ca"])[0], batch[0])  # the prompt matters
+    assert torch.equal(s.run_batch([7, 2, 8], ["ca", "a photo", "abc"])[1], batch[1])
+    assert not torch.equal(s.regenerate(1, "ca", slot=0), batch[0])  # the prompt matters
+    with pytest.raises(ValueError, match="slot"):
+        s.regenerate(1, "ca", slot=3)
 
 
 # ---------------------------------------------------------------------------------------- streaming API

@@ -58,8 +58,9 @@ def sample(
         eta: DDIM eta; step noise is keyed by (seed, step).
         mode: ``"parity"`` (same floats as diffusers) or ``"fp32"`` (fused fp32 step).
         batch_size: the micro-batch the model runs at (the last one padded). An image is a function of
-            (seed, condition, batch_size) on a given backend/device/dtype: pass the same ``batch_size`` to
-            regenerate a candidate bit-identically alone. None -> ``min(N, 32)``.
+            (seed, condition, batch_size, slot) on a given backend/device/dtype, the slot being its row in
+            its micro-batch (``i % batch_size`` here): ``Sampler(...).regenerate(seed, condition, slot=...)``
+            with the same ``batch_size`` reproduces it bit-identically alone. None -> ``min(N, 32)``.
         backend: backend of the fused step.
         device: device for a model given by path (default CUDA when available).
         dtype: parameter dtype (e.g. ``torch.bfloat16``).

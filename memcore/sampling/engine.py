@@ -2,9 +2,14 @@
 
 One ``Sampler`` holds a loaded model and a ``SamplerConfig``. It runs the model at one fixed micro-batch shape
 (``batch_size`` candidates; the last micro-batch is padded with copies of its first job), so a candidate's
-image is a function of (seed, condition, batch_size) only: regenerated alone it is bit-identical to the same
-candidate in any slot of any batch (a UNet's per-sample result depends on the batch *shape* through the
-kernels it picks, not on the other samples' values).
+image is a function of (seed, condition, batch_size, slot) only: regenerated alone in its slot
+(:meth:`Sampler.regenerate`) it is bit-identical to the same candidate inside any batch, whatever its
+neighbours (a UNet's per-sample result depends on the batch *shape* through the kernels it picks, not on the
+other samples' values). The slot matters on a multi-threaded CPU: there oneDNN/BLAS split the rows of a
+batched matmul over threads, and a row's summation order can depend on which split it lands in (measured:
+the tiny SD-layout pipeline at 2 threads gives the same candidate in slot 1 and slot 0 values 7e-7 apart,
+while slot 1 with other neighbours is bit-identical). The slot of a candidate is its position in its
+micro-batch (``SampleBatch`` row), i.e. its job index modulo ``batch_size`` when jobs are packed in order.
 
 Per micro-batch::
 
@@ -582,6 +587,26 @@ class Sampler:
         else:
             x = self._denoise_eager(x, seeds_dev, kwargs)
         return self.decode(x)
+
+    def regenerate(self, seed: int, condition: Any = None, *, slot: int = 0) -> torch.Tensor:
+        """One candidate alone, bit-identical to its image when it ran in row ``slot`` of any micro-batch.
+
+        Every row of the micro-batch runs the same job, so the result does not depend on what the other rows
+        held when the candidate was first sampled; only its slot is kept (see the module docstring).
+
+        Args:
+            seed: the candidate's seed.
+            condition: its condition (None for unconditional models).
+            slot: its row in the micro-batch it was sampled in, ``0 <= slot < batch_size``.
+
+        Returns:
+            ``[C, H, W]`` float32 in [0, 1] on the device.
+        """
+        bs = self.config.batch_size
+        if not 0 <= int(slot) < bs:
+            raise ValueError(f"slot must be in [0, {bs}), got {slot}")
+        seeds = check_seeds([seed] * bs)
+        return self._run_padded(seeds, [self.check_condition(condition)] * bs)[int(slot)]
 
     def sample(self, seeds: Sequence[int], conditions: Sequence[Any] | None = None) -> torch.Tensor:
         """All candidates, micro-batch by micro-batch: ``[len(seeds), C, H, W]`` uint8 on the device."""
