@@ -38,7 +38,7 @@ def test_matches_sklearn(seed):
     pos = rng.random(40) < 0.4
     pos[0] = True
     c = precision_recall(keys, pos)
-    p, r, thr = precision_recall_curve(pos, -keys)
+    p, r, _thr = precision_recall_curve(pos, -keys)
     # sklearn lists thresholds increasing (cutoffs decreasing) and appends (1, 0)
     assert np.allclose(c.precision, p[:-1][::-1])
     assert np.allclose(c.recall, r[:-1][::-1])

@@ -16,7 +16,13 @@ PARAMS = {"model": "m", "num_per_condition": 8, "alpha": 0.1, "grid": [4, 4]}
 
 
 def rec(g: int) -> dict:
-    return {"condition_id": g, "condition": f"p{g}", "flagged": g % 2 == 0, "clique_size": g, "medoid_seed": 10 * g}
+    return {
+        "condition_id": g,
+        "condition": f"p{g}",
+        "flagged": g % 2 == 0,
+        "clique_size": g,
+        "medoid_seed": 10 * g,
+    }
 
 
 def test_append_read_roundtrip(tmp_path):

@@ -129,7 +129,9 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> ShardSpec:
         world = int(env["WORLD_SIZE"])
         rank = int(env.get("RANK", "0"))
     except ValueError as exc:
-        raise ValueError(f"RANK/WORLD_SIZE must be integers, got {env.get('RANK')!r}/{env['WORLD_SIZE']!r}") from exc
+        raise ValueError(
+            f"RANK/WORLD_SIZE must be integers, got {env.get('RANK')!r}/{env['WORLD_SIZE']!r}"
+        ) from exc
     return ShardSpec(rank, world)
 
 
@@ -233,8 +235,10 @@ def read_records(path: str | os.PathLike) -> ReadResult:
         except (UnicodeDecodeError, ValueError) as exc:
             if nl + 1 >= len(data):  # a garbled last line is also a torn write
                 return ReadResult(records, pos, True)
-            raise ValueError(f"{path}: line {lineno} is not a valid results record ({exc}); "
-                             "the file was modified by something other than memcore") from exc
+            raise ValueError(
+                f"{path}: line {lineno} is not a valid results record ({exc}); "
+                "the file was modified by something other than memcore"
+            ) from exc
         records.append(rec)
         pos = nl + 1
     return ReadResult(records, pos, False)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from memcore.metrics.pr import PRCurve, flagged_precision_recall, pr_from_records, precision_recall, ranking_key
+from memcore.metrics.pr import (
+    PRCurve,
+    flagged_precision_recall,
+    pr_from_records,
+    precision_recall,
+    ranking_key,
+)
 
 __all__ = ["PRCurve", "flagged_precision_recall", "pr_from_records", "precision_recall", "ranking_key"]

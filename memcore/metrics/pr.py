@@ -48,14 +48,18 @@ class PRCurve:
         try:
             i = self.cutoffs.index(k)
         except ValueError as exc:
-            raise ValueError(f"{k} is not a cutoff of this curve (ties are not split); cutoffs: {self.cutoffs}") from exc
+            raise ValueError(
+                f"{k} is not a cutoff of this curve (ties are not split); cutoffs: {self.cutoffs}"
+            ) from exc
         return self.precision[i], self.recall[i]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def precision_recall(keys: Sequence[float] | torch.Tensor, positive: Sequence[bool] | torch.Tensor) -> PRCurve:
+def precision_recall(
+    keys: Sequence[float] | torch.Tensor, positive: Sequence[bool] | torch.Tensor
+) -> PRCurve:
     """Precision–recall along the ranking that sorts ``keys`` ascending (lower key = more suspicious).
 
     Args:
@@ -112,8 +116,10 @@ def precision_recall(keys: Sequence[float] | torch.Tensor, positive: Sequence[bo
 
 def ranking_key(flagged: bool, mean_clique_distance: float | None) -> tuple[int, float]:
     """Sort key of SPEC §2.4: flagged conditions first, then by mean clique distance (lower first)."""
-    d = math.inf if mean_clique_distance is None or mean_clique_distance != mean_clique_distance else float(
-        mean_clique_distance
+    d = (
+        math.inf
+        if mean_clique_distance is None or mean_clique_distance != mean_clique_distance
+        else float(mean_clique_distance)
     )
     return (0 if flagged else 1, d)
 
