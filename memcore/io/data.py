@@ -1,0 +1,386 @@
+"""Training images from disk: an image folder, an ``.npz``/``.npy`` array or a ``.safetensors`` file.
+
+Every form becomes uint8 images ``[N, C, H, W]`` (0-255). The index of an image is its position in that
+tensor: for a folder, the position of its file in sorted filename order. ``nearest_train_index`` and
+``extracted_train_indices`` in the results refer to this index.
+
+Rules (SPEC §7, DATA):
+
+- **Folder**: the regular files directly inside it whose suffix is an image suffix (``.png``, ``.jpg``,
+  ``.jpeg``, ``.bmp``, ``.gif``, ``.tif``, ``.tiff``, ``.webp``, case-insensitive), sorted by filename
+  (Python string order); sub-folders, hidden files and other files are ignored. Every image must have the
+  size and mode of the first; modes ``L`` (C = 1), ``RGB`` (C = 3) and ``RGBA`` (C = 4) are read as they are,
+  any other mode is an error (convert the folder first: silently guessing a palette's channels would change
+  distances).
+- **Arrays** (``.npy``, ``.npz``, ``.safetensors``): ``[N, H, W]`` (one channel), ``[N, C, H, W]`` or
+  ``[N, H, W, C]``. Layout rule: the array is NHWC when its last dimension is in {1, 3, 4} and dimension 1 is
+  not; NCHW when dimension 1 is in {1, 3, 4} and the last is not. When both are (e.g. ``[N, 3, 4, 4]`` or
+  ``[N, 1, 8, 1]``) it is ambiguous: ``expected_shape`` decides if exactly one reading matches it, otherwise
+  NCHW (the torch convention) is taken. When neither is, it is an error.
+- **dtypes**: uint8 is taken as is. Floating point values must lie in [0, 1] (NaN is an error) and become
+  ``round(x * 255)`` (round half to even). Any other dtype is an error.
+- **Which array**: ``.npz`` — the only array, else the key ``images``, ``x`` or ``arr_0`` (first present),
+  else an error listing the keys; ``.safetensors`` — the only tensor or the key ``images``. ``.npy`` files are
+  memory-mapped, so :meth:`TrainingSet.iter_chunks` streams them without holding all images in memory.
+
+Errors are one line that names the file and the problem: ``FileNotFoundError`` for a missing path,
+``ValueError`` for everything else (corrupt files, wrong layout, dtype, range, image size for the model).
+Nothing is written by this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+ARRAY_SUFFIXES = (".npy", ".npz", ".safetensors")
+_CHANNEL_COUNTS = (1, 3, 4)
+_MODE_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
+# Key preference when an .npz holds several arrays.
+_NPZ_KEYS = ("images", "x", "arr_0")
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """A set of training images, opened and checked, decoded on demand.
+
+    Attributes:
+        source: the path it was read from.
+        kind: ``"folder"``, ``"npy"``, ``"npz"`` or ``"safetensors"``.
+        shape: ``(N, C, H, W)`` of the uint8 images.
+        names: the filenames of a folder's images in index order; empty for an array (see :meth:`name`).
+        layout: how an array was read (``"NCHW"``, ``"NHWC"`` or ``"NHW"``); ``"folder"`` for a folder.
+    """
+
+    source: str
+    kind: str
+    shape: tuple[int, int, int, int]
+    names: tuple[str, ...]
+    layout: str
+    # (start, stop) -> uint8 [stop - start, C, H, W]; checked at open time, so it does not fail later on
+    # well-formed input.
+    _read: Callable[[int, int], torch.Tensor] = field(repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def name(self, i: int) -> str:
+        """A readable name of image ``i``: its filename for a folder, ``"<file>[i]"`` for an array."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"image index {i} out of range for {len(self)} images")
+        return self.names[i] if self.names else f"{Path(self.source).name}[{i}]"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return self.shape[1:]
+
+    @functools.cached_property
+    def images(self) -> torch.Tensor:
+        """All images, uint8 ``[N, C, H, W]``, contiguous (read once, then cached)."""
+        return self._read(0, len(self))
+
+    def iter_chunks(self, n: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Stream the images in order, ``n`` at a time.
+
+        Args:
+            n: the chunk size (> 0); the last chunk may be shorter.
+
+        Yields:
+            ``(start, chunk)``: the index of the chunk's first image and the uint8 images
+            ``[min(n, N - start), C, H, W]``.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"chunk size must be a positive int, got {n!r}")
+        for start in range(0, len(self), n):
+            stop = min(start + n, len(self))
+            yield start, self._read(start, stop)
+
+
+def load_images(path: str | Path, *, expected_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Read training images into memory.
+
+    Args:
+        path: an image folder, ``.npy``, ``.npz`` or ``.safetensors`` file (rules in the module docstring).
+        expected_shape: ``(C, H, W)`` the model works on; a mismatch is a ValueError. ``None``: no check.
+
+    Returns:
+        uint8 images ``[N, C, H, W]``, contiguous.
+    """
+    return open_training_set(path, expected_shape=expected_shape).images
+
+
+def open_training_set(path: str | Path, *, expected_shape: Sequence[int] | None = None) -> TrainingSet:
+    """Open and check training images without decoding all of them (see :class:`TrainingSet`).
+
+    Every check (layout, dtype, value range, image sizes and modes, ``expected_shape``) happens here, so a
+    bad file fails before any work starts. Arrays other than ``.npy`` are loaded into memory here.
+
+    Args:
+        path: an image folder, ``.npy``, ``.npz`` or ``.safetensors`` file.
+        expected_shape: ``(C, H, W)`` the images must have, or ``None``.
+
+    Returns:
+        The opened :class:`TrainingSet`.
+    """
+    p = Path(path)
+    exp = _check_expected(expected_shape)
+    if not p.exists():
+        raise FileNotFoundError(f"training data not found: {p}")
+    if p.is_dir():
+        ts = _open_folder(p)
+    else:
+        suffix = p.suffix.lower()
+        if suffix == ".npy":
+            arr, kind = _load_npy(p), "npy"
+        elif suffix == ".npz":
+            arr, kind = _load_npz(p), "npz"
+        elif suffix == ".safetensors":
+            arr, kind = _load_safetensors(p), "safetensors"
+        else:
+            raise ValueError(
+                f"{p}: unsupported training data file type {p.suffix!r}; use an image folder or one of "
+                f"{', '.join(ARRAY_SUFFIXES)}"
+            )
+        ts = _open_array(p, arr, kind, exp)
+    if exp is not None and ts.image_shape != exp:
+        c, h, w = ts.image_shape
+        raise ValueError(
+            f"{p}: training images are {c}x{h}x{w} (CxHxW) but the model works on {exp[0]}x{exp[1]}x{exp[2]}"
+        )
+    return ts
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _check_expected(expected_shape: Sequence[int] | None) -> tuple[int, int, int] | None:
+    if expected_shape is None:
+        return None
+    exp = tuple(expected_shape)
+    if len(exp) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in exp):
+        raise ValueError(f"expected_shape must be three positive ints (C, H, W), got {expected_shape!r}")
+    return exp  # type: ignore[return-value]
+
+
+def _open_folder(p: Path) -> TrainingSet:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(
+        (f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")),
+        key=lambda f: f.name,
+    )
+    files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    first_size = first_mode = None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                size, mode = im.size, im.mode
+                # verify() reads the whole file (checksums for PNG), so truncated files fail now, not midway.
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"{f}: cannot read image ({type(exc).__name__}: {exc})") from None
+        if mode not in _MODE_CHANNELS:
+            raise ValueError(
+                f"{f}: image mode {mode!r} is not supported; convert the folder to L (grey), RGB or RGBA"
+            )
+        if first_size is None:
+            first_size, first_mode = size, mode
+        elif size != first_size or mode != first_mode:
+            raise ValueError(
+                f"{f}: image is {size[0]}x{size[1]} {mode} but {files[0].name} is "
+                f"{first_size[0]}x{first_size[1]} {first_mode}; all images must have one size and mode"
+            )
+    w, h = first_size
+    c = _MODE_CHANNELS[first_mode]
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        out = np.empty((stop - start, h, w, c), dtype=np.uint8)
+        for i, f in enumerate(files[start:stop]):
+            with Image.open(f) as im:
+                a = np.asarray(im, dtype=np.uint8)
+            out[i] = a.reshape(h, w, c)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    return TrainingSet(
+        source=str(p),
+        kind="folder",
+        shape=(len(files), c, h, w),
+        names=tuple(f.name for f in files),
+        layout="folder",
+        _read=read,
+    )
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    try:
+        # Memory-mapped: chunks are read from disk on demand.
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{p}: not a readable .npy array ({exc})") from None
+
+
+def _load_npz(p: Path) -> np.ndarray:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = list(z.files)
+            if not keys:
+                raise ValueError(f"{p}: the .npz file holds no arrays")
+            if len(keys) == 1:
+                key = keys[0]
+            else:
+                key = next((k for k in _NPZ_KEYS if k in keys), None)
+                if key is None:
+                    raise ValueError(
+                        f"{p}: the .npz file holds several arrays ({', '.join(keys)}) and none is named "
+                        f"{', '.join(_NPZ_KEYS)}; save the images under the key 'images'"
+                    )
+            return z[key]
+    except ValueError as exc:
+        if str(exc).startswith(str(p)):
+            raise
+        raise ValueError(f"{p}: not a readable .npz archive ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{p}: not a readable .npz archive ({exc})") from None
+
+
+def _load_safetensors(p: Path) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+            if not keys:
+                raise ValueError(f"{p}: the .safetensors file holds no tensors")
+            if len(keys) == 1:
+                key = keys[0]
+            elif "images" in keys:
+                key = "images"
+            else:
+                raise ValueError(
+                    f"{p}: the .safetensors file holds several tensors ({', '.join(sorted(keys))}) and none "
+                    "is named 'images'"
+                )
+            return f.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{p}: not a readable .safetensors file ({exc})") from None
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        if isinstance(exc, ValueError) and str(exc).startswith(str(p)):
+            raise
+        raise ValueError(f"{p}: not a readable .safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _detect_layout(shape: tuple[int, ...], exp: tuple[int, int, int] | None, p: Path) -> str:
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) != 4:
+        raise ValueError(
+            f"{p}: the image array has shape {list(shape)}; expected [N, H, W], [N, C, H, W] or [N, H, W, C]"
+        )
+    first_is_c = shape[1] in _CHANNEL_COUNTS
+    last_is_c = shape[3] in _CHANNEL_COUNTS
+    if last_is_c and not first_is_c:
+        return "NHWC"
+    if first_is_c and not last_is_c:
+        return "NCHW"
+    if not first_is_c and not last_is_c:
+        raise ValueError(
+            f"{p}: cannot find the channel axis of shape {list(shape)}: neither dim 1 nor the last dim is "
+            "1, 3 or 4"
+        )
+    # Ambiguous: both could be channels. Let the model's shape decide when exactly one reading fits it.
+    if exp is not None:
+        nchw = tuple(shape[1:]) == exp
+        nhwc = (shape[3], shape[1], shape[2]) == exp
+        if nhwc and not nchw:
+            return "NHWC"
+    return "NCHW"
+
+
+def _to_uint8(arr: np.ndarray | torch.Tensor, p: Path) -> torch.Tensor:
+    """Convert one chunk to uint8 (already range-checked)."""
+    # np.array copies: a memory-mapped chunk becomes an ordinary, writable array.
+    t = torch.from_numpy(np.array(arr, copy=True)) if isinstance(arr, np.ndarray) else arr
+    if t.dtype == torch.uint8:
+        return t
+    return torch.round(t.to(torch.float64) * 255.0).to(torch.uint8)
+
+
+def _check_values(arr: np.ndarray | torch.Tensor, p: Path) -> None:
+    """Check the dtype and (for floats) that every value is in [0, 1], streaming over the first axis."""
+    if isinstance(arr, torch.Tensor):
+        dtype_name = str(arr.dtype).removeprefix("torch.")
+        is_uint8 = arr.dtype == torch.uint8
+        is_float = arr.dtype.is_floating_point
+    else:
+        dtype_name = str(arr.dtype)
+        is_uint8 = arr.dtype == np.uint8
+        is_float = np.issubdtype(arr.dtype, np.floating)
+    if is_uint8:
+        return
+    if not is_float:
+        raise ValueError(
+            f"{p}: image dtype {dtype_name} is not supported; use uint8 (0-255) or float in [0, 1]"
+        )
+    n = arr.shape[0]
+    step = max(1, (1 << 24) // max(1, int(np.prod(arr.shape[1:]))))  # ~16M values per pass
+    for s in range(0, n, step):
+        c = arr[s : s + step]
+        c = (
+            c.to(torch.float64)
+            if isinstance(c, torch.Tensor)
+            else torch.from_numpy(np.array(c, np.float64, copy=True))
+        )
+        if torch.isnan(c).any():
+            raise ValueError(f"{p}: the image array contains NaN")
+        lo, hi = float(c.min()), float(c.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"{p}: float images must lie in [0, 1] but values range over [{lo:g}, {hi:g}] (in chunk at "
+                f"index {s}); scale them or save them as uint8"
+            )
+
+
+def _open_array(
+    p: Path, arr: np.ndarray | torch.Tensor, kind: str, exp: tuple[int, int, int] | None
+) -> TrainingSet:
+    shape = tuple(int(s) for s in arr.shape)
+    layout = _detect_layout(shape, exp, p)
+    if shape[0] == 0:
+        raise ValueError(f"{p}: the image array is empty (shape {list(shape)})")
+    if any(s == 0 for s in shape):
+        raise ValueError(f"{p}: the image array has an empty dimension (shape {list(shape)})")
+    _check_values(arr, p)
+    if layout == "NHW":
+        n, h, w = shape
+        c = 1
+    elif layout == "NHWC":
+        n, h, w, c = shape
+    else:
+        n, c, h, w = shape
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        t = _to_uint8(arr[start:stop], p)
+        if layout == "NHW":
+            t = t.unsqueeze(1)
+        elif layout == "NHWC":
+            t = t.permute(0, 3, 1, 2)
+        return t.contiguous()
+
+    return TrainingSet(
+        source=str(p),
+        kind=kind,
+        shape=(n, c, h, w),
+        names=(),
+        layout=layout,
+        _read=read,
+    )

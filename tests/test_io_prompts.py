@@ -1,0 +1,124 @@
+"""Prompt files and class lists: every form and every error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memcore.io.prompts import load_conditions, parse_classes
+
+
+def test_txt(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("a cat\n\n   \n  a dog on a sofa  \r\nAnn Graham Lotz\n", encoding="utf-8")
+    assert load_conditions(p) == ["a cat", "a dog on a sofa", "Ann Graham Lotz"]
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffcafé\n".encode())
+    assert load_conditions(bom) == ["café"]
+    with pytest.raises(ValueError, match="no columns"):
+        load_conditions(p, column="prompt")
+
+
+def test_non_utf8_names_offset(tmp_path):
+    p = tmp_path / "latin.txt"
+    p.write_bytes(b"ok line\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin\.txt.*UTF-8.*byte offset 11"):
+        load_conditions(p)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty(tmp_path, content):
+    p = tmp_path / "e.txt"
+    p.write_text(content)
+    with pytest.raises(ValueError, match="no prompts"):
+        load_conditions(p)
+
+
+def test_missing_dir_and_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_conditions(tmp_path / "none.txt")
+    with pytest.raises(ValueError, match="folder"):
+        load_conditions(tmp_path)
+    (tmp_path / "p.yaml").write_text("a")
+    with pytest.raises(ValueError, match="unsupported"):
+        load_conditions(tmp_path / "p.yaml")
+
+
+def test_jsonl(tmp_path):
+    p = tmp_path / "p.jsonl"
+    recs = [{"caption": "x one", "id": 1}, {"caption": "x two", "id": 2}]
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    assert load_conditions(p) == ["x one", "x two"]
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"prompt": "p", "text": "t", "mine": "m"}) + "\n")
+    assert load_conditions(q) == ["p"]  # prompt before text before caption
+    assert load_conditions(q, column="mine") == ["m"]
+    with pytest.raises(ValueError, match="no field 'other'"):
+        load_conditions(q, column="other")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ('{"prompt": "a"}\n{"prompt": \n', "line 2 is not valid JSON"),
+        ('["a"]\n', "line 1 is a JSON list"),
+        ('{"prompt": "a"}\n{"text": "b"}\n', "line 2 has no field 'prompt'"),
+        ('{"prompt": 3}\n', "field 'prompt' is a int"),
+        ('{"name": "a"}\n', "none of the fields"),
+    ],
+)
+def test_jsonl_errors(tmp_path, content, match):
+    p = tmp_path / "p.jsonl"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_conditions(p)
+
+
+def test_csv(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text('id,caption\n1,"a, quoted, prompt"\n2,\n\n3,second\n', encoding="utf-8")
+    assert load_conditions(p) == ["a, quoted, prompt", "second"]
+    assert load_conditions(p, column="id") == ["1", "2", "3"]
+    one = tmp_path / "one.csv"
+    one.write_text("words\nhello\n")
+    assert load_conditions(one) == ["hello"]
+    with pytest.raises(ValueError, match=r"no column 'x' \(columns: id, caption\)"):
+        load_conditions(p, column="x")
+    two = tmp_path / "two.csv"
+    two.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="name the column"):
+        load_conditions(two)
+    ragged = tmp_path / "r.csv"
+    ragged.write_text("id,prompt\n1,a\n2,b,extra\n")
+    with pytest.raises(ValueError, match="line 3 has 3 fields"):
+        load_conditions(ragged)
+    empty = tmp_path / "e.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no header"):
+        load_conditions(empty)
+    hdr = tmp_path / "h.csv"
+    hdr.write_text("prompt\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_conditions(hdr)
+
+
+def test_parse_classes():
+    assert parse_classes("0,1,5-7") == [0, 1, 5, 6, 7]
+    assert parse_classes(" 3 , 9 - 9 ") == [3, 9]
+    assert parse_classes("2", num_classes=10) == [2]
+    for bad, match in [
+        ("", "empty"),
+        ("1,,2", "not a class id"),
+        ("a", "not a class id"),
+        ("-1", "not a class id"),
+        ("7-5", "backwards"),
+        ("1,1", "named twice"),
+        ("0-2,2", "named twice"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_classes(bad)
+    with pytest.raises(ValueError, match="out of range for 10"):
+        parse_classes("3,10", num_classes=10)
+    with pytest.raises(TypeError):
+        parse_classes([1, 2])  # type: ignore[arg-type]
