@@ -1,0 +1,255 @@
+"""Image distances for memorization audits: normalized L2 and tiled L2 ([C23] §4.2), public contract (SPEC §7).
+
+Images are ``[N, C, H, W]`` tensors (NCHW; any strides, e.g. channels_last memory format, are accepted, but an
+``[N, H, W, C]`` *shape* is not: pass ``x.permute(0, 3, 1, 2)``). Accepted dtypes:
+
+- ``uint8`` (0..255): the exact integer path. The per-tile sum of squared differences is an exact integer on
+  every backend, and ``d = float32(sqrt(S / (255² · n)))`` with IEEE operations, so results are bit-identical
+  across backends and equal to the float64 formula on the same data rounded once to float32.
+- ``float32``, ``float16``, ``bfloat16``: expected in [0, 1] (``value_range="unit"``, the default); model
+  outputs in [-1, 1] take ``value_range="symmetric"`` (distances are then halved, i.e. computed on
+  ``(x + 1) / 2``). Values are not clipped or range-checked. 16-bit inputs are upcast to float32 and all
+  float paths accumulate in float32 (the C++ backend sums each tile in float32 chunks into a float64 total).
+- ``float64``: only the ``reference`` backend (``auto`` picks it); the test oracle; returns float64.
+
+Distances are on the [0, 1] pixel scale whatever the dtype. NaN/Inf in float inputs raise ``ValueError`` by
+default; ``check_finite=True`` reads a flag back from the device (a host sync), so the extraction hot path
+passes ``check_finite=False`` (then NaN/Inf inputs give unspecified distances, never an error). Pass
+``check_finite=False`` too inside ``torch.compile(fullgraph=True)`` (the check is a data-dependent branch).
+
+Functions (``grid=(rows, cols)`` must divide H and W; ``grid=(1, 1)`` is plain L2):
+
+- :func:`l2` / :func:`tiled_l2`: pairwise ``[N, N]`` (``b=None``: exactly symmetric, zero diagonal) or cross
+  ``[N, M]`` float32 matrices. The float distances among a small index subset (clique medoid, mean clique
+  distance) are ``tiled_l2(a[idx])``.
+- :func:`knn`: the k nearest references per query, streamed over the references in chunks (memory
+  ``O(N·(k + chunk))``, independent of M), ascending; **ties go to the smaller reference index**, so the
+  result equals a stable ascending sort of the cross matrix row.
+- :func:`tiled_l2_graph`: the thresholded graph ``d <= alpha`` as a uint64 bitset ``[N, ceil(M/64)]``
+  (bit j of row i in word ``j // 64`` at position ``j % 64``), the float matrix never leaving the kernel on
+  the GPU backends. ``b=None``: among ``a`` with the diagonal clear; ``b=earlier_batch``: the cross block
+  ``[N, ceil(M/64)]`` for building a condition's graph incrementally as batches finish (row block i of the
+  full graph is ``tiled_l2_graph(batch_i, alpha, b=all_previous)`` next to the pairwise block). ``alpha`` is
+  compared as float32 (what ``d <= alpha`` does on a float32 tensor), so for uint8 the bitset agrees bit for
+  bit with thresholding :func:`tiled_l2`. For float inputs the GPU backends compute each ordered pair
+  separately, so the pairwise bitset is symmetric up to float rounding at the threshold.
+
+Backends: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++/OpenMP), ``"triton"``, ``"cuda"``; ``"auto"`` picks
+the fastest available for the tensors' device (CPU: cpu; CUDA: see :data:`CUDA_ORDER`).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+from memcore.ops import _backend
+from memcore.ops import distance as _ops
+
+__all__ = ["CUDA_ORDER", "knn", "l2", "tiled_l2", "tiled_l2_graph"]
+
+#: Preference of ``backend="auto"`` on CUDA tensors. The CUDA core uses int8 tensor cores (WMMA) for uint8;
+#: the H100 benchmark (benchmarks/bench_distance.py) decides this order.
+CUDA_ORDER: tuple[str, ...] = ("cuda", "triton")
+
+_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_RANGES = {"unit": 1.0, "symmetric": 0.5}
+
+
+def _check_images(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of images [N, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; expected uint8, float32, float16, bfloat16 or float64")
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name} has an empty C/H/W dimension: {tuple(x.shape)}")
+    return x
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor | None, names: tuple[str, str]) -> None:
+    if b is None:
+        return
+    if b.dtype != a.dtype:
+        raise TypeError(f"{names[0]} and {names[1]} must share a dtype, got {a.dtype} and {b.dtype}")
+    if b.device != a.device:
+        raise ValueError(f"{names[0]} and {names[1]} are on different devices: {a.device} and {b.device}")
+    if tuple(a.shape[1:]) != tuple(b.shape[1:]):
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same C, H, W; got {tuple(a.shape[1:])} and "
+            f"{tuple(b.shape[1:])}"
+        )
+
+
+def _check_grid(grid: object, h: int, w: int) -> tuple[int, int]:
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(g, Integral) and not isinstance(g, bool) for g in grid)
+    ):
+        raise TypeError(f"grid must be a pair of ints (rows, cols), got {grid!r}")
+    gh, gw = int(grid[0]), int(grid[1])
+    if gh < 1 or gw < 1:
+        raise ValueError(f"grid entries must be >= 1, got {grid!r}")
+    if h % gh or w % gw:
+        raise ValueError(
+            f"grid {gh}x{gw} does not divide the image size {h}x{w} (H % rows and W % cols must be 0)"
+        )
+    return gh, gw
+
+
+def _scale(value_range: str) -> float:
+    if value_range not in _RANGES:
+        raise ValueError(f"value_range must be 'unit' ([0, 1]) or 'symmetric' ([-1, 1]), got {value_range!r}")
+    return _RANGES[value_range]
+
+
+def _check_finite(x: torch.Tensor | None, name: str, check: bool) -> None:
+    if not check or x is None or x.dtype == torch.uint8 or x.numel() == 0:
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this check)")
+
+
+def _backend_for(backend: str, x: torch.Tensor) -> str:
+    name = _backend.resolve(backend, x.device, cuda_order=CUDA_ORDER)
+    if x.dtype == torch.float64 and name != "reference":
+        if backend == "auto":
+            return "reference"
+        raise TypeError(f"float64 images run only on backend='reference' (the oracle); {backend!r} was asked")
+    return name
+
+
+def _prepare(a, b, grid, value_range, check_finite, backend, names=("a", "b")):
+    a = _check_images(a, names[0])
+    if b is not None:
+        b = _check_images(b, names[1])
+        _check_pair(a, b, names)
+    gh, gw = _check_grid(grid, a.shape[2], a.shape[3])
+    scale = _scale(value_range)
+    _check_finite(a, names[0], check_finite)
+    _check_finite(b, names[1], check_finite)
+    return a, b, gh, gw, scale, _backend_for(backend, a)
+
+
+def tiled_l2(
+    a: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    grid: tuple[int, int] = (4, 4),
+    backend: str = "auto",
+    value_range: str = "unit",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Tiled L2 [C23 §4.2]: the maximum over grid positions of the normalized L2 between same-position tiles.
+
+    Args:
+        a: [N, C, H, W] images.
+        b: [M, C, H, W] images, or None for pairwise distances within ``a``.
+        grid: (rows, cols) of tiles; must divide H and W.
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        value_range: "unit" for float images in [0, 1], "symmetric" for [-1, 1]; ignored for uint8.
+        check_finite: raise ValueError on NaN/Inf in float inputs (forces a device->host sync).
+
+    Returns:
+        [N, M] float32 ([N, N] symmetric with a zero diagonal when ``b`` is None).
+    """
+    a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
+    return _ops.distance_matrix(a, b, gh, gw, scale, name)
+
+
+def l2(
+    a: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    value_range: str = "unit",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Normalized L2 ``sqrt(mean((a - b)²))`` over all C·H·W values (SPEC §1).
+
+    Args:
+        a: [N, C, H, W] images.
+        b: [M, C, H, W] images, or None for pairwise distances within ``a``.
+        backend, value_range, check_finite: as in :func:`tiled_l2`.
+
+    Returns:
+        [N, M] float32 ([N, N] symmetric with a zero diagonal when ``b`` is None).
+    """
+    return tiled_l2(a, b, grid=(1, 1), backend=backend, value_range=value_range, check_finite=check_finite)
+
+
+def knn(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    k: int,
+    *,
+    grid: tuple[int, int] | None = None,
+    backend: str = "auto",
+    value_range: str = "unit",
+    check_finite: bool = True,
+    chunk: int = _ops.DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest references of each query, streamed over ``refs`` (never an [N, M] matrix).
+
+    Args:
+        queries: [N, C, H, W] images.
+        refs: [M, C, H, W] images.
+        k: number of neighbours, 0 <= k <= M.
+        grid: None for plain L2, or (rows, cols) for tiled L2.
+        backend, value_range, check_finite: as in :func:`tiled_l2`.
+        chunk: references per streamed block (memory O(N·(k + chunk)) besides the inputs).
+
+    Returns:
+        (distances [N, k] float32 ascending, indices [N, k] int64 into ``refs``); ties by smaller index.
+    """
+    if not isinstance(k, Integral) or isinstance(k, bool):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not isinstance(chunk, Integral) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    queries, refs, gh, gw, scale, name = _prepare(
+        queries,
+        refs,
+        (1, 1) if grid is None else grid,
+        value_range,
+        check_finite,
+        backend,
+        ("queries", "refs"),
+    )
+    if k < 0 or k > refs.shape[0]:
+        raise ValueError(f"k must be in [0, M] = [0, {refs.shape[0]}], got {k}")
+    return _ops.distance_knn(queries, refs, int(k), gh, gw, scale, int(chunk), name)
+
+
+def tiled_l2_graph(
+    a: torch.Tensor,
+    alpha: float,
+    *,
+    b: torch.Tensor | None = None,
+    grid: tuple[int, int] = (4, 4),
+    backend: str = "auto",
+    value_range: str = "unit",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """The threshold graph ``tiled_l2 <= alpha`` as a uint64 bitset (the clique engine's input).
+
+    Args:
+        a: [N, C, H, W] images.
+        alpha: threshold on the [0, 1] distance scale (compared as float32).
+        b: None for the graph among ``a`` (diagonal clear), or [M, C, H, W] for the cross block.
+        grid: (rows, cols) of tiles; (1, 1) thresholds plain L2.
+        backend, value_range, check_finite: as in :func:`tiled_l2`.
+
+    Returns:
+        uint64 [N, ceil(M/64)] (M = N for ``b=None``): bit j of row i (word j // 64, bit j % 64) is set iff
+        ``d(a_i, b_j) <= alpha`` (and i != j in the pairwise case).
+    """
+    if not isinstance(alpha, Real) or isinstance(alpha, bool):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+    if not math.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
+    return _ops.distance_graph(a, b, float(alpha), gh, gw, scale, name)

@@ -1,0 +1,1 @@
+"""Private kernels (Triton); launched only from ``memcore/ops``."""

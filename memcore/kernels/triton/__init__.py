@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op family; each exposes a launcher used by ``memcore/ops``."""

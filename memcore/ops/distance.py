@@ -1,0 +1,240 @@
+"""Custom ops for the distance family and their backend dispatch.
+
+Three ``torch.library`` custom ops (each with a fake implementation, so they trace under
+``torch.compile(fullgraph=True)``) cover every public function of :mod:`memcore.distance`:
+
+- ``memcore::distance_matrix(a, b?, grid_h, grid_w, scale, backend) -> [N, M] float32``
+- ``memcore::distance_knn(queries, refs, k, grid_h, grid_w, scale, chunk, backend) -> ([N, k], [N, k])``
+- ``memcore::distance_graph(a, b?, alpha, grid_h, grid_w, scale, backend) -> [N, ceil(M/64)] uint64``
+
+Plain L2 is the 1×1 grid. ``b=None`` means pairwise within ``a`` (symmetric, zero diagonal / clear
+diagonal bit). ``backend`` is already resolved (never "auto") and the inputs already validated by
+:mod:`memcore.distance`; the checks here only guard the native calls (contiguity, dtype, device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from memcore.ops import _native
+from memcore.reference import distance as ref
+
+#: dtypes the native and Triton backends take (float64 is the reference's oracle dtype only).
+NATIVE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+
+#: References per streamed block in k-NN (memory O(N·chunk), independent of M).
+DEFAULT_CHUNK = 4096
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _native_args(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    n, c, h, w = a.shape
+    return (_native.ptr(a), n, _native.ptr(b), b.shape[0], c, h, w, _native.dtype_code(a))
+
+
+def _check_native(a: torch.Tensor, backend: str) -> None:
+    if a.dtype not in NATIVE_DTYPES:
+        raise TypeError(f"backend {backend!r} takes uint8/float32/float16/bfloat16 images, got {a.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------- matrix
+
+
+def _matrix_impl(
+    a: torch.Tensor, b: torch.Tensor | None, grid_h: int, grid_w: int, scale: float, backend: str
+) -> torch.Tensor:
+    grid = (grid_h, grid_w)
+    if backend == "reference":
+        return ref.distance_matrix(a, b, grid, scale)
+    _check_native(a, backend)
+    a = a.contiguous()
+    other = a if b is None else b.contiguous()
+    if backend == "cpu":
+        out = torch.empty((a.shape[0], other.shape[0]), dtype=torch.float32, device=a.device)
+        _native.family("distance").matrix(
+            *_native_args(a, other), grid_h, grid_w, float(scale), b is None, _native.ptr(out)
+        )
+        return out
+    if backend == "cuda":
+        out = torch.empty((a.shape[0], other.shape[0]), dtype=torch.float32, device=a.device)
+        _native.family("distance").matrix_cuda(
+            *_native_args(a, other), grid_h, grid_w, float(scale), b is None, _native.ptr(out), _stream(a)
+        )
+        return out
+    if backend == "triton":
+        from memcore.kernels.triton import distance as tk
+
+        return tk.distance_matrix(a, b, grid, scale)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _stream(t: torch.Tensor) -> int:
+    return _native.stream_of(t)
+
+
+@torch.library.custom_op("memcore::distance_matrix", mutates_args=())
+def distance_matrix(
+    a: torch.Tensor, b: torch.Tensor | None, grid_h: int, grid_w: int, scale: float, backend: str
+) -> torch.Tensor:
+    """Tiled L2 matrix (1×1 grid: plain L2). a: [N, C, H, W]; b: [M, C, H, W] or None -> [N, M]."""
+    return _matrix_impl(a, b, grid_h, grid_w, scale, backend)
+
+
+@distance_matrix.register_fake
+def _(a, b, grid_h, grid_w, scale, backend):
+    m = a.shape[0] if b is None else b.shape[0]
+    return a.new_empty((a.shape[0], m), dtype=_out_dtype(a))
+
+
+# ---------------------------------------------------------------------------------------------- k-NN
+
+
+def _knn_chunked(
+    matrix_fn, queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streamed top-k over reference chunks with the (distance, index) order; memory O(N·(k + chunk))."""
+    n, m = queries.shape[0], refs.shape[0]
+    best_d = queries.new_empty((n, 0), dtype=torch.float32)
+    best_i = queries.new_empty((n, 0), dtype=torch.int64)
+    for start in range(0, m, chunk):
+        stop = min(m, start + chunk)
+        d = matrix_fn(refs[start:stop])
+        idx = torch.arange(start, stop, device=queries.device).expand(n, -1)
+        cat_d = torch.cat([best_d, d], 1)
+        cat_i = torch.cat([best_i, idx], 1)
+        order = torch.sort(cat_d, dim=1, stable=True).indices[:, :k]
+        best_d = torch.gather(cat_d, 1, order)
+        best_i = torch.gather(cat_i, 1, order)
+    return best_d, best_i
+
+
+def _knn_impl(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    k: int,
+    grid_h: int,
+    grid_w: int,
+    scale: float,
+    chunk: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = (grid_h, grid_w)
+    if backend == "reference":
+        return ref.knn(queries, refs, k, grid, scale, chunk)
+    _check_native(queries, backend)
+    queries = queries.contiguous()
+    refs = refs.contiguous()
+    if backend == "cpu":
+        n = queries.shape[0]
+        out_d = torch.empty((n, k), dtype=torch.float32)
+        out_i = torch.empty((n, k), dtype=torch.int64)
+        _native.family("distance").knn(
+            *_native_args(queries, refs),
+            grid_h,
+            grid_w,
+            float(scale),
+            k,
+            chunk,
+            _native.ptr(out_d),
+            _native.ptr(out_i),
+        )
+        return out_d, out_i
+    if backend in ("cuda", "triton"):
+        return _knn_chunked(
+            lambda r: _matrix_impl(queries, r, grid_h, grid_w, scale, backend), queries, refs, k, chunk
+        )
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@torch.library.custom_op("memcore::distance_knn", mutates_args=())
+def distance_knn(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    k: int,
+    grid_h: int,
+    grid_w: int,
+    scale: float,
+    chunk: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest refs per query, ascending, ties by smaller index. -> ([N, k] float32, [N, k] int64)."""
+    return _knn_impl(queries, refs, k, grid_h, grid_w, scale, chunk, backend)
+
+
+@distance_knn.register_fake
+def _(queries, refs, k, grid_h, grid_w, scale, chunk, backend):
+    n = queries.shape[0]
+    return (
+        queries.new_empty((n, k), dtype=_out_dtype(queries)),
+        queries.new_empty((n, k), dtype=torch.int64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- graph
+
+
+def _graph_impl(
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    alpha: float,
+    grid_h: int,
+    grid_w: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    grid = (grid_h, grid_w)
+    if backend == "reference":
+        return ref.graph(a, b, alpha, grid, scale)
+    _check_native(a, backend)
+    a = a.contiguous()
+    other = a if b is None else b.contiguous()
+    words = math.ceil(other.shape[0] / 64)
+    if backend == "cpu":
+        out = torch.empty((a.shape[0], words), dtype=torch.uint64)
+        _native.family("distance").graph(
+            *_native_args(a, other), grid_h, grid_w, float(scale), b is None, float(alpha), _native.ptr(out)
+        )
+        return out
+    if backend == "cuda":
+        out = torch.empty((a.shape[0], words), dtype=torch.uint64, device=a.device)
+        _native.family("distance").graph_cuda(
+            *_native_args(a, other),
+            grid_h,
+            grid_w,
+            float(scale),
+            b is None,
+            float(alpha),
+            _native.ptr(out),
+            _stream(a),
+        )
+        return out
+    if backend == "triton":
+        from memcore.kernels.triton import distance as tk
+
+        return tk.distance_graph(a, b, alpha, grid, scale)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@torch.library.custom_op("memcore::distance_graph", mutates_args=())
+def distance_graph(
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    alpha: float,
+    grid_h: int,
+    grid_w: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """Bitset of ``tiled_l2 <= alpha``: a [N, C, H, W], b [M, C, H, W] or None -> uint64 [N, ceil(M/64)]."""
+    return _graph_impl(a, b, alpha, grid_h, grid_w, scale, backend)
+
+
+@distance_graph.register_fake
+def _(a, b, alpha, grid_h, grid_w, scale, backend):
+    m = a.shape[0] if b is None else b.shape[0]
+    return a.new_empty((a.shape[0], (m + 63) // 64), dtype=torch.uint64)
