@@ -1,0 +1,383 @@
+"""Load diffusers models and Stable-Diffusion-layout pipelines from local paths (never from the network).
+
+Accepted inputs (``load_model``):
+
+- a pipeline directory holding ``model_index.json`` (``UNet2DModel`` pipelines such as DDPM/DDIM, or the Stable
+  Diffusion layout: ``unet/`` ``UNet2DConditionModel`` + ``text_encoder/`` CLIP text model + ``tokenizer/`` +
+  ``vae/`` ``AutoencoderKL`` + ``scheduler/``); components are loaded one by one, so a safety checker or feature
+  extractor in the directory is never loaded;
+- a model directory with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``): a
+  ``UNet2DModel``, unconditional or class-conditional (``num_class_embeds``);
+- a ``.safetensors`` file with a ``config.json`` next to it (a ``UNet2DModel`` state dict);
+- a loaded diffusers object: ``UNet2DModel``, or a pipeline with ``unet`` + ``scheduler`` (+ ``vae``,
+  ``text_encoder``, ``tokenizer`` for text-to-image).
+
+The scheduler comes from ``scheduler/scheduler_config.json`` of a pipeline, or ``scheduler_config.json`` next to
+a model directory or file; a bare UNet with none gets ``DDPMScheduler()`` defaults (1000 steps, linear betas
+1e-4..0.02, the DDPM paper's schedule) unless ``scheduler=`` is given. Every diffusers/transformers call passes
+``local_files_only=True``: a string that looks like a hub id and is not a local path is a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KINDS = ("unet", "class_unet", "sd_pipeline")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A loaded model, ready for the sampling engine.
+
+    Attributes:
+        kind: ``"unet"`` (unconditional ``UNet2DModel``), ``"class_unet"`` (``UNet2DModel`` with class
+            embeddings; conditions are class ids) or ``"sd_pipeline"`` (text-to-image, latent).
+        unet: the denoiser (eval mode, no grad), on ``device`` in ``dtype``.
+        scheduler: the scheduler as configured by the model (a template: the engine builds fresh copies).
+        sample_shape: ``(C, H, W)`` of what the UNet denoises (latent shape for latent models).
+        image_shape: ``(C, H, W)`` of the decoded images.
+        latent: whether a VAE decodes the samples.
+        vae: ``AutoencoderKL`` or None.
+        vae_scale_factor: ``2 ** (len(vae.block_out_channels) - 1)`` (1 for pixel models).
+        vae_scaling_factor: the VAE's latent ``scaling_factor`` (latents are divided by it before decode).
+        text_encoder: CLIP text model or None.
+        tokenizer: CLIP tokenizer or None.
+        num_classes: number of class embeddings of a class-conditional UNet, else None.
+        device: where the modules live.
+        dtype: the UNet's parameter dtype.
+        source: where it was loaded from (a path or the object's class name).
+    """
+
+    kind: str
+    unet: torch.nn.Module
+    scheduler: Any
+    sample_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
+    latent: bool
+    vae: torch.nn.Module | None = None
+    vae_scale_factor: int = 1
+    vae_scaling_factor: float | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: Any = None
+    num_classes: int | None = None
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.latent and self.vae is None:
+            raise ValueError("a latent model needs a VAE")
+        if self.kind == "sd_pipeline" and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError("an sd_pipeline needs a text encoder and a tokenizer")
+        if self.kind == "class_unet" and not self.num_classes:
+            raise ValueError("a class_unet needs num_classes")
+
+    @property
+    def conditional(self) -> bool:
+        return self.kind != "unet"
+
+
+def _check_local(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    s = str(path)
+    if _HUB_ID.match(s) and not s.startswith((".", "/", "~")):
+        raise ValueError(
+            f"{s!r} is not a local path; memcore never downloads models. Download it yourself (e.g. "
+            "`huggingface-cli download ...`) and pass the local directory."
+        )
+    raise FileNotFoundError(f"model path {s!r} does not exist")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read a safetensors header so a corrupt or truncated file fails with a clear error before loading."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                f.get_slice(name)  # validates each entry's offsets against the file
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError
+        raise ValueError(f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc})") from None
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise ValueError(f"{path} is not a valid safetensors file (size {size} does not match its header)")
+
+
+def _check_weights_dir(d: Path, what: str) -> None:
+    if not d.is_dir():
+        raise FileNotFoundError(f"{what}: directory {d} is missing")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{what}: {d / 'config.json'} is missing")
+    st = sorted(d.glob("*.safetensors"))
+    if not st and not any(d.glob("*.bin")):
+        raise FileNotFoundError(f"{what}: no weights file (*.safetensors or *.bin) in {d}")
+    for f in st:
+        _check_safetensors(f)
+
+
+def _diffusers_cls(name: str) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"unknown diffusers class {name!r}")
+    return cls
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _load_scheduler_from(directory: Path) -> Any | None:
+    cfg = directory / "scheduler_config.json"
+    if not cfg.is_file():
+        return None
+    name = _read_json(cfg).get("_class_name", "DDPMScheduler")
+    return _diffusers_cls(name).from_pretrained(str(directory), local_files_only=True)
+
+
+def _default_scheduler() -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler()
+
+
+def _finish_unet(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    unet = unet.to(device=device, dtype=dtype) if dtype is not None else unet.to(device=device)
+    unet.eval().requires_grad_(False)
+    return unet
+
+
+def _describe_unet(
+    unet: torch.nn.Module, scheduler: Any, device: torch.device, source: str, **extra: Any
+) -> LoadedModel:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    cfg = unet.config
+    size = cfg.sample_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (int(cfg.in_channels), int(hw[0]), int(hw[1]))
+    if isinstance(unet, UNet2DModel):
+        num_classes = getattr(cfg, "num_class_embeds", None)
+        if getattr(cfg, "class_embed_type", None) is not None and num_classes is None:
+            raise ValueError(
+                f"UNet2DModel with class_embed_type={cfg.class_embed_type!r} is not supported: memcore conditions "
+                "UNet2DModel on integer class ids through num_class_embeds"
+            )
+        kind = "class_unet" if num_classes else "unet"
+        out_shape = (int(cfg.out_channels), shape[1], shape[2])
+        return LoadedModel(
+            kind=kind,
+            unet=unet,
+            scheduler=scheduler,
+            sample_shape=shape,
+            image_shape=out_shape,
+            latent=False,
+            num_classes=int(num_classes) if num_classes else None,
+            device=device,
+            dtype=unet.dtype,
+            source=source,
+        )
+    if isinstance(unet, UNet2DConditionModel):
+        vae = extra.get("vae")
+        te = extra.get("text_encoder")
+        tok = extra.get("tokenizer")
+        if vae is None or te is None or tok is None:
+            raise ValueError(
+                "a UNet2DConditionModel needs the Stable-Diffusion pipeline around it (vae, text_encoder, tokenizer): "
+                "pass the pipeline directory"
+            )
+        vsf = 2 ** (len(vae.config.block_out_channels) - 1)
+        return LoadedModel(
+            kind="sd_pipeline",
+            unet=unet,
+            scheduler=scheduler,
+            sample_shape=shape,
+            image_shape=(int(vae.config.out_channels), shape[1] * vsf, shape[2] * vsf),
+            latent=True,
+            vae=vae,
+            vae_scale_factor=vsf,
+            vae_scaling_factor=float(vae.config.scaling_factor),
+            text_encoder=te,
+            tokenizer=tok,
+            device=device,
+            dtype=unet.dtype,
+            source=source,
+        )
+    raise TypeError(
+        f"unsupported denoiser {type(unet).__name__}; memcore samples UNet2DModel and UNet2DConditionModel"
+    )
+
+
+def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    index = _read_json(root / "model_index.json")
+    if "unet" not in index:
+        raise ValueError(f"{root}/model_index.json names no 'unet' component; memcore samples UNet pipelines")
+    unet_cls = _diffusers_cls(index["unet"][1])
+    _check_weights_dir(root / "unet", "unet")
+    unet = unet_cls.from_pretrained(str(root), subfolder="unet", local_files_only=True, torch_dtype=dtype)
+    unet = _finish_unet(unet, device, dtype)
+    scheduler = None
+    if "scheduler" in index and (root / "scheduler").is_dir():
+        scheduler = _load_scheduler_from(root / "scheduler")
+    if scheduler is None:
+        raise FileNotFoundError(f"{root}/scheduler/scheduler_config.json is missing")
+    extra: dict[str, Any] = {}
+    if index.get("vae") and index["vae"][0] is not None:
+        _check_weights_dir(root / "vae", "vae")
+        vae = _diffusers_cls(index["vae"][1]).from_pretrained(
+            str(root), subfolder="vae", local_files_only=True, torch_dtype=dtype
+        )
+        extra["vae"] = _finish_unet(vae, device, dtype)
+    if index.get("text_encoder") and index["text_encoder"][0] is not None:
+        import transformers
+
+        _check_weights_dir(root / "text_encoder", "text_encoder")
+        te_cls = getattr(transformers, index["text_encoder"][1])
+        kw = {"dtype": dtype} if dtype is not None else {}
+        te = te_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True, **kw)
+        extra["text_encoder"] = _finish_unet(te, device, dtype)
+    if index.get("tokenizer") and index["tokenizer"][0] is not None:
+        import transformers
+
+        tdir = root / "tokenizer"
+        if not tdir.is_dir():
+            raise FileNotFoundError(f"tokenizer: directory {tdir} is missing")
+        tok_cls = getattr(transformers, index["tokenizer"][1])
+        extra["tokenizer"] = tok_cls.from_pretrained(str(tdir), local_files_only=True)
+    return _describe_unet(unet, scheduler, device, str(root), **extra)
+
+
+def _load_unet_dir(d: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    _check_weights_dir(d, "model")
+    cfg = _read_json(d / "config.json")
+    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"))
+    unet = cls.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
+    unet = _finish_unet(unet, device, dtype)
+    scheduler = _load_scheduler_from(d) or _default_scheduler()
+    return _describe_unet(unet, scheduler, device, str(d))
+
+
+def _load_safetensors_file(f: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    cfg_path = f.parent / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{f} needs a config.json next to it (the UNet's diffusers config)")
+    _check_safetensors(f)
+    from safetensors.torch import load_file
+
+    cfg = _read_json(cfg_path)
+    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"))
+    unet = cls.from_config(cfg)
+    state = load_file(str(f))
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{f} does not match {cfg_path}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+    unet = _finish_unet(unet, device, dtype)
+    scheduler = _load_scheduler_from(f.parent) or _default_scheduler()
+    return _describe_unet(unet, scheduler, device, str(f))
+
+
+def _from_object(obj: Any, device: torch.device, dtype: torch.dtype | None, scheduler: Any) -> LoadedModel:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if isinstance(obj, UNet2DConditionModel):
+        raise ValueError("a bare UNet2DConditionModel cannot be sampled: pass the Stable-Diffusion pipeline")
+    if isinstance(obj, UNet2DModel):
+        return _describe_unet(
+            _finish_unet(obj, device, dtype), scheduler or _default_scheduler(), device, type(obj).__name__
+        )
+    unet = getattr(obj, "unet", None)
+    sched = scheduler or getattr(obj, "scheduler", None)
+    if unet is None or sched is None:
+        raise TypeError(
+            f"cannot sample a {type(obj).__name__}: pass a path, a UNet2DModel or a diffusers pipeline with unet and "
+            "scheduler"
+        )
+    extra = {}
+    for name in ("vae", "text_encoder"):
+        m = getattr(obj, name, None)
+        if m is not None:
+            extra[name] = _finish_unet(m, device, dtype)
+    if getattr(obj, "tokenizer", None) is not None:
+        extra["tokenizer"] = obj.tokenizer
+    return _describe_unet(_finish_unet(unet, device, dtype), sched, device, type(obj).__name__, **extra)
+
+
+def load_model(
+    path_or_obj: str | os.PathLike | Any,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    scheduler: Any = None,
+) -> LoadedModel:
+    """Load a diffusers model or pipeline from a local path (or wrap a loaded one) for sampling.
+
+    Args:
+        path_or_obj: a pipeline directory (``model_index.json``), a model directory (``config.json`` +
+            weights), a ``.safetensors`` file with ``config.json`` beside it, a ``LoadedModel`` (returned as is
+            when device and dtype agree), or a loaded ``UNet2DModel`` / diffusers pipeline.
+        device: where to put the modules.
+        dtype: parameter dtype (e.g. ``torch.bfloat16``); None keeps the stored dtype.
+        scheduler: a diffusers scheduler instance overriding the stored one.
+
+    Returns:
+        A frozen ``LoadedModel``.
+
+    Raises:
+        ValueError: a hub id that is not a local path, a corrupt safetensors file, an unsupported model.
+        FileNotFoundError: a missing path, config or weights file.
+    """
+    device = torch.device(device)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if isinstance(path_or_obj, LoadedModel):
+        lm = path_or_obj
+        if lm.device == device and (dtype is None or lm.dtype == dtype) and scheduler is None:
+            return lm
+        extra = {"vae": lm.vae, "text_encoder": lm.text_encoder, "tokenizer": lm.tokenizer}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        for k in ("vae", "text_encoder"):
+            if k in extra:
+                extra[k] = _finish_unet(extra[k], device, dtype)
+        unet = _finish_unet(lm.unet, device, dtype)
+        return _describe_unet(unet, scheduler or lm.scheduler, device, lm.source, **extra)
+    if isinstance(path_or_obj, (str, os.PathLike)):
+        p = _check_local(path_or_obj)
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise ValueError(f"{p}: a model file must be .safetensors (with config.json beside it)")
+            lm = _load_safetensors_file(p, device, dtype)
+        elif (p / "model_index.json").is_file():
+            lm = _load_pipeline_dir(p, device, dtype)
+        elif (p / "config.json").is_file():
+            lm = _load_unet_dir(p, device, dtype)
+        else:
+            raise FileNotFoundError(
+                f"{p} holds neither model_index.json (a pipeline) nor config.json (a model): not a diffusers model"
+            )
+        if scheduler is not None:
+            lm = dataclasses.replace(lm, scheduler=scheduler)
+        return lm
+    return _from_object(path_or_obj, device, dtype, scheduler)

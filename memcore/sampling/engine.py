@@ -1,0 +1,589 @@
+"""The batched sampling engine: fixed micro-batch, packed conditions, fused or diffusers step, CUDA graphs.
+
+One ``Sampler`` holds a loaded model and a ``SamplerConfig``. It runs the model at one fixed micro-batch shape
+(``batch_size`` candidates; the last micro-batch is padded with copies of its first job), so a candidate's
+image is a function of (seed, condition, batch_size) only: regenerated alone it is bit-identical to the same
+candidate in any slot of any batch (a UNet's per-sample result depends on the batch *shape* through the
+kernels it picks, not on the other samples' values).
+
+Per micro-batch::
+
+    initial noise (one generator per seed) -> [UNet forward -> step] x S -> decode -> [0, 1] and uint8
+
+The step is ``_apply_step``: the fused kernel of ``memcore.ops.step`` (DDIM/DDPM) or diffusers'
+``scheduler.step`` (every other scheduler, and the reference path). With the fused step on CUDA the UNet
+forward + step of each step index is captured in one CUDA graph (``cuda_graphs=True``), so the loop is
+``S`` graph replays with no host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import sys
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from memcore.models.loading import LoadedModel, load_model
+from memcore.sampling.seeds import check_seeds, initial_noise, step_noise
+from memcore.utils.profiling import stage
+
+MODES = ("parity", "fp32")
+STEP_BACKENDS = ("auto", "fused", "diffusers")
+DEFAULT_TEXT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default; [C23] does not confirm its value
+_FUSED_KINDS = ("DDIMScheduler", "DDPMScheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample.
+
+    Attributes:
+        num_inference_steps: sampler steps (>= 1).
+        guidance_scale: classifier-free guidance for text models; None -> 7.5 (diffusers' default); <= 1
+            disables CFG (diffusers' rule). Must be None for pixel UNets (they have no unconditional branch).
+        eta: DDIM eta (0 deterministic, 1 DDPM-like); step noise comes from the (seed, step) Philox stream.
+        mode: fused-step arithmetic: ``"parity"`` (diffusers' per-op rounding: same images as diffusers) or
+            ``"fp32"`` (compute in fp32, round once; fused only).
+        batch_size: the fixed micro-batch the model runs at (CFG doubles the UNet batch).
+        backend: backend of the fused step op (``auto``/``reference``/``cpu``/``cuda``/``triton``).
+        step_backend: ``"fused"`` (memcore.ops.step), ``"diffusers"`` (``scheduler.step``) or ``"auto"`` (fused
+            for DDIM/DDPM when memcore.ops.step is present, diffusers otherwise).
+        scheduler: which sampler: ``"ddim"`` (default, SPEC §2), ``"ddpm"``, ``"config"`` (the model's own
+            scheduler as stored), or any diffusers scheduler class name (``"PNDMScheduler"``,
+            ``"EulerDiscreteScheduler"``, ...) built from the model's scheduler config.
+        cuda_graphs: capture UNet + fused step per step index in CUDA graphs (CUDA + fused step only).
+        channels_last: NHWC UNet; None -> on for CUDA unless mode is ``"parity"`` (the stock pipelines run
+            NCHW, and the layout changes conv algorithms, hence floats).
+        compile: ``torch.compile`` the UNet forward.
+        fuse_norm: replace GroupNorm+SiLU pairs by the fused kernel (``memcore.ops.norm``; CUDA only).
+        guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
+    """
+
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    eta: float = 0.0
+    mode: str = "parity"
+    batch_size: int = 16
+    backend: str = "auto"
+    step_backend: str = "auto"
+    scheduler: str = "ddim"
+    cuda_graphs: bool = True
+    channels_last: bool | None = None
+    compile: bool = False
+    fuse_norm: bool = False
+    guidance_rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
+            raise TypeError("num_inference_steps must be an int")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.guidance_scale is not None and not float(self.guidance_scale) == float(self.guidance_scale):
+            raise ValueError("guidance_scale is NaN")
+        if not 0.0 <= float(self.eta) <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.step_backend not in STEP_BACKENDS:
+            raise ValueError(f"step_backend must be one of {STEP_BACKENDS}, got {self.step_backend!r}")
+        if self.mode == "fp32" and self.step_backend == "diffusers":
+            raise ValueError('mode="fp32" exists only for the fused step; use step_backend="fused" or "auto"')
+        if not isinstance(self.scheduler, str) or not self.scheduler:
+            raise TypeError("scheduler must be 'ddim', 'ddpm', 'config' or a diffusers scheduler class name")
+        if self.guidance_rescale < 0:
+            raise ValueError("guidance_rescale must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleBatch:
+    """One finished micro-batch of the streaming API.
+
+    Rows ``>= valid`` are padding (the model always runs at the full micro-batch); their seed and condition id
+    are -1.
+
+    Attributes:
+        images_unit: ``[B, C, H, W]`` float32 in [0, 1], on the model's device.
+        images_u8: ``[B, C, H, W]`` uint8, ``round(255 * images_unit)`` (diffusers' ``numpy_to_pil`` rule).
+        seeds: ``[B]`` int64 (CPU: known on the host, reading it never syncs the device).
+        condition_ids: ``[B]`` int64 (CPU), the ids given with the jobs.
+        valid: number of real rows (a prefix).
+    """
+
+    images_unit: torch.Tensor
+    images_u8: torch.Tensor
+    seeds: torch.Tensor
+    condition_ids: torch.Tensor
+    valid: int
+
+
+def to_uint8(unit: torch.Tensor) -> torch.Tensor:
+    """``[..]`` float in [0, 1] -> uint8 exactly as diffusers' ``numpy_to_pil``: ``(x * 255).round()`` in float32
+    (round half to even, as numpy), then cast."""
+    return (unit.float() * 255).round().to(torch.uint8)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without synchronising: pinned staging + non_blocking on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_RANDN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _scheduler_noise(scheduler: Any, seeds: torch.Tensor, step: int) -> Iterator[None]:
+    """Make diffusers' ``scheduler.step`` draw its step noise from the (seed, step) Philox stream.
+
+    diffusers schedulers draw noise with ``randn_tensor`` imported into their module; a stateful generator there
+    would tie a candidate's noise to its batch. We swap that name for the call, under a lock (a module global).
+    Successive draws within one step use Philox streams 0, 1, 2, ...
+    """
+    module = sys.modules[type(scheduler).__module__]
+    if not hasattr(module, "randn_tensor"):
+        yield
+        return
+    calls = [0]
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None, **_):
+        shape = tuple(shape)
+        if shape[0] != seeds.shape[0]:
+            raise RuntimeError(
+                f"internal: scheduler drew noise of batch {shape[0]}, engine batch {seeds.shape[0]}"
+            )
+        z = step_noise(
+            seeds,
+            step,
+            shape[1:],
+            device=device or seeds.device,
+            dtype=dtype or torch.float32,
+            stream=calls[0],
+        )
+        calls[0] += 1
+        return z
+
+    with _RANDN_LOCK:
+        original = module.randn_tensor
+        module.randn_tensor = randn_tensor
+        try:
+            yield
+        finally:
+            module.randn_tensor = original
+
+
+def _make_scheduler(template: Any, choice: str) -> Any:
+    import diffusers
+
+    if choice == "config":
+        return type(template).from_config(template.config)
+    name = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(choice.lower(), choice)
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(
+            f"unknown scheduler {choice!r}: use 'ddim', 'ddpm', 'config' or a diffusers scheduler class"
+        )
+    return cls.from_config(template.config)
+
+
+class Sampler:
+    """A model + config, ready to sample micro-batches (see the module docstring).
+
+    Args:
+        model: anything ``load_model`` accepts (path, diffusers object, ``LoadedModel``).
+        config: ``SamplerConfig``.
+        device: device for a model given by path (default CUDA when available); ignored for loaded objects
+            unless given.
+        dtype: parameter dtype (e.g. ``torch.bfloat16``); None keeps the stored dtype.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: SamplerConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.config = config = config or SamplerConfig()
+        if device is None:
+            if isinstance(model, LoadedModel):
+                device = model.device
+            elif isinstance(model, torch.nn.Module):
+                device = next(model.parameters()).device
+            elif hasattr(model, "unet") and isinstance(model.unet, torch.nn.Module):
+                device = next(model.unet.parameters()).device
+            else:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = lm = load_model(model, device=device, dtype=dtype)
+        self.device = lm.device
+        if lm.kind == "sd_pipeline" and getattr(lm.unet.config, "time_cond_proj_dim", None) is not None:
+            raise ValueError("UNets with time_cond_proj_dim (LCM guidance embedding) are not supported")
+
+        # Guidance: CFG only for text models, with diffusers' "> 1" rule.
+        gs = config.guidance_scale
+        if lm.kind != "sd_pipeline":
+            if gs is not None:
+                raise ValueError(
+                    f"guidance_scale is for text-to-image pipelines; a {lm.kind} model has no CFG"
+                )
+            self.cfg_scale = None
+        else:
+            gs = DEFAULT_TEXT_GUIDANCE if gs is None else float(gs)
+            self.cfg_scale = gs if gs > 1.0 else None
+
+        # Scheduler and step path.
+        self.scheduler_template = _make_scheduler(lm.scheduler, config.scheduler)
+        sched = self._fresh_scheduler()
+        self.timesteps = sched.timesteps.clone()  # CPU, as DDIMPipeline keeps them
+        self.init_noise_sigma = sched.init_noise_sigma
+        self.t_device = self.timesteps.to(self.device)
+        self.scheduler_name = type(sched).__name__
+        self.step_accepts_eta = "eta" in inspect.signature(sched.step).parameters
+        fusable = self.scheduler_name in _FUSED_KINDS
+        sb = config.step_backend
+        if sb == "auto":
+            present = importlib.util.find_spec("memcore.ops.step") is not None
+            sb = "fused" if fusable and present else "diffusers"
+            if config.mode == "fp32":
+                if not fusable:
+                    raise ValueError(f'mode="fp32" needs the fused step; {self.scheduler_name} is not fused')
+                sb = "fused"
+        if sb == "fused" and not fusable:
+            raise ValueError(
+                f"{self.scheduler_name} has no fused step (only DDIM and DDPM): use step_backend='diffusers' or 'auto'"
+            )
+        if sb == "diffusers" and not fusable:
+            warnings.warn(
+                f"{self.scheduler_name} is not fused: it runs through diffusers' scheduler.step (the reference path)",
+                stacklevel=2,
+            )
+        self.step_backend = sb
+        self.needs_step_noise = self.scheduler_name == "DDPMScheduler" or (
+            self.scheduler_name == "DDIMScheduler" and float(config.eta) > 0
+        )
+        if sb == "fused":
+            from memcore.ops.step import StepConfig
+            from memcore.sampling.schedule import make_plan
+
+            self.plan = make_plan(sched, config.num_inference_steps)
+            self.step_config = StepConfig.from_scheduler(
+                sched,
+                eta=float(config.eta),
+                mode=config.mode,
+                guidance_rescale=float(config.guidance_rescale),
+            )
+
+        # Throughput options (the model is shared: these change it in place).
+        unet = lm.unet
+        cl = config.channels_last
+        if cl is None:
+            cl = self.device.type == "cuda" and config.mode != "parity"
+        if cl:
+            unet.to(memory_format=torch.channels_last)
+        if config.fuse_norm:
+            if self.device.type != "cuda":
+                raise ValueError(
+                    "fuse_norm=True needs a CUDA model (the fused GroupNorm+SiLU kernel is CUDA/Triton)"
+                )
+            from memcore.ops.norm import fuse_groupnorm_silu
+
+            fused = fuse_groupnorm_silu(unet)
+            if isinstance(fused, torch.nn.Module):
+                unet = fused
+        self.unet = unet
+        self.unet_fn = torch.compile(unet, dynamic=False) if config.compile else unet
+        self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda" and sb == "fused"
+        self._graphs: list[Any] | None = None
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._uncond: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------- conditions
+    def _fresh_scheduler(self) -> Any:
+        """A new scheduler per micro-batch: multistep schedulers (PLMS, ...) keep per-run state."""
+        s = type(self.scheduler_template).from_config(self.scheduler_template.config)
+        s.set_timesteps(self.config.num_inference_steps)
+        return s
+
+    def _encode_text(self, prompt: str) -> torch.Tensor:
+        """``[1, L, D]`` CLIP embedding of one prompt, as diffusers' ``encode_prompt`` computes it (batch 1)."""
+        hit = self._text_cache.get(prompt)
+        if hit is not None:
+            self._text_cache.move_to_end(prompt)
+            return hit
+        lm = self.model
+        tok = lm.tokenizer
+        inputs = tok(
+            prompt,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(lm.text_encoder.config, "use_attention_mask", False):
+            mask = inputs.attention_mask.to(self.device)
+        with torch.no_grad():
+            emb = lm.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0]
+        emb = emb.to(dtype=lm.text_encoder.dtype, device=self.device)
+        self._text_cache[prompt] = emb
+        if len(self._text_cache) > 1024:  # bounded: memory stays flat over many prompts
+            self._text_cache.popitem(last=False)
+        return emb
+
+    def _uncond_embedding(self) -> torch.Tensor:
+        if self._uncond is None:
+            self._uncond = self._encode_text("")  # diffusers: negative_prompt=None -> [""]
+        return self._uncond
+
+    def check_condition(self, condition: Any) -> Any:
+        """Validate one condition for this model: None (unconditional), a class id, or a prompt."""
+        kind = self.model.kind
+        if kind == "unet":
+            if condition is not None:
+                raise ValueError(f"an unconditional model takes no condition, got {condition!r}")
+            return None
+        if kind == "class_unet":
+            if isinstance(condition, torch.Tensor) and condition.numel() == 1:
+                condition = int(condition)
+            if isinstance(condition, bool) or not isinstance(condition, int):
+                raise TypeError(
+                    f"a class-conditional model takes int class ids, got {type(condition).__name__}"
+                )
+            if not 0 <= condition < self.model.num_classes:
+                raise ValueError(f"class id {condition} outside [0, {self.model.num_classes})")
+            return condition
+        if not isinstance(condition, str):
+            raise TypeError(f"a text-to-image model takes prompts (str), got {type(condition).__name__}")
+        return condition
+
+    def _unet_kwargs(self, conditions: Sequence[Any]) -> dict[str, Any]:
+        kind = self.model.kind
+        if kind == "unet":
+            return {}
+        if kind == "class_unet":
+            return {
+                "class_labels": _to_device(torch.tensor(list(conditions), dtype=torch.int64), self.device)
+            }
+        cond = torch.cat([self._encode_text(p) for p in conditions])
+        if self.cfg_scale is not None:
+            unc = self._uncond_embedding().expand(len(conditions), -1, -1)
+            cond = torch.cat([unc, cond])  # diffusers' order: [uncond, cond]
+        return {"encoder_hidden_states": cond}
+
+    # ----------------------------------------------------------------------------------------------- step
+    def _apply_step(
+        self,
+        scheduler: Any,
+        sample: torch.Tensor,
+        model_output: torch.Tensor,
+        step_index: int,
+        seeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """One sampler step ``x_t -> x_{t-1}``, fused or through diffusers.
+
+        Args:
+            scheduler: this micro-batch's diffusers scheduler (used by the diffusers path only).
+            sample: ``[B, C, H, W]`` current sample.
+            model_output: ``[B, C, H, W]``, or ``[2B, C, H, W]`` = UNet(cat([uncond, cond])) with CFG.
+            step_index: index into the schedule.
+            seeds: ``[B]`` int64 on the device, keys of the step noise.
+
+        Returns:
+            ``[B, C, H, W]`` the previous sample.
+        """
+        cfg = self.config
+        if self.step_backend == "fused":
+            from memcore.ops.step import fused_step
+
+            noise = None
+            if self.needs_step_noise:
+                noise = step_noise(
+                    seeds, step_index, sample.shape[1:], device=sample.device, dtype=sample.dtype
+                )
+            return fused_step(
+                sample,
+                model_output,
+                self.plan,
+                step_index,
+                self.step_config,
+                guidance_scale=self.cfg_scale,
+                noise=noise,
+                backend=cfg.backend,
+            )
+        if self.cfg_scale is not None:
+            # StableDiffusionPipeline's combine, op for op (same rounding)
+            noise_pred_uncond, noise_pred_text = model_output.chunk(2)
+            model_output = noise_pred_uncond + self.cfg_scale * (noise_pred_text - noise_pred_uncond)
+            if cfg.guidance_rescale > 0.0:
+                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+                model_output = rescale_noise_cfg(
+                    model_output, noise_pred_text, guidance_rescale=cfg.guidance_rescale
+                )
+        kwargs = {"eta": float(cfg.eta)} if self.step_accepts_eta else {}
+        t = self.timesteps[step_index]
+        with _scheduler_noise(scheduler, seeds, step_index):
+            return scheduler.step(model_output, t, sample, return_dict=False, **kwargs)[0]
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        if self.cfg_scale is not None:
+            x = torch.cat([x] * 2)
+        return self.unet_fn(x, t, return_dict=False, **kwargs)[0]
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _denoise_eager(self, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        scheduler = self._fresh_scheduler()
+        for i in range(len(self.timesteps)):
+            with stage("unet"):
+                inp = torch.cat([x] * 2) if self.cfg_scale is not None else x
+                inp = scheduler.scale_model_input(inp, self.timesteps[i])
+                out = self.unet_fn(inp, self.t_device[i], return_dict=False, **kwargs)[0]
+            with stage("step"):
+                x = self._apply_step(scheduler, x, out, i, seeds)
+        return x
+
+    def _capture(self, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Capture UNet forward + fused step for every step index into CUDA graphs sharing one memory pool.
+
+        The graphs read ``self._gx`` (sample), ``self._gseeds`` and the condition buffers, and write the next
+        sample back into ``self._gx``; replaying them in order runs the whole loop without the host.
+        """
+        self._gx = x.clone()
+        self._gseeds = seeds.clone()
+        self._gkw = {k: v.clone() for k, v in kwargs.items()}
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy inits, cuBLAS handles, autotuning (compile)
+            for _ in range(2):
+                out = self._unet(self._gx, self.t_device[0], self._gkw)
+                self._apply_step(None, self._gx, out, 0, self._gseeds)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graphs = []
+        pool = None
+        for i in range(len(self.timesteps)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = self._unet(self._gx, self.t_device[i], self._gkw)
+                new = self._apply_step(None, self._gx, out, i, self._gseeds)
+                self._gx.copy_(new)
+            del out, new
+            pool = g.pool()
+            graphs.append(g)
+        self._graphs = graphs
+
+    def _denoise_graphs(self, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        if self._graphs is None:
+            self._capture(x, seeds, kwargs)
+        self._gx.copy_(x)
+        self._gseeds.copy_(seeds)
+        for k, v in kwargs.items():
+            self._gkw[k].copy_(v)
+        for g in self._graphs:
+            g.replay()
+        return self._gx.clone()
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` final samples -> ``[B, C', H, W]`` float32 in [0, 1] (VAE first for latent models).
+
+        Matches the stock pipelines: ``vae.decode(latents / scaling_factor)``, then ``(x / 2 + 0.5).clamp(0, 1)``
+        in the model dtype (diffusers' ``x * 0.5 + 0.5`` is the same float op), then float32.
+        """
+        with stage("decode"):
+            if self.model.latent:
+                x = self.model.vae.decode(x / self.model.vae_scaling_factor, return_dict=False)[0]
+            return (x / 2 + 0.5).clamp(0, 1).float()
+
+    def run_batch(self, seeds: Sequence[int], conditions: Sequence[Any] | None = None) -> torch.Tensor:
+        """Sample one micro-batch of up to ``batch_size`` candidates (padded to ``batch_size``).
+
+        Args:
+            seeds: ``n <= batch_size`` seeds.
+            conditions: ``n`` conditions (None for unconditional models).
+
+        Returns:
+            ``[n, C, H, W]`` float32 in [0, 1] on the device.
+        """
+        seeds = check_seeds(seeds)
+        n = len(seeds)
+        bs = self.config.batch_size
+        if not 1 <= n <= bs:
+            raise ValueError(f"run_batch takes 1..{bs} seeds, got {n}")
+        if conditions is None:
+            conditions = [None] * n
+        if len(conditions) != n:
+            raise ValueError(f"{len(conditions)} conditions for {n} seeds")
+        return self._run_padded(seeds, [self.check_condition(c) for c in conditions])[:n]
+
+    @torch.no_grad()
+    def _run_padded(self, seeds: list[int], conditions: list[Any]) -> torch.Tensor:
+        n = len(seeds)
+        bs = self.config.batch_size
+        # Pad with copies of the first job: the other rows' values never change a row's result at fixed shape.
+        seeds_p = seeds + [seeds[0]] * (bs - n)
+        conds_p = list(conditions) + [conditions[0]] * (bs - n)
+        lm = self.model
+        noise_dtype = lm.text_encoder.dtype if lm.kind == "sd_pipeline" else lm.unet.dtype
+        x = initial_noise(seeds_p, lm.sample_shape, device=self.device, dtype=noise_dtype)
+        x = x * self.init_noise_sigma  # as the stock pipelines (1.0 for DDIM/DDPM)
+        seeds_dev = _to_device(torch.tensor(seeds_p, dtype=torch.int64), self.device)
+        kwargs = self._unet_kwargs(conds_p)
+        if self.use_graphs:
+            x = self._denoise_graphs(x, seeds_dev, kwargs)
+        else:
+            x = self._denoise_eager(x, seeds_dev, kwargs)
+        return self.decode(x)
+
+    def sample(self, seeds: Sequence[int], conditions: Sequence[Any] | None = None) -> torch.Tensor:
+        """All candidates, micro-batch by micro-batch: ``[len(seeds), C, H, W]`` uint8 on the device."""
+        seeds = check_seeds(seeds)
+        jobs = [(0, None if conditions is None else conditions[i], s) for i, s in enumerate(seeds)]
+        if conditions is not None and len(conditions) != len(seeds):
+            raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds: give one per seed")
+        out = [b.images_u8[: b.valid] for b in self.stream(jobs)]
+        if not out:
+            return torch.empty((0, *self.model.image_shape), dtype=torch.uint8, device=self.device)
+        return torch.cat(out)
+
+    def stream(self, jobs: Iterable[tuple[int, Any, int]]) -> Iterator[SampleBatch]:
+        """Yield finished micro-batches for ``jobs`` = iterable of ``(condition_id, condition, seed)``.
+
+        Jobs are packed in order into micro-batches of ``batch_size`` regardless of their condition (conditions
+        mix within a batch). The generator is lazy: it holds one micro-batch at a time and samples the next only
+        when asked, so memory is bounded by one batch plus what the consumer keeps; nothing here waits for the
+        device, so the consumer's kernels queue behind the sampler's.
+        """
+        bs = self.config.batch_size
+        pending: list[tuple[int, Any, int]] = []
+        for job in jobs:
+            if not isinstance(job, tuple) or len(job) != 3:
+                raise TypeError(f"a job is (condition_id, condition, seed), got {job!r}")
+            pending.append(job)
+            if len(pending) == bs:
+                yield self._finish(pending)
+                pending = []
+        if pending:
+            yield self._finish(pending)
+
+    def _finish(self, jobs: list[tuple[int, Any, int]]) -> SampleBatch:
+        n = len(jobs)
+        bs = self.config.batch_size
+        cids = [int(j[0]) for j in jobs]
+        conds = [self.check_condition(j[1]) for j in jobs]
+        seeds = check_seeds([j[2] for j in jobs])
+        unit = self._run_padded(seeds, conds)  # padding rows hold copies of row 0's image
+        seeds_t = torch.tensor(seeds + [-1] * (bs - n), dtype=torch.int64)
+        cids_t = torch.tensor(cids + [-1] * (bs - n), dtype=torch.int64)
+        return SampleBatch(
+            images_unit=unit, images_u8=to_uint8(unit), seeds=seeds_t, condition_ids=cids_t, valid=n
+        )
