@@ -14,9 +14,9 @@ Exactness contract for uint8 images (values 0..255, the scale is 1/255):
     the same integer and the same two correctly rounded operations, so uint8 results are bit-identical across
     backends, and the bitset (``d <= float32(alpha)``) agrees bit for bit with thresholding the matrix.
 
-Float inputs (float32/float16/bfloat16) are upcast to float32 and computed with the Gram trick
-``S = ‖a‖² + ‖b‖² − 2 a·b`` (clamped at 0); float64 inputs are computed in float64 (the test oracle) and
-give float64 distances. ``scale`` multiplies float distances (0.5 maps [-1, 1] model outputs to [0, 1]).
+Float inputs are upcast to float64 and computed with the Gram trick ``S = ‖a‖² + ‖b‖² − 2 a·b`` (clamped
+at 0), then rounded once to float32 (float64 inputs, the test oracle, give float64 distances). ``scale``
+multiplies float distances (0.5 maps [-1, 1] model outputs to [0, 1]).
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ def tile_slices(h: int, w: int, grid: tuple[int, int]) -> list[tuple[slice, slic
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
-    """Working representation: uint8 -> float64 shifted by -128 (exact); float64 stays; others -> float32."""
+    """Working representation, always float64: uint8 shifted by -128 (then every GEMM is exact), floats upcast.
+
+    Floats are computed in float64 too: a float32 Gram product loses the small distances of near-duplicates
+    to cancellation (an exact duplicate comes out near 2e-6 instead of 0), and the oracle must not.
+    """
     if x.dtype == torch.uint8:
         return x.to(torch.float64) - 128.0
-    if x.dtype == torch.float64:
-        return x
-    return x.to(torch.float32)
+    return x.to(torch.float64)
 
 
 def squared_tile_max(a: torch.Tensor, b: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -54,16 +56,17 @@ def squared_tile_max(a: torch.Tensor, b: torch.Tensor, grid: tuple[int, int]) ->
         grid: (gh, gw), dividing H and W.
 
     Returns:
-        [N, M] float64 for uint8 (exact integers) and float64 inputs, float32 for other floats.
+        [N, M] float64 (exact integers for uint8).
     """
     n_img, m_img = a.shape[0], b.shape[0]
-    h, w = a.shape[2], a.shape[3]
+    c, h, w = a.shape[1], a.shape[2], a.shape[3]
+    tile = c * (h // grid[0]) * (w // grid[1])
     wa, wb = _work(a), _work(b)
     best = None
     # One tile at a time keeps the working set at one tile of each set (SD: 500 × 49152 values), not 16.
     for rs, cs in tile_slices(h, w, grid):
-        ta = wa[:, :, rs, cs].reshape(n_img, -1)
-        tb = wb[:, :, rs, cs].reshape(m_img, -1)
+        ta = wa[:, :, rs, cs].reshape(n_img, tile)
+        tb = wb[:, :, rs, cs].reshape(m_img, tile)
         s = (ta * ta).sum(1)[:, None] + (tb * tb).sum(1)[None, :] - 2.0 * (ta @ tb.T)
         best = s if best is None else torch.maximum(best, s)
     if best is None:  # impossible with a valid grid; keeps type checkers honest

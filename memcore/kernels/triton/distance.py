@@ -1,0 +1,235 @@
+"""Triton kernels for normalized / tiled L2 ([C23] §4.2): per-tile Gram products and a fused epilogue.
+
+Both sets are packed tile-major, ``[T, N, Dp]`` (T = gh·gw tiles of D = C·th·tw values, zero-padded to Dp,
+a multiple of the K block), by one PyTorch copy. Then two kernels:
+
+1. ``_tile_sq_kernel``, one program per (row block, column block, tile): ``G = A_t B_tᵀ`` with ``tl.dot``,
+   ``S_t = ‖a‖² + ‖b‖² − 2G`` and ``atomic_max`` into ``smax [N, M]`` (the maximum over tiles at the same
+   grid position). uint8 images are shifted to int8 (``x − 128``: differences are unchanged, and int8
+   ``tl.dot`` with int32 accumulation is exact; the K loop is split into segments of at most 2^17 products so
+   int32 never overflows, and segments add up in int64). Floats are packed as float32 and multiplied with
+   ``input_precision="tf32x3"`` (≈ fp32 accuracy) on the GPU. Pairwise calls skip blocks below the diagonal.
+2. ``_finish_kernel``: ``d = sqrt(S / n)`` — for uint8 exactly ``float32(sqrt(float64(S) / (255²·n)))`` with
+   IEEE division and square root, bit-identical to the reference — and either the float32 matrix or, for the
+   graph, one uint64 word per (row, 64 columns): bit j set iff ``d <= float32(alpha)``. Pairwise results read
+   S from the upper triangle, so they are exactly symmetric.
+
+The padding zeros contribute nothing to dot products or norms in either representation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64
+BLOCK_N = 64
+BLOCK_K = 64
+# int8 products are at most 128² = 2^14 in magnitude: 2^16 of them stay below 2^31 in an int32 accumulator.
+INT_SEGMENT = 65536
+
+
+@triton.jit
+def _tile_sq_kernel(
+    a_ptr,  # [T, N, Dp] int8 or float32
+    b_ptr,  # [T, M, Dp]
+    na_ptr,  # [T, N] int64 / float32 squared norms
+    nb_ptr,  # [T, M]
+    smax_ptr,  # [N, M] int64 / float32, zero-initialised; receives max over tiles of S
+    N,
+    M,
+    Dp,
+    IS_INT: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = tl.program_id(2)
+    if SYMMETRIC and pid_n < pid_m:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    rmask = rows < N
+    cmask = cols < M
+    a_base = a_ptr + t.to(tl.int64) * N * Dp + rows.to(tl.int64)[:, None] * Dp
+    b_base = b_ptr + t.to(tl.int64) * M * Dp + cols.to(tl.int64)[None, :] * Dp
+    if IS_INT:
+        g = tl.zeros((BM, BN), dtype=tl.int64)
+        for s0 in range(0, Dp, SEGMENT):
+            part = tl.zeros((BM, BN), dtype=tl.int32)
+            for k0 in range(s0, tl.minimum(s0 + SEGMENT, Dp), BK):
+                a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None], other=0)
+                b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :], other=0)
+                part = tl.dot(a, b, part, out_dtype=tl.int32)
+            g += part.to(tl.int64)
+        na = tl.load(na_ptr + t * N + rows, mask=rmask, other=0)
+        nb = tl.load(nb_ptr + t * M + cols, mask=cmask, other=0)
+        s = na[:, None] + nb[None, :] - 2 * g
+    else:
+        g = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Dp, BK):
+            a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None], other=0.0)
+            b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :], other=0.0)
+            g = tl.dot(a, b, g, input_precision=PRECISION)
+        na = tl.load(na_ptr + t * N + rows, mask=rmask, other=0.0)
+        nb = tl.load(nb_ptr + t * M + cols, mask=cmask, other=0.0)
+        s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
+    tl.atomic_max(
+        smax_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :], s, mask=rmask[:, None] & cmask[None, :]
+    )
+
+
+@triton.jit
+def _finish_kernel(
+    smax_ptr,  # [N, M]
+    out_ptr,  # [N, M] float32, or [N, ceil(M/64)] int64 words when GRAPH
+    N,
+    M,
+    W,  # words per row
+    n_tile,  # int: values per tile (float scalars would reach the GPU kernel as float32)
+    scale,  # float32 factor on float distances
+    alpha,  # float32 threshold
+    IS_INT: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    GRAPH: tl.constexpr,
+    BM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * 64 + tl.arange(0, 64)
+    rmask = rows < N
+    cmask = cols < M
+    valid = rmask[:, None] & cmask[None, :]
+    r2 = rows[:, None] + 0 * cols[None, :]
+    c2 = cols[None, :] + 0 * rows[:, None]
+    if SYMMETRIC:
+        lo = tl.minimum(r2, c2)
+        hi = tl.maximum(r2, c2)
+    else:
+        lo = r2
+        hi = c2
+    s = tl.load(smax_ptr + lo.to(tl.int64) * M + hi, mask=valid, other=0)
+    if IS_INT:
+        # Exact: S is an integer below 2^53, one IEEE division and one IEEE square root in float64.
+        # (float64 division and square root are IEEE round-to-nearest in PTX: div.rn.f64, sqrt.rn.f64)
+        d = tl.sqrt(s.to(tl.float64) / (n_tile.to(tl.float64) * 65025.0)).to(tl.float32)
+    else:
+        d = tl.sqrt_rn(tl.div_rn(s, n_tile.to(tl.float32))) * scale
+    if SYMMETRIC:
+        d = tl.where(r2 == c2, 0.0, d)
+    if GRAPH:
+        hit = (d <= alpha) & valid
+        if SYMMETRIC:
+            hit = hit & (r2 != c2)
+        shifts = tl.arange(0, 64).to(tl.int64)
+        # Distinct powers of two: the sum is the bitwise OR of the row's 64 bits (bit 63 is the sign bit).
+        word = tl.sum(hit.to(tl.int64) << shifts[None, :], axis=1)
+        tl.store(out_ptr + rows.to(tl.int64) * W + pid_n, word, mask=rmask)
+    else:
+        tl.store(out_ptr + r2.to(tl.int64) * M + c2, d, mask=valid)
+
+
+def _pack(x: torch.Tensor, grid: tuple[int, int], dp: int) -> torch.Tensor:
+    """[N, C, H, W] -> [T, N, Dp]: int8 (x − 128) for uint8, float32 otherwise; zero padding."""
+    n, c, h, w = x.shape
+    gh, gw = grid
+    th, tw = h // gh, w // gw
+    d = c * th * tw
+    if x.dtype == torch.uint8:
+        x = (x.to(torch.int16) - 128).to(torch.int8)
+    else:
+        x = x.to(torch.float32)
+    tiles = x.reshape(n, c, gh, th, gw, tw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, n, d)
+    out = torch.zeros((gh * gw, n, dp), dtype=x.dtype, device=x.device)
+    out[:, :, :d] = tiles
+    return out
+
+
+def _norms(p: torch.Tensor) -> torch.Tensor:
+    if p.dtype == torch.int8:
+        return p.to(torch.int64).pow(2).sum(-1)
+    return p.pow(2).sum(-1)
+
+
+def _smax(a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    n, c, h, w = a.shape
+    other = a if b is None else b
+    m = other.shape[0]
+    d = c * (h // grid[0]) * (w // grid[1])
+    dp = triton.cdiv(d, BLOCK_K) * BLOCK_K
+    is_int = a.dtype == torch.uint8
+    pa = _pack(a, grid, dp)
+    pb = pa if b is None else _pack(b, grid, dp)
+    smax = torch.zeros((n, m), dtype=torch.int64 if is_int else torch.float32, device=a.device)
+    if n and m:
+        launch = (triton.cdiv(n, BLOCK_M), triton.cdiv(m, BLOCK_N), grid[0] * grid[1])
+        _tile_sq_kernel[launch](
+            pa,
+            pb,
+            _norms(pa),
+            _norms(pb),
+            smax,
+            n,
+            m,
+            dp,
+            IS_INT=is_int,
+            SYMMETRIC=b is None,
+            SEGMENT=INT_SEGMENT,
+            BM=BLOCK_M,
+            BN=BLOCK_N,
+            BK=BLOCK_K,
+            PRECISION="tf32x3",
+        )
+    return smax, d
+
+
+def _finish(smax, n, m, d, is_int, symmetric, graph, scale, alpha, device):
+    words = math.ceil(m / 64)
+    if graph:
+        out = torch.zeros((n, words), dtype=torch.int64, device=device)
+    else:
+        out = torch.empty((n, m), dtype=torch.float32, device=device)
+    if n and m:
+        _finish_kernel[(triton.cdiv(n, BLOCK_M), words)](
+            smax,
+            out,
+            n,
+            m,
+            words,
+            d,
+            scale,
+            alpha,
+            IS_INT=is_int,
+            SYMMETRIC=symmetric,
+            GRAPH=graph,
+            BM=BLOCK_M,
+        )
+    return out.view(torch.uint64) if graph else out
+
+
+def distance_matrix(
+    a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int], scale: float = 1.0
+) -> torch.Tensor:
+    """Tiled L2 matrix. a: [N, C, H, W]; b: [M, C, H, W] or None (pairwise) -> [N, M] float32."""
+    smax, d = _smax(a, b, grid)
+    m = a.shape[0] if b is None else b.shape[0]
+    return _finish(smax, a.shape[0], m, d, a.dtype == torch.uint8, b is None, False, scale, 0.0, a.device)
+
+
+def distance_graph(
+    a: torch.Tensor, b: torch.Tensor | None, alpha: float, grid: tuple[int, int], scale: float = 1.0
+) -> torch.Tensor:
+    """Bitset of ``d <= alpha``. a: [N, C, H, W]; b: [M, C, H, W] or None -> uint64 [N, ceil(M/64)]."""
+    smax, d = _smax(a, b, grid)
+    m = a.shape[0] if b is None else b.shape[0]
+    return _finish(smax, a.shape[0], m, d, a.dtype == torch.uint8, b is None, True, scale, alpha, a.device)

@@ -1,0 +1,134 @@
+"""load_model: local directories, .safetensors files, loaded objects; clear errors for hub ids and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memcore.models import LoadedModel, load_model
+
+
+def _tiny_unet(**kw):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+    from diffusers import DDIMScheduler
+
+    d = tmp_path_factory.mktemp("unet")
+    _tiny_unet().save_pretrained(d)
+    DDIMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(d)
+    return d
+
+
+def test_unet_directory(unet_dir):
+    lm = load_model(unet_dir)
+    assert isinstance(lm, LoadedModel)
+    assert lm.kind == "unet" and not lm.latent and lm.vae is None
+    assert lm.sample_shape == (3, 8, 8) and lm.image_shape == (3, 8, 8)
+    assert type(lm.scheduler).__name__ == "DDIMScheduler"
+    assert lm.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert not lm.unet.training and not any(p.requires_grad for p in lm.unet.parameters())
+    ref = _tiny_unet()
+    for (k, a), (_, b) in zip(lm.unet.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_class_conditional_and_dtype(tmp_path):
+    _tiny_unet(num_class_embeds=5).save_pretrained(tmp_path)
+    lm = load_model(tmp_path, dtype=torch.float64)
+    assert lm.kind == "class_unet" and lm.num_classes == 5
+    assert lm.dtype == torch.float64
+    assert type(lm.scheduler).__name__ == "DDPMScheduler"  # no scheduler config: DDPM defaults
+
+
+def test_safetensors_file_with_config(unet_dir):
+    lm = load_model(unet_dir / "diffusion_pytorch_model.safetensors")
+    assert lm.kind == "unet"
+    assert torch.equal(
+        next(iter(lm.unet.state_dict().values())), next(iter(_tiny_unet().state_dict().values()))
+    )
+
+
+def test_loaded_objects():
+    from diffusers import DDIMPipeline, DDPMScheduler
+
+    lm = load_model(_tiny_unet())
+    assert lm.kind == "unet"
+    pipe = DDIMPipeline(_tiny_unet(), DDPMScheduler())
+    lm2 = load_model(pipe)
+    assert lm2.unet is pipe.unet and type(lm2.scheduler).__name__ == "DDIMScheduler"
+    assert load_model(lm2) is lm2
+
+
+def test_hub_id_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a local path; memcore never downloads"):
+        load_model("google/ddpm-cifar10-32")
+    with pytest.raises(ValueError, match="not a local path"):
+        load_model("CompVis/stable-diffusion-v1-4")
+
+
+def test_missing_paths(tmp_path, unet_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"neither model_index\.json"):
+        load_model(tmp_path)
+    d = tmp_path / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text((unet_dir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_model(d)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "w.safetensors").write_bytes((unet_dir / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"config\.json next to it"):
+        load_model(lone / "w.safetensors")
+    p = tmp_path / "pipe"
+    p.mkdir()
+    (p / "model_index.json").write_text(
+        json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]})
+    )
+    with pytest.raises(FileNotFoundError, match="unet"):
+        load_model(p)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "header"])
+def test_corrupt_safetensors(tmp_path, unet_dir, damage):
+    data = (unet_dir / "diffusion_pytorch_model.safetensors").read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = b"\x00" * 64 + data[64:]
+    else:
+        data = data[:8] + b"{not json" + data[17:]
+    (tmp_path / "config.json").write_text((unet_dir / "config.json").read_text())
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(data)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_model(tmp_path / "diffusion_pytorch_model.safetensors")
+
+
+def test_bad_arguments(unet_dir):
+    with pytest.raises(TypeError, match="dtype"):
+        load_model(unet_dir, dtype=torch.int32)
+    with pytest.raises(TypeError, match="cannot sample"):
+        load_model(object())
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        load_model(unet_dir / "config.json")

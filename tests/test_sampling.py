@@ -1,0 +1,452 @@
+"""The sampling engine against stock diffusers (parity mode, CPU), regeneration and step-noise invariance."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import memcore.sampling as ms
+from memcore.sampling import Sampler, SamplerConfig
+
+HAS_FUSED = importlib.util.find_spec("memcore.ops.step") is not None
+needs_fused = pytest.mark.skipif(not HAS_FUSED, reason="memcore.ops.step (the fused step) is not merged")
+
+
+def _unet(**kw):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        **kw,
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level alphabet: the tiny vocabulary must contain every byte symbol.
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def _tiny_tokenizer(max_len: int):
+    """An offline CLIP tokenizer: byte alphabet (+ end-of-word forms), three merges, the two specials."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("a", "b"), ("ab", "c</w>"), ("c", "a</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_len)
+
+
+@pytest.fixture(scope="module")
+def unet_pipe_dir(tmp_path_factory):
+    from diffusers import DDIMPipeline, DDPMScheduler
+
+    d = tmp_path_factory.mktemp("ddim_pipe")
+    DDIMPipeline(_unet(), DDPMScheduler()).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def class_unet_dir(tmp_path_factory):
+    from diffusers import DDPMScheduler
+
+    d = tmp_path_factory.mktemp("class_unet")
+    _unet(num_class_embeds=4).save_pretrained(d)
+    DDPMScheduler().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """A tiny random Stable-Diffusion-layout pipeline built from small configs and saved to disk."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    tok = _tiny_tokenizer(12)
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=515,
+            eos_token_id=516,
+            pad_token_id=516,
+            hidden_size=16,
+            intermediate_size=24,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=12,
+            vocab_size=517,
+        )
+    )
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    d = tmp_path_factory.mktemp("sd_pipe")
+    pipe.save_pretrained(d)
+    return d
+
+
+def _np_to_u8(images: np.ndarray) -> torch.Tensor:
+    """diffusers' numpy_to_pil conversion, as a [N, C, H, W] uint8 tensor."""
+    return torch.from_numpy((images * 255).round().astype("uint8")).permute(0, 3, 1, 2)
+
+
+def _gens(seeds):
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+# ------------------------------------------------------------------------------------ parity with diffusers
+def test_unconditional_parity_with_ddim_pipeline(unet_pipe_dir):
+    from diffusers import DDIMPipeline
+
+    seeds = [3, 1, 4, 1000, 2**35]
+    pipe = DDIMPipeline.from_pretrained(unet_pipe_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(batch_size=len(seeds), generator=_gens(seeds), num_inference_steps=50, output_type="np").images
+    s = Sampler(unet_pipe_dir, SamplerConfig(batch_size=len(seeds), step_backend="diffusers"), device="cpu")
+    unit = s.run_batch(seeds)
+    assert torch.equal(unit, torch.from_numpy(ref).permute(0, 3, 1, 2))  # bit-identical floats
+    out = ms.sample(unet_pipe_dir, seeds=seeds, device="cpu", step_backend="diffusers")
+    assert out.dtype == torch.uint8 and out.shape == (5, 3, 8, 8)
+    assert torch.equal(out, _np_to_u8(ref))
+
+
+def _class_reference(unet_dir, seeds, labels, steps):
+    """A hand loop written exactly as diffusers' DDIMPipeline, with class labels (no stock pipeline exists)."""
+    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+    scheduler = DDIMScheduler.from_pretrained(unet_dir, local_files_only=True)
+    image = randn_tensor(
+        (len(seeds), 3, 8, 8), generator=_gens(seeds), device=torch.device("cpu"), dtype=unet.dtype
+    )
+    scheduler.set_timesteps(steps)
+    class_labels = torch.tensor(labels)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_output = unet(image, t, class_labels=class_labels).sample
+            image = scheduler.step(model_output, t, image, eta=0.0, generator=_gens(seeds)).prev_sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return image.cpu().permute(0, 2, 3, 1).numpy()
+
+
+def test_class_conditional_parity_with_hand_loop(class_unet_dir):
+    seeds, labels = [11, 12, 13], [2, 0, 3]
+    ref = _class_reference(class_unet_dir, seeds, labels, 50)
+    out = ms.sample(class_unet_dir, seeds=seeds, conditions=labels, device="cpu", step_backend="diffusers")
+    assert torch.equal(out, _np_to_u8(ref))
+    unit = Sampler(class_unet_dir, SamplerConfig(batch_size=3, step_backend="diffusers")).run_batch(
+        seeds, labels
+    )
+    assert torch.equal(unit, torch.from_numpy(ref).permute(0, 3, 1, 2))
+
+
+def test_sd_pipeline_parity(sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    seeds = [5, 6, 7]
+    prompt = "a photo of abc"
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        prompt,
+        num_images_per_prompt=len(seeds),
+        generator=_gens(seeds),
+        num_inference_steps=50,
+        guidance_scale=7.5,
+        output_type="np",
+    ).images
+    s = Sampler(sd_dir, SamplerConfig(batch_size=3, step_backend="diffusers"), device="cpu")
+    assert s.model.kind == "sd_pipeline" and s.model.latent and s.model.vae_scale_factor == 2
+    assert s.model.image_shape == (3, 16, 16) and s.cfg_scale == 7.5
+    unit = s.run_batch(seeds, [prompt] * 3)
+    assert torch.equal(unit, torch.from_numpy(ref).permute(0, 3, 1, 2))
+    out = ms.sample(sd_dir, seeds=seeds, conditions=prompt, device="cpu", step_backend="diffusers")
+    assert torch.equal(out, _np_to_u8(ref))
+
+
+# ------------------------------------------------------------------------------- regeneration invariance
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_regenerate_alone_equals_inside_batch(unet_pipe_dir, eta):
+    s = Sampler(
+        unet_pipe_dir, SamplerConfig(num_inference_steps=20, batch_size=4, eta=eta, step_backend="diffusers")
+    )
+    batch = s.run_batch([21, 22, 23, 24])
+    for slot, seed in enumerate([21, 22, 23, 24]):
+        assert torch.equal(s.run_batch([seed])[0], batch[slot])
+    other = s.run_batch([99, 24, 98])  # different neighbours, different slot
+    assert torch.equal(other[1], batch[3])
+    # the micro-batch size is part of an image's identity (documented): batch 1 differs from padded batch 4
+    s1 = Sampler(
+        unet_pipe_dir, SamplerConfig(num_inference_steps=20, batch_size=1, eta=eta, step_backend="diffusers")
+    )
+    assert s1.run_batch([24]).shape == (1, 3, 8, 8)
+
+
+def test_step_noise_does_not_depend_on_batch(class_unet_dir):
+    # DDPM draws fresh noise every step: through diffusers' scheduler.step, fed by the (seed, step) Philox stream
+    cfg = SamplerConfig(num_inference_steps=10, batch_size=3, scheduler="ddpm", step_backend="diffusers")
+    s = Sampler(class_unet_dir, cfg)
+    a = s.run_batch([1, 2, 3], [0, 1, 2])
+    b = s.run_batch([2, 7], [1, 3])
+    assert torch.equal(a[1], b[0])
+    assert not torch.equal(a[0], a[1])
+    # eta = 1 DDIM differs from eta = 0 (the noise is really applied)
+    d0 = Sampler(
+        class_unet_dir, SamplerConfig(num_inference_steps=10, batch_size=3, step_backend="diffusers")
+    )
+    d1 = Sampler(
+        class_unet_dir, SamplerConfig(num_inference_steps=10, batch_size=3, eta=1.0, step_backend="diffusers")
+    )
+    assert not torch.equal(d0.run_batch([1], [0]), d1.run_batch([1], [0]))
+
+
+def test_sd_mixed_prompts_regenerate(sd_dir):
+    s = Sampler(sd_dir, SamplerConfig(num_inference_steps=8, batch_size=3, step_backend="diffusers"))
+    prompts = ["abc", "a photo", "ca"]
+    batch = s.run_batch([1, 2, 3], prompts)
+    assert torch.equal(s.run_batch([2], ["a photo"])[0], batch[1])
+    assert torch.equal(s.run_batch([4, 3], ["abc", "ca"])[1], batch[2])
+    assert not torch.equal(s.run_batch([1], ["ca"])[0], batch[0])  # the prompt matters
+
+
+# ---------------------------------------------------------------------------------------- streaming API
+def test_stream_batches(class_unet_dir):
+    consumed = []
+
+    def jobs():
+        for i in range(7):
+            consumed.append(i)
+            yield (100 + i % 2, i % 4, 50 + i)
+
+    it = ms.stream(class_unet_dir, jobs(), num_inference_steps=4, batch_size=3, step_backend="diffusers")
+    first = next(it)
+    assert len(consumed) == 3  # lazy: one micro-batch at a time
+    assert isinstance(first, ms.SampleBatch) and first.valid == 3
+    assert first.images_unit.shape == (3, 3, 8, 8) and first.images_unit.dtype == torch.float32
+    assert 0 <= first.images_unit.min() and first.images_unit.max() <= 1
+    assert torch.equal(first.images_u8, ms.to_uint8(first.images_unit))
+    assert first.seeds.tolist() == [50, 51, 52] and first.condition_ids.tolist() == [100, 101, 100]
+    rest = list(it)
+    assert [b.valid for b in rest] == [3, 1]
+    last = rest[-1]
+    assert last.seeds.tolist() == [56, -1, -1] and last.condition_ids.tolist() == [100, -1, -1]
+    # same images as sample() with the same micro-batch
+    allu8 = torch.cat([first.images_u8] + [b.images_u8[: b.valid] for b in rest])
+    ref = ms.sample(
+        class_unet_dir,
+        seeds=list(range(50, 57)),
+        conditions=[i % 4 for i in range(7)],
+        num_inference_steps=4,
+        batch_size=3,
+        step_backend="diffusers",
+    )
+    assert torch.equal(allu8, ref)
+
+
+# ------------------------------------------------------------------------------ other schedulers, errors
+def test_other_schedulers_through_reference_path(unet_pipe_dir):
+    for name in ("PNDMScheduler", "EulerAncestralDiscreteScheduler"):
+        with pytest.warns(UserWarning, match="not fused"):
+            s = Sampler(unet_pipe_dir, SamplerConfig(num_inference_steps=6, batch_size=2, scheduler=name))
+        assert s.step_backend == "diffusers"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = s.run_batch([1, 2])
+            b = s.run_batch([3, 2])
+        assert torch.isfinite(a).all()
+        assert torch.equal(a[1], b[1])  # stateful (PLMS) and stochastic (ancestral) samplers regenerate too
+
+
+def test_pndm_matches_stock_pipeline_loop(unet_pipe_dir):
+    """PLMS through the reference path equals diffusers' DDPMPipeline-style loop with a PNDM scheduler."""
+    from diffusers import PNDMScheduler, UNet2DModel
+    from diffusers.utils.torch_utils import randn_tensor
+
+    seeds = [8, 9]
+    unet = UNet2DModel.from_pretrained(unet_pipe_dir, subfolder="unet", local_files_only=True)
+    sched = PNDMScheduler.from_pretrained(unet_pipe_dir, subfolder="scheduler", local_files_only=True)
+    sched.set_timesteps(10)
+    x = randn_tensor((2, 3, 8, 8), generator=_gens(seeds), device=torch.device("cpu"), dtype=unet.dtype)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+    ref = (x / 2 + 0.5).clamp(0, 1)
+    with pytest.warns(UserWarning, match="not fused"):
+        s = Sampler(
+            unet_pipe_dir, SamplerConfig(num_inference_steps=10, batch_size=2, scheduler="PNDMScheduler")
+        )
+    assert torch.equal(s.run_batch(seeds), ref)
+
+
+def test_bad_inputs(unet_pipe_dir, class_unet_dir, sd_dir):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        Sampler(unet_pipe_dir, SamplerConfig(guidance_scale=3.0))
+    s = Sampler(class_unet_dir, SamplerConfig(num_inference_steps=2, batch_size=2, step_backend="diffusers"))
+    with pytest.raises(ValueError, match="class id"):
+        s.run_batch([1], [4])
+    with pytest.raises(TypeError, match="class ids"):
+        s.run_batch([1], ["cat"])
+    with pytest.raises(ValueError, match=r"1\.\.2 seeds"):
+        s.run_batch([1, 2, 3], [0, 0, 0])
+    with pytest.raises(ValueError, match="one per seed"):
+        ms.sample(s, seeds=[1, 2], conditions=[0, 1, 2])
+    with pytest.raises(ValueError, match="unconditional"):
+        ms.sample(unet_pipe_dir, seeds=[1], conditions=[0], num_inference_steps=2)
+    with pytest.raises(ValueError, match="not a local path"):
+        ms.sample("google/ddpm-cifar10-32", seeds=[0])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        SamplerConfig(num_inference_steps=0)
+    with pytest.raises(ValueError, match="mode"):
+        SamplerConfig(mode="fast")
+    with pytest.raises(ValueError, match="fused"):
+        SamplerConfig(mode="fp32", step_backend="diffusers")
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        Sampler(unet_pipe_dir, SamplerConfig(scheduler="NoSuchScheduler"))
+    with pytest.raises(ValueError, match="no fused step"):
+        Sampler(unet_pipe_dir, SamplerConfig(scheduler="PNDMScheduler", step_backend="fused"))
+    sd = Sampler(sd_dir, SamplerConfig(num_inference_steps=2, batch_size=1, step_backend="diffusers"))
+    with pytest.raises(TypeError, match="prompts"):
+        sd.run_batch([1], [3])
+    assert Sampler(sd_dir, SamplerConfig(guidance_scale=1.0, step_backend="diffusers")).cfg_scale is None
+    meta = json.loads((sd_dir / "model_index.json").read_text())
+    assert meta["safety_checker"] == [None, None]  # the loader skips absent components
+
+
+# ------------------------------------------------------------------------------------ fused step (merged)
+@needs_fused
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_fused_parity_equals_diffusers_path(class_unet_dir, eta):
+    kw = dict(num_inference_steps=20, batch_size=3, eta=eta, backend="reference")
+    fused = Sampler(class_unet_dir, SamplerConfig(step_backend="fused", **kw))
+    ref = Sampler(class_unet_dir, SamplerConfig(step_backend="diffusers", **kw))
+    assert fused.step_backend == "fused"
+    assert torch.equal(fused.run_batch([1, 2, 3], [0, 1, 2]), ref.run_batch([1, 2, 3], [0, 1, 2]))
+
+
+@needs_fused
+def test_fused_sd_parity_and_fp32(sd_dir):
+    kw = dict(num_inference_steps=10, batch_size=2)
+    fused = Sampler(sd_dir, SamplerConfig(step_backend="fused", **kw))
+    ref = Sampler(sd_dir, SamplerConfig(step_backend="diffusers", **kw))
+    a = fused.run_batch([1, 2], ["abc", "ca"])
+    assert torch.equal(a, ref.run_batch([1, 2], ["abc", "ca"]))
+    fp32 = Sampler(sd_dir, SamplerConfig(mode="fp32", **kw)).run_batch([1, 2], ["abc", "ca"])
+    torch.testing.assert_close(fp32, a, rtol=0, atol=1e-4)
+
+
+@needs_fused
+def test_fused_ddpm_regenerates(unet_pipe_dir):
+    s = Sampler(
+        unet_pipe_dir,
+        SamplerConfig(num_inference_steps=10, batch_size=3, scheduler="ddpm", step_backend="fused"),
+    )
+    assert torch.equal(s.run_batch([1, 2, 3])[2], s.run_batch([3])[0])
+
+
+# ----------------------------------------------------------------------------------------- CUDA (H100)
+@pytest.mark.cuda
+def test_cuda_parity_and_regeneration(unet_pipe_dir, sd_dir):
+    from diffusers import DDIMPipeline
+
+    torch.backends.cudnn.benchmark = False
+    seeds = [3, 1, 4, 1000]
+    pipe = DDIMPipeline.from_pretrained(unet_pipe_dir, local_files_only=True).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator("cuda").manual_seed(s) for s in seeds]
+    ref = pipe(batch_size=4, generator=gens, num_inference_steps=50, output_type="pt").images
+    s = Sampler(unet_pipe_dir, SamplerConfig(batch_size=4, step_backend="diffusers"), device="cuda")
+    unit = s.run_batch(seeds)
+    assert torch.equal(unit, ref.float())
+    assert torch.equal(s.run_batch([1000])[0], unit[3])
+    for dtype in (torch.bfloat16, torch.float16):
+        sd = Sampler(
+            sd_dir,
+            SamplerConfig(num_inference_steps=10, batch_size=3, mode="parity"),
+            device="cuda",
+            dtype=dtype,
+        )
+        batch = sd.run_batch([1, 2, 3], ["abc", "a photo", "ca"])
+        assert torch.equal(sd.run_batch([3], ["ca"])[0], batch[2])
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_cuda_graphs_equal_eager(class_unet_dir, sd_dir):
+    for path, conds in ((class_unet_dir, [0, 1, 3]), (sd_dir, ["abc", "ca", "a photo"])):
+        for dtype in (torch.float32, torch.bfloat16):
+            kw = dict(num_inference_steps=10, batch_size=3, eta=0.3, step_backend="fused")
+            g = Sampler(path, SamplerConfig(cuda_graphs=True, **kw), device="cuda", dtype=dtype)
+            e = Sampler(path, SamplerConfig(cuda_graphs=False, **kw), device="cuda", dtype=dtype)
+            assert g.use_graphs and not e.use_graphs
+            a = g.run_batch([1, 2, 3], conds)
+            assert torch.equal(a, e.run_batch([1, 2, 3], conds))
+            assert torch.equal(g.run_batch([2], conds[1:2])[0], a[1])  # replay with new inputs
