@@ -664,7 +664,7 @@ def iter_extract(
         for g in todo:
             total = n_nn if (run_nn and g == 0) else n
             for i in range(total):
-                yield (g, conds[g], config.seed_of(g, i))
+                yield (g, None if m.kind == "unet" else conds[g], config.seed_of(g, i))
 
     sampler = _make_sampler(m, config, device)
     slots = [_Slot(n, m.image_shape, device) for _ in range(config.slots)]
@@ -839,7 +839,7 @@ def _nn_images(nn, m, config, device, sampler, tr, images_dir, timer) -> NNExtra
     from memcore.report.images import save_pair
 
     sel = list(range(min(len(nn.seeds), config.max_nn_images)))
-    jobs = [(0, "", nn.seeds[i]) for i in sel]
+    jobs = [(0, None, nn.seeds[i]) for i in sel]
     paths: list[str | None] = [None] * len(nn.seeds)
     with timer.span("regenerate"):
         k = 0
