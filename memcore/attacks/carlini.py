@@ -284,7 +284,7 @@ def _load_model(model: Any, config: ExtractConfig, device: torch.device) -> _Mod
     if config.sampler == "reference":
         m = load_reference_model(model, device=device)
         if dtype != torch.float32:
-            m.unet.to(dtype)
+            (m.pipeline if m.pipeline is not None else m.unet).to(dtype=dtype)
         return _Model(m.kind, m.image_shape, m.num_classes, _identity(model), m, m.unet)
     from memcore.models.loading import load_model
 
