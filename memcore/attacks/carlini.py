@@ -779,6 +779,8 @@ def iter_extract(
                     e += 1
                 if g not in active and g not in filled:
                     if not free:
+                        if not pending:  # cannot happen with slots >= 2 (see the module docstring)
+                            raise RuntimeError(f"no free condition slot (slots={config.slots}); use slots >= 2")
                         yield from drain(block_one=True)
                     si = free.pop(0)
                     slots[si].cid, slots[si].cond, slots[si].count = g, conds[g], 0
