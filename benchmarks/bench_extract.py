@@ -145,9 +145,11 @@ def e2e(name, model, conditions, config, train, device, *, reference: bool) -> l
         paths.append(("reference", dataclasses.replace(config, sampler="reference", backend="reference")))
     times = {}
     for label, cfg in paths:
+        # warm-up (kernels, allocator, cuDNN autotune): one micro-batch worth of one condition
+        warm = dataclasses.replace(cfg, num_per_condition=cfg.micro_batch, nn_candidates=None)
         carlini.extract(
-            model, conditions, config=cfg, train=train, device=device, report=False
-        )  # warm-up run
+            model, conditions[:1] if conditions else None, config=warm, device=device, report=False
+        )
         _sync(device)
         t0 = time.perf_counter()
         res = carlini.extract(model, conditions, config=cfg, train=train, device=device, report=False)

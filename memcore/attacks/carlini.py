@@ -673,7 +673,9 @@ def iter_extract(
     pending: OrderedDict[int, int] = OrderedDict()  # condition id -> slot, clique running
     filled: set[int] = set()  # conditions whose N clique candidates are all in
     pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-clique")
-    bar = _progress(len(todo), progress)
+    n_jobs = sum(n_nn if (run_nn and g == 0) else n for g in todo)
+    bar = _progress(n_jobs, progress)
+    n_flagged = 0
 
     def clique_job(slot: _Slot, host_adj: torch.Tensor, event: Any) -> tuple[list[int], bool, float]:
         t0 = time.perf_counter()
@@ -684,6 +686,7 @@ def iter_extract(
         return members, exact, time.perf_counter() - t0
 
     def finalize(cid: int) -> ConditionResult:
+        nonlocal n_flagged
         si = pending.pop(cid)
         slot = slots[si]
         t0 = time.perf_counter()
@@ -734,8 +737,9 @@ def iter_extract(
         slot.future = None
         slot.cid = -1
         free.append(si)
-        if bar is not None:
-            bar.update(1)
+        if bar is not None and res.flagged:
+            n_flagged += 1
+            bar.set_postfix(flagged=n_flagged, refresh=False)
         return res
 
     def drain(block_one: bool) -> Iterator[ConditionResult]:
@@ -763,6 +767,8 @@ def iter_extract(
             timer.add("sample", time.perf_counter() - t0)
             b = imgs.shape[0]
             batch_jobs = [next(job_iter) for _ in range(b)]
+            if bar is not None:
+                bar.update(b)
             seen_rows += b
             if nn_state is not None:
                 sel = [r for r, (g, _, _) in enumerate(batch_jobs) if g == 0]
@@ -780,7 +786,9 @@ def iter_extract(
                 if g not in active and g not in filled:
                     if not free:
                         if not pending:  # cannot happen with slots >= 2 (see the module docstring)
-                            raise RuntimeError(f"no free condition slot (slots={config.slots}); use slots >= 2")
+                            raise RuntimeError(
+                                f"no free condition slot (slots={config.slots}); use slots >= 2"
+                            )
                         yield from drain(block_one=True)
                     si = free.pop(0)
                     slots[si].cid, slots[si].cond, slots[si].count = g, conds[g], 0
@@ -831,7 +839,7 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="cond", desc="conditions", dynamic_ncols=True)
+    return tqdm(total=total, unit="img", desc="candidates", dynamic_ncols=True, smoothing=0.05)
 
 
 def _nn_images(nn, m, config, device, sampler, tr, images_dir, timer) -> NNExtraction:

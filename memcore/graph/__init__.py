@@ -82,13 +82,19 @@ class CliqueSearch:
         if self.decision and self.min_size < 1:
             raise ValueError("the decision path needs min_size (k) >= 1")
         if self.node_budget is not None and (
-            isinstance(self.node_budget, bool) or not isinstance(self.node_budget, int) or self.node_budget < 0
+            isinstance(self.node_budget, bool)
+            or not isinstance(self.node_budget, int)
+            or self.node_budget < 0
         ):
             raise ValueError(f"node_budget must be None or an integer >= 0, got {self.node_budget!r}")
         if self.time_limit is not None and not (
-            isinstance(self.time_limit, (int, float)) and math.isfinite(self.time_limit) and self.time_limit > 0
+            isinstance(self.time_limit, (int, float))
+            and math.isfinite(self.time_limit)
+            and self.time_limit > 0
         ):
-            raise ValueError(f"time_limit must be None or a positive number of seconds, got {self.time_limit!r}")
+            raise ValueError(
+                f"time_limit must be None or a positive number of seconds, got {self.time_limit!r}"
+            )
 
     def _native_args(self) -> dict:
         return {

@@ -46,7 +46,9 @@ def to_bitset(adjacency: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
     if not isinstance(adjacency, torch.Tensor):
         raise TypeError(f"adjacency must be a torch.Tensor, got {type(adjacency).__name__}")
     if adjacency.dim() != 2:
-        raise ValueError(f"adjacency must be 2-D ([N, ceil(N/64)] uint64 or [N, N] bool), got {adjacency.dim()}-D")
+        raise ValueError(
+            f"adjacency must be 2-D ([N, ceil(N/64)] uint64 or [N, N] bool), got {adjacency.dim()}-D"
+        )
     n = adjacency.shape[0]
     if adjacency.dtype == torch.bool:
         if adjacency.shape[1] != n:
@@ -171,5 +173,7 @@ def threshold(dist: torch.Tensor, alpha: float, *, backend: str = "auto") -> tor
     n = dist.shape[0]
     out = torch.empty((n, _words(n)), dtype=torch.uint64)
     if n:
-        _native.family("clique").threshold(_native.ptr(dist), _native.dtype_code(dist), n, alpha, _native.ptr(out))
+        _native.family("clique").threshold(
+            _native.ptr(dist), _native.dtype_code(dist), n, alpha, _native.ptr(out)
+        )
     return out

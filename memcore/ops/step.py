@@ -357,7 +357,9 @@ def _prepare(
     noise_needed: bool,
 ) -> tuple:
     if not isinstance(plan, StepPlan):
-        raise TypeError(f"plan must be a StepPlan (memcore.sampling.schedule.make_plan), got {type(plan).__name__}")
+        raise TypeError(
+            f"plan must be a StepPlan (memcore.sampling.schedule.make_plan), got {type(plan).__name__}"
+        )
     if not isinstance(config, StepConfig):
         raise TypeError(f"config must be a StepConfig, got {type(config).__name__}")
     if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
@@ -388,7 +390,9 @@ def _prepare(
     if cls:
         _check_tensor("classifier_grad", classifier_grad, shape, dev)
         if config.prediction_type != "epsilon":
-            raise ValueError("classifier guidance (eps - lambda sqrt(1 - abar) grad) needs prediction_type epsilon")
+            raise ValueError(
+                "classifier guidance (eps - lambda sqrt(1 - abar) grad) needs prediction_type epsilon"
+            )
         if not math.isfinite(float(classifier_scale)):
             raise ValueError(f"classifier_scale must be finite, got {classifier_scale}")
         classifier_grad = classifier_grad.to(sample.dtype).contiguous()
@@ -461,7 +465,9 @@ def fused_step(
     if isinstance(step_index, bool) or not isinstance(step_index, int):
         raise TypeError(f"step_index must be an int, got {type(step_index).__name__}")
     if not isinstance(plan, StepPlan):
-        raise TypeError(f"plan must be a StepPlan (memcore.sampling.schedule.make_plan), got {type(plan).__name__}")
+        raise TypeError(
+            f"plan must be a StepPlan (memcore.sampling.schedule.make_plan), got {type(plan).__name__}"
+        )
     if not 0 <= step_index < len(plan.timesteps):
         raise ValueError(f"step_index {step_index} out of range for a plan of {len(plan.timesteps)} steps")
     cfg, cls, classifier_grad, noise = _prepare(
@@ -507,7 +513,11 @@ def _launch(
         plan, config, float(classifier_scale) if cls else 0.0, sample.dtype, sample.device
     )
     flags = _flags(plan, config, cfg, rescale, cls, sample.device)
-    scalars = [float(guidance_scale) if cfg else 0.0, float(config.guidance_rescale), float(config.clip_sample_range)]
+    scalars = [
+        float(guidance_scale) if cfg else 0.0,
+        float(config.guidance_rescale),
+        float(config.clip_sample_range),
+    ]
     return fused_step_op(
         sample.contiguous(),
         model_output.contiguous(),
@@ -550,7 +560,11 @@ def fused_step_graphable(
     Returns:
         [B, C, H, W] prev_sample in the storage dtype.
     """
-    if not isinstance(step_tensor, torch.Tensor) or step_tensor.dtype != torch.int64 or step_tensor.numel() != 1:
+    if (
+        not isinstance(step_tensor, torch.Tensor)
+        or step_tensor.dtype != torch.int64
+        or step_tensor.numel() != 1
+    ):
         raise TypeError("step_tensor must be a one-element int64 tensor")
     cfg, cls, classifier_grad, noise = _prepare(
         sample,

@@ -133,7 +133,12 @@ def reference_step(
     )
     if plan.kind == "ddim":
         out = sched.step(
-            eps, t, sample, eta=config.eta, variance_noise=noise if config.eta > 0 else None, return_dict=False
+            eps,
+            t,
+            sample,
+            eta=config.eta,
+            variance_noise=noise if config.eta > 0 else None,
+            return_dict=False,
         )
         return out[0]
     with _ddpm_noise(noise):
