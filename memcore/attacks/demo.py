@@ -93,7 +93,7 @@ def run_demo(
     train = ts.images  # the 1,797 unique digits: indices refer to them
     planted = dict(zip(ts.planted_classes, ts.planted))
     t0 = time.perf_counter()
-    cfg = carlini.ExtractConfig(num_per_condition=n, backend=backend, sampler=sampler, batch_size=min(n, 50))
+    cfg = carlini.ExtractConfig(num_per_condition=n, backend=backend, sampler=sampler, batch_size=min(n, 100))
     cond = carlini.extract(
         demo_model_dir("cond"),
         list(range(10)),
