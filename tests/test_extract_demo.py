@@ -55,7 +55,7 @@ def test_planted_digits_flagged_and_verified(cond_run):
 
 
 def test_reference_path_agrees_on_flagged_set(cond_run):
-    res, planted, others, cfg, d, ts, conds = cond_run
+    res, _, _, cfg, d, ts, conds = cond_run
     # the reference path (diffusers loop + naive torch distances + networkx) on the first two conditions:
     # same positions, hence the same seeds
     ref_cfg = dataclasses.replace(cfg, sampler="reference", backend="reference")
