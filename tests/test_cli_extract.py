@@ -182,3 +182,26 @@ def test_help_lists_defaults(capsys):
 
 def test_torch_threads_untouched():
     assert torch.get_num_threads() >= 1
+
+
+def test_profile_writes_stage_costs(model_dir, tmp_path, capsys):
+    a = args(model_dir, tmp_path / "p")
+    a[0] = "profile"
+    a = [x for x in a if x != "--no-progress"] + ["--calib-conditions", "1", "--calib-n", "6"]
+    assert main(a) == 0
+    prof = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert prof["calibration"]["conditions"] == 1 and prof["throughput_images_per_s"] > 0
+    assert "sample" in prof["shares"] and 0 <= prof["outside_sampling_share"] < 1
+    assert prof["projection"]["candidates"] == 36 and "measured" in prof["projection"]["basis"]
+    assert "projected GPU-hours" in capsys.readouterr().out
+
+
+def test_report_and_bench_commands(model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(args(model_dir, out, "--no-report")) == 0
+    assert not (out / "report.html").exists()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").is_file()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
