@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tolerances import tol
 
 import memcore.sampling as ms
 from memcore.sampling import Sampler, SamplerConfig
@@ -383,13 +384,16 @@ def test_bad_inputs(unet_pipe_dir, class_unet_dir, sd_dir):
 
 # ------------------------------------------------------------------------------------ fused step (merged)
 @needs_fused
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_fused_parity_equals_diffusers_path(class_unet_dir, eta):
-    kw = dict(num_inference_steps=20, batch_size=3, eta=eta, backend="reference")
+def test_fused_parity_equals_diffusers_path(class_unet_dir, eta, backend):
+    kw = dict(num_inference_steps=20, batch_size=3, eta=eta, backend=backend)
     fused = Sampler(class_unet_dir, SamplerConfig(step_backend="fused", **kw))
     ref = Sampler(class_unet_dir, SamplerConfig(step_backend="diffusers", **kw))
     assert fused.step_backend == "fused"
-    assert torch.equal(fused.run_batch([1, 2, 3], [0, 1, 2]), ref.run_batch([1, 2, 3], [0, 1, 2]))
+    a = fused.run_batch([1, 2, 3], [0, 1, 2])
+    assert torch.equal(a, ref.run_batch([1, 2, 3], [0, 1, 2]))
+    assert torch.equal(fused.run_batch([3], [2])[0], a[2])
 
 
 @needs_fused
@@ -400,7 +404,19 @@ def test_fused_sd_parity_and_fp32(sd_dir):
     a = fused.run_batch([1, 2], ["abc", "ca"])
     assert torch.equal(a, ref.run_batch([1, 2], ["abc", "ca"]))
     fp32 = Sampler(sd_dir, SamplerConfig(mode="fp32", **kw)).run_batch([1, 2], ["abc", "ca"])
-    torch.testing.assert_close(fp32, a, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fp32, a, **tol("sample_fp32_vs_parity", torch.float32))
+
+
+@needs_fused
+def test_fused_default_sample_equals_stock(unet_pipe_dir):
+    from diffusers import DDIMPipeline
+
+    seeds = [3, 1, 4]
+    pipe = DDIMPipeline.from_pretrained(unet_pipe_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(batch_size=3, generator=_gens(seeds), num_inference_steps=50, output_type="np").images
+    out = ms.sample(unet_pipe_dir, seeds=seeds, device="cpu")  # auto: the fused step
+    assert torch.equal(out, _np_to_u8(ref))
 
 
 @needs_fused

@@ -21,15 +21,17 @@ if TYPE_CHECKING:
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float):
-    """diffusers' ``rescale_noise_cfg`` (arXiv 2305.08891 §3.4), imported from diffusers when present."""
-    try:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as f
-    except ImportError:  # pragma: no cover - same code, kept for a diffusers without the SD pipeline
-        std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
-        std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
-        rescaled = noise_cfg * (std_text / std_cfg)
-        return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
-    return f(noise_cfg, noise_pred_text, guidance_rescale=guidance_rescale)
+    """diffusers' ``rescale_noise_cfg`` (pipeline_stable_diffusion.py; arXiv 2305.08891 §3.4), verbatim.
+
+    Copied rather than imported: importing it pulls in the Stable Diffusion pipeline and transformers.
+    """
+    std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
+    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
+    # rescale the results from guidance (fixes overexposure)
+    noise_pred_rescaled = noise_cfg * (std_text / std_cfg)
+    # mix with the original results from guidance by factor guidance_rescale to avoid "plain looking" images
+    noise_cfg = guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
+    return noise_cfg
 
 
 def guided_model_output(

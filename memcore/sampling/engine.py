@@ -268,21 +268,42 @@ class Sampler:
                 f"{self.scheduler_name} is not fused: it runs through diffusers' scheduler.step (the reference path)",
                 stacklevel=2,
             )
-        self.step_backend = sb
         self.needs_step_noise = self.scheduler_name == "DDPMScheduler" or (
             self.scheduler_name == "DDIMScheduler" and float(config.eta) > 0
         )
+        self.plan = None
+        self.kernel_backend: str | None = None
         if sb == "fused":
-            from memcore.ops.step import StepConfig
             from memcore.sampling.schedule import make_plan
 
-            self.plan = make_plan(sched, config.num_inference_steps)
+            try:
+                self.plan = make_plan(sched, config.num_inference_steps)
+            except ValueError as exc:
+                if config.step_backend == "fused" or config.mode == "fp32":
+                    raise
+                # e.g. thresholding or an unsupported timestep_spacing: diffusers runs it, unfused
+                warnings.warn(
+                    f"{self.scheduler_name} config is not fused ({exc}); using diffusers' step", stacklevel=2
+                )
+                sb = "diffusers"
+        self.step_backend = sb
+        if sb == "fused":
+            from memcore.ops import _backend
+            from memcore.ops.step import StepConfig
+
             self.step_config = StepConfig.from_scheduler(
                 sched,
-                eta=float(config.eta),
+                eta=float(config.eta) if self.scheduler_name == "DDIMScheduler" else 0.0,  # DDPM has no eta
                 mode=config.mode,
                 guidance_rescale=float(config.guidance_rescale),
             )
+            self.kernel_backend = _backend.resolve(config.backend, self.device, cuda_order=("cuda", "triton"))
+            # Step indices as tensors for fused_step_graphable (the kernel reads the step on its device, so the
+            # eager loop needs no host round trip either); the reference backend takes a Python int.
+            step_dev = torch.device("cpu") if self.kernel_backend == "cpu" else self.device
+            self.step_tensors = [
+                torch.full((), i, dtype=torch.int64, device=step_dev) for i in range(len(self.timesteps))
+            ]
 
         # Throughput options (the model is shared: these change it in place).
         unet = lm.unet
@@ -303,8 +324,13 @@ class Sampler:
                 unet = fused
         self.unet = unet
         self.unet_fn = torch.compile(unet, dynamic=False) if config.compile else unet
-        self.use_graphs = bool(config.cuda_graphs) and self.device.type == "cuda" and sb == "fused"
-        self._graphs: list[Any] | None = None
+        self.use_graphs = (
+            bool(config.cuda_graphs)
+            and self.device.type == "cuda"
+            and sb == "fused"
+            and self.kernel_backend in ("cuda", "triton")
+        )
+        self._graph: Any = None
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._uncond: torch.Tensor | None = None
 
@@ -389,6 +415,7 @@ class Sampler:
         model_output: torch.Tensor,
         step_index: int,
         seeds: torch.Tensor,
+        step_tensor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One sampler step ``x_t -> x_{t-1}``, fused or through diffusers.
 
@@ -398,29 +425,27 @@ class Sampler:
             model_output: ``[B, C, H, W]``, or ``[2B, C, H, W]`` = UNet(cat([uncond, cond])) with CFG.
             step_index: index into the schedule.
             seeds: ``[B]`` int64 on the device, keys of the step noise.
+            step_tensor: the step index as a 0-d int64 tensor (fused kernel backends; inside a CUDA graph it
+                is the buffer the host rewrites between replays). None: ``self.step_tensors[step_index]``.
 
         Returns:
             ``[B, C, H, W]`` the previous sample.
         """
         cfg = self.config
         if self.step_backend == "fused":
-            from memcore.ops.step import fused_step
+            from memcore.ops.step import fused_step, fused_step_graphable
 
+            kb = self.kernel_backend
+            if step_tensor is None and kb != "reference":
+                step_tensor = self.step_tensors[step_index]
             noise = None
             if self.needs_step_noise:
-                noise = step_noise(
-                    seeds, step_index, sample.shape[1:], device=sample.device, dtype=sample.dtype
-                )
-            return fused_step(
-                sample,
-                model_output,
-                self.plan,
-                step_index,
-                self.step_config,
-                guidance_scale=self.cfg_scale,
-                noise=noise,
-                backend=cfg.backend,
-            )
+                key = step_index if step_tensor is None else step_tensor.to(sample.device)
+                noise = step_noise(seeds, key, sample.shape[1:], device=sample.device, dtype=sample.dtype)
+            kw = {"guidance_scale": self.cfg_scale, "noise": noise, "backend": kb}
+            if kb == "reference":
+                return fused_step(sample, model_output, self.plan, step_index, self.step_config, **kw)
+            return fused_step_graphable(sample, model_output, self.plan, step_tensor, self.step_config, **kw)
         if self.cfg_scale is not None:
             # StableDiffusionPipeline's combine, op for op (same rounding)
             noise_pred_uncond, noise_pred_text = model_output.chunk(2)
@@ -454,43 +479,47 @@ class Sampler:
         return x
 
     def _capture(self, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        """Capture UNet forward + fused step for every step index into CUDA graphs sharing one memory pool.
+        """Capture UNet forward + fused step into one CUDA graph that serves every step index.
 
-        The graphs read ``self._gx`` (sample), ``self._gseeds`` and the condition buffers, and write the next
-        sample back into ``self._gx``; replaying them in order runs the whole loop without the host.
+        The graph reads the sample ``self._gx``, the timestep ``self._gt`` and step index ``self._gstep`` (0-d
+        device tensors: the UNet's time embedding, the step kernel's coefficient row and the Philox counter
+        all come from them), the seeds and the condition buffers, and writes the next sample back into
+        ``self._gx``. Between replays the host only enqueues two tiny device-side writes, so the loop never
+        synchronises.
         """
         self._gx = x.clone()
         self._gseeds = seeds.clone()
         self._gkw = {k: v.clone() for k, v in kwargs.items()}
+        self._gt = self.t_device[0].clone()
+        self._gstep = torch.zeros((), dtype=torch.int64, device=self.device)
+
+        def body() -> None:
+            out = self._unet(self._gx, self._gt, self._gkw)
+            new = self._apply_step(None, self._gx, out, 0, self._gseeds, step_tensor=self._gstep)
+            self._gx.copy_(new)
+
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: lazy inits, cuBLAS handles, autotuning (compile)
+        with torch.cuda.stream(side):  # warm-up: lazy inits, cuBLAS handles, cached step tables, compile
             for _ in range(2):
-                out = self._unet(self._gx, self.t_device[0], self._gkw)
-                self._apply_step(None, self._gx, out, 0, self._gseeds)
+                body()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graphs = []
-        pool = None
-        for i in range(len(self.timesteps)):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = self._unet(self._gx, self.t_device[i], self._gkw)
-                new = self._apply_step(None, self._gx, out, i, self._gseeds)
-                self._gx.copy_(new)
-            del out, new
-            pool = g.pool()
-            graphs.append(g)
-        self._graphs = graphs
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        self._graph = g
 
     def _denoise_graphs(self, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        if self._graphs is None:
+        if self._graph is None:
             self._capture(x, seeds, kwargs)
         self._gx.copy_(x)
         self._gseeds.copy_(seeds)
         for k, v in kwargs.items():
             self._gkw[k].copy_(v)
-        for g in self._graphs:
-            g.replay()
+        for i in range(len(self.timesteps)):
+            self._gt.copy_(self.t_device[i])
+            self._gstep.fill_(i)
+            self._graph.replay()
         return self._gx.clone()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
