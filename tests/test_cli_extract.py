@@ -205,3 +205,19 @@ def test_report_and_bench_commands(model_dir, tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_non_utf8_prompts_and_corrupt_train(model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"a prompt\n\xff\xfe not utf-8\n")
+    a = args(model_dir, out)
+    a[a.index("--classes") : a.index("--classes") + 2] = ["--prompts", str(bad)]
+    assert main(a) == 2
+    err = capsys.readouterr().err
+    assert "memcore: error:" in err and err.strip().count("\n") == 0
+    corrupt = tmp_path / "t.npy"
+    corrupt.write_bytes(b"\x93NUMPY garbage")
+    assert main(args(model_dir, out, "--train", str(corrupt))) == 2
+    assert "memcore: error:" in capsys.readouterr().err
+    assert not out.exists()

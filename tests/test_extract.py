@@ -243,3 +243,54 @@ def test_streaming_iterator_yields_records(class_model):
     assert [r.condition_id for r in got] == [0, 1] and [r.condition for r in got] == [2, 0]
     assert all(isinstance(r, carlini.ConditionResult) for r in got)
     assert dataclasses.asdict(got[0]) == got[0].to_record()
+
+
+def tiny_sd_pipeline():
+    """A tiny random Stable-Diffusion-layout pipeline (same recipe as tests/test_sampling.py)."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_sampling import _tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=515, eos_token_id=516, pad_token_id=516, hidden_size=16, intermediate_size=24,
+            num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=12, vocab_size=517,
+        )
+    )  # fmt: skip
+    sched = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=te, tokenizer=_tiny_tokenizer(12), scheduler=sched, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def test_text_model_with_cfg_engine_equals_reference_path(tmp_path):
+    pipe = tiny_sd_pipeline()
+    prompts = ["abc", "ca ab"]
+    config = cfg(
+        num_per_condition=6, num_inference_steps=2, batch_size=3, grid=(4, 4), alpha=0.1, min_clique=2
+    )
+    a = carlini.extract(pipe, prompts, config=config, out=tmp_path, device="cpu")
+    b = carlini.extract(pipe, prompts, config=dataclasses.replace(config, sampler="reference"), device="cpu")
+    assert [r.to_record() for r in a.conditions] == [r.to_record() for r in b.conditions]
+    assert a.summary["params"]["guidance_scale"] == 7.5 and a.conditions[1].condition == "ca ab"
+    with pytest.raises(ValueError, match="not a prompt"):
+        carlini.extract(pipe, [3], config=config, device="cpu")
