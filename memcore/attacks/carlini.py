@@ -409,21 +409,6 @@ def _max_clique(adj_cpu: torch.Tensor, config: ExtractConfig) -> tuple[list[int]
     return [int(m) for m in res.members.tolist()], bool(res.exact)
 
 
-def _clique_stats(
-    images: torch.Tensor, members: list[int], config: ExtractConfig
-) -> tuple[int, float | None]:
-    """(medoid position in ``members``, mean pairwise tiled L2) from the distances among the members."""
-    if len(members) == 1:
-        return 0, None
-    from memcore.distance import tiled_l2
-    from memcore.graph import clique_stats
-
-    idx = torch.as_tensor(members, device=images.device)
-    d = tiled_l2(images[idx], grid=config.grid, backend=config.backend, check_finite=False)
-    st = clique_stats(d)
-    return st.medoid_position, st.mean_distance
-
-
 # ------------------------------------------------------------------------------------------ training data
 class _Train:
     """Training images on the device, with verification (SPEC §2.5) and the k-NN of SPEC §3."""
@@ -434,15 +419,6 @@ class _Train:
 
     def __len__(self) -> int:
         return self.images.shape[0]
-
-    def verify(self, q: torch.Tensor, delta: float) -> tuple[int, float, int]:
-        """Nearest training image of ``q`` [1, C, H, W] by normalized L2, its distance, and the eidetic count."""
-        from memcore.distance import l2
-
-        d = l2(q, self.images, backend=self.backend, check_finite=False)[0]
-        j = torch.argmin(d)
-        res = torch.stack([j.to(torch.float64), d[j].double(), (d <= delta).sum().double()]).tolist()
-        return int(res[0]), float(res[1]), int(res[2])
 
     def knn(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         from memcore.distance import knn
@@ -464,17 +440,18 @@ class _NNState:
         ratio = d[:, 0] / (alpha * d.mean(1))
         ratio = torch.where(torch.isnan(ratio), torch.zeros_like(ratio), ratio)  # 0/0: an exact copy
         j = idx[:, 0]
+        big = torch.iinfo(torch.int64).max
         old = self.ratio.clone()
         self.ratio.scatter_reduce_(0, j, ratio, "amin")
-        # the smallest seed among the candidates that reach the (new) best ratio of their training image
+        # the smallest seed among the candidates that reach the (new) best ratio of their training image;
+        # masked with torch.where, not boolean indexing, so that nothing here waits for the device
         hit = ratio == self.ratio[j]
-        cand = torch.full_like(self.seed, torch.iinfo(torch.int64).max)
-        cand.scatter_reduce_(0, j[hit], seeds[hit], "amin")
+        cand = torch.full_like(self.seed, big)
+        cand.scatter_reduce_(0, j, torch.where(hit, seeds, big), "amin")
         take = (self.ratio < old) | ((self.ratio == old) & (cand < self.seed))
+        chosen = hit & (seeds == cand[j])  # same ratio and seed: the candidate that was taken
         cdist = torch.full_like(self.dist, math.inf)
-        # distance of the chosen candidate: same ratio & seed -> the same candidate
-        chosen = hit & (seeds == cand[j])
-        cdist.scatter_reduce_(0, j[chosen], d[chosen, 0], "amin")
+        cdist.scatter_reduce_(0, j, torch.where(chosen, d[:, 0], math.inf), "amin")
         self.seed = torch.where(take, cand, self.seed)
         self.dist = torch.where(take, cdist, self.dist)
         self.count += imgs.shape[0]
@@ -492,6 +469,71 @@ class _NNState:
             k,
             alpha,
         )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a host sync (pinned staging + non_blocking on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _to_host(ts: list[torch.Tensor | None], device: torch.device) -> tuple[list[torch.Tensor | None], Any]:
+    """Start device -> host copies (pinned, non_blocking) and return them with an event to wait on."""
+    if device.type != "cuda":
+        return [None if t is None else t.cpu() for t in ts], None
+    out = []
+    for t in ts:
+        if t is None:
+            out.append(None)
+            continue
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        out.append(h)
+    ev = torch.cuda.Event()
+    ev.record()
+    return out, ev
+
+
+def _condition_stats(
+    buf: torch.Tensor, members: list[int], tr: _Train | None, config: ExtractConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Device work of SPEC §2 steps 4–5 for one condition, with no host sync.
+
+    Args:
+        buf: [N, C, H, W] the condition's candidates.
+        members: the clique (sorted candidate indices, at least one).
+
+    Returns:
+        (scalars [6] float64: medoid position in ``members``, mean pairwise tiled L2 (0 for one member),
+        nearest training index, its normalized L2, eidetic count, extracted flag — the last four 0 without
+        training data), the medoid image [1, C, H, W], the nearest training image [1, C, H, W] or None.
+    """
+    from memcore.distance import l2, tiled_l2
+
+    k = len(members)
+    idx = _to_device(torch.tensor(members, dtype=torch.int64), device)
+    sub = buf.index_select(0, idx)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    if k > 1:
+        d = tiled_l2(sub, grid=config.grid, backend=config.backend, check_finite=False).double()
+        pos = torch.argmin(d.sum(1))  # least summed distance; the first on ties
+        mean = d.sum() / (k * (k - 1))
+    else:
+        pos, mean = torch.zeros((), dtype=torch.int64, device=device), zero
+    med = sub.index_select(0, pos.view(1))
+    j = dist = cnt = ext = zero
+    match = None
+    if tr is not None:
+        dtr = l2(med, tr.images, backend=tr.backend, check_finite=False)[0]
+        j = torch.argmin(dtr)
+        dj = dtr.gather(0, j.view(1))[0]
+        # the comparisons in float32, as on the distance matrix: extracted and eidetic count agree
+        ext, cnt, dist = (dj <= config.delta).double(), (dtr <= config.delta).sum().double(), dj.double()
+        match = tr.images.index_select(0, j.view(1))
+        j = j.double()
+    scal = torch.stack([pos.double(), mean.double(), j, dist, cnt, ext])
+    return scal, med, match
 
 
 # ----------------------------------------------------------------------------------------------- the engine
@@ -677,16 +719,21 @@ def iter_extract(
     bar = _progress(n_jobs, progress)
     n_flagged = 0
 
-    def clique_job(slot: _Slot, host_adj: torch.Tensor, event: Any) -> tuple[list[int], bool, float]:
+    def clique_job(host_adj: torch.Tensor, event: Any) -> tuple[list[int], bool, float]:
         t0 = time.perf_counter()
         if event is not None:
-            event.synchronize()
+            event.synchronize()  # the host copy of the bitset has landed (waits in this thread only)
         with stage("clique"):
             members, exact = _max_clique(host_adj, config)
         return members, exact, time.perf_counter() - t0
 
-    def finalize(cid: int) -> ConditionResult:
-        nonlocal n_flagged
+    reader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-read")
+    reading: OrderedDict[int, cf.Future] = OrderedDict()  # condition id -> result being read back
+
+    def launch(cid: int) -> None:
+        """Enqueue the device work of a condition whose clique is known (medoid, mean distance,
+        verification), start its host copy, free its slot, and hand the read-back to the reader thread:
+        the main thread never waits for the device here, so sampling of later conditions stays queued."""
         si = pending.pop(cid)
         slot = slots[si]
         t0 = time.perf_counter()
@@ -694,11 +741,22 @@ def iter_extract(
         timer.add("clique_wait", time.perf_counter() - t0)
         timer.add("clique", t_clique)
         with timer.span("clique_stats"):
-            pos, mean = _clique_stats(slot.buf, members, config)
-        medoid = members[pos]
+            scal, med, match = _condition_stats(slot.buf, members, tr, config, device)
+        host, ev = _to_host([scal, med, match], device)
+        slot.future = None
+        slot.cid = -1
+        free.append(si)  # later writes to the slot are queued after the reads above (stream order)
+        reading[cid] = reader.submit(read_job, cid, slot.cond, members, exact, host, ev)
+
+    def read_job(cid, cond, members, exact, host, ev) -> ConditionResult:
+        if ev is not None:
+            ev.synchronize()
+        scal, med, match = host
+        pos, mean, j, dist, cnt, ext = scal.tolist()
+        medoid = members[int(pos)]
         res = ConditionResult(
             condition_id=cid,
-            condition=slot.cond,
+            condition=cond,
             flagged=len(members) >= config.min_clique,
             clique_size=len(members),
             clique_exact=exact,
@@ -706,55 +764,66 @@ def iter_extract(
             clique_seeds=tuple(config.seed_of(cid, i) for i in members),
             medoid_index=medoid,
             medoid_seed=config.seed_of(cid, medoid),
-            mean_clique_distance=mean,
+            mean_clique_distance=mean if len(members) > 1 else None,
             num_candidates=n,
         )
-        match = None
         if tr is not None:
-            with timer.span("verify"):
-                j, dist, eid = tr.verify(slot.buf[medoid : medoid + 1], config.delta)
             res = dataclasses.replace(
-                res,
-                nearest_train_index=j,
-                nearest_train_distance=dist,
-                extracted=dist <= config.delta,
-                eidetic_count=eid,
-            )
-            match = tr.images[j]
+                res, nearest_train_index=int(j), nearest_train_distance=dist, extracted=bool(ext),
+                eidetic_count=int(cnt),
+            )  # fmt: skip
         want_png = config.save_images == "all" or (
             config.save_images == "flagged" and (res.flagged or res.extracted)
         )
         if images_dir is not None and want_png:
-            with timer.span("write"):
-                from memcore.report.images import save_pair
+            t0 = time.perf_counter()
+            from memcore.report.images import save_pair
 
-                rel = f"images/cond{cid:06d}_seed{res.medoid_seed}.png"
-                save_pair(images_dir.parent / rel, slot.buf[medoid], match)
+            rel = f"images/cond{cid:06d}_seed{res.medoid_seed}.png"
+            save_pair(images_dir.parent / rel, med[0], None if match is None else match[0])
             res = dataclasses.replace(res, image=rel)
-        if rd is not None and cid not in done:
+            timer.add("write", time.perf_counter() - t0)
+        return res
+
+    def emit(res: ConditionResult) -> ConditionResult:
+        nonlocal n_flagged
+        if rd is not None and res.condition_id not in done:
             with timer.span("write"):
                 rd.append(res.to_record())
-        slot.future = None
-        slot.cid = -1
-        free.append(si)
         if bar is not None and res.flagged:
             n_flagged += 1
             bar.set_postfix(flagged=n_flagged, refresh=False)
         return res
 
     def drain(block_one: bool) -> Iterator[ConditionResult]:
-        # finalize in condition order: a deterministic record order for one process
+        """Launch the conditions whose clique is done (``block_one``: wait for the oldest, to free a slot),
+        then yield finished records in condition order (deterministic record order for one process)."""
         while pending:
             cid, si = next(iter(pending.items()))
             if not block_one and not slots[si].future.done():
-                return
+                break
             block_one = False
-            yield finalize(cid)
+            launch(cid)
+        while reading:
+            cid, fut = next(iter(reading.items()))
+            if not fut.done():
+                break
+            reading.pop(cid)
+            yield emit(fut.result())
+
+    def flush() -> Iterator[ConditionResult]:
+        while pending:
+            launch(next(iter(pending)))
+        while reading:
+            _, fut = reading.popitem(last=False)
+            t0 = time.perf_counter()
+            res = fut.result()
+            timer.add("read_wait", time.perf_counter() - t0)
+            yield emit(res)
 
     try:
         it = iter(sampler(jobs()))
         job_iter = jobs()
-        seen_rows = 0
         while True:
             t0 = time.perf_counter()
             with stage("sample"):
@@ -769,14 +838,13 @@ def iter_extract(
             batch_jobs = [next(job_iter) for _ in range(b)]
             if bar is not None:
                 bar.update(b)
-            seen_rows += b
             if nn_state is not None:
                 sel = [r for r, (g, _, _) in enumerate(batch_jobs) if g == 0]
                 if sel:
                     with timer.span("nn"):
-                        rows = torch.as_tensor(sel, device=device)
-                        seeds = torch.as_tensor([batch_jobs[r][2] for r in sel], device=device)
-                        nn_state.update(tr, imgs[rows], seeds, config.nn_k, config.nn_alpha)
+                        seeds = _to_device(torch.tensor([batch_jobs[r][2] for r in sel]), device)
+                        q = imgs if len(sel) == b else imgs[_to_device(torch.tensor(sel), device)]
+                        nn_state.update(tr, q, seeds, config.nn_k, config.nn_alpha)
             r = 0
             while r < b:  # contiguous runs of one condition
                 g = batch_jobs[r][0]
@@ -813,12 +881,12 @@ def iter_extract(
                                 ev.record()
                             else:
                                 host, ev = adj, None
-                        slot.future = pool.submit(clique_job, slot, host, ev)
+                        slot.future = pool.submit(clique_job, host, ev)
                         pending[g] = active.pop(g)
                         filled.add(g)
                 r = e
             yield from drain(block_one=False)
-        yield from drain(block_one=True)
+        yield from flush()
         if nn_state is not None:
             nn = nn_state.result(len(tr), min(config.nn_k, len(tr)), config.nn_alpha)
             nn = _nn_images(nn, m, config, device, sampler, tr, images_dir, timer)
@@ -827,6 +895,7 @@ def iter_extract(
                 _results.atomic_write_json(Path(out) / "nn_extraction.json", nn.to_dict())
     finally:
         pool.shutdown(wait=True)
+        reader.shutdown(wait=True)
         if bar is not None:
             bar.close()
         if rd is not None:
