@@ -34,7 +34,9 @@ def _bitwise(a, b, what):
         same = a.view(torch.int16) == b.view(torch.int16)
     else:
         same = a.view(torch.int32) == b.view(torch.int32)
-    assert bool(same.all()), f"{what}: {int((~same).sum())} differ, max {(a.double() - b.double()).abs().max()}"
+    assert bool(same.all()), (
+        f"{what}: {int((~same).sum())} differ, max {(a.double() - b.double()).abs().max()}"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -49,7 +51,9 @@ def _bitwise(a, b, what):
 )
 def test_triton_ddim_parity(dtype, pred, eta, clip, spacing):
     g = torch.Generator().manual_seed(5)
-    s = DDIMScheduler(prediction_type=pred, clip_sample=clip, timestep_spacing=spacing, set_alpha_to_one=False)
+    s = DDIMScheduler(
+        prediction_type=pred, clip_sample=clip, timestep_spacing=spacing, set_alpha_to_one=False
+    )
     plan = make_plan(s, 4)
     config = StepConfig.from_scheduler(s, eta=eta, guidance_rescale=0.4)
     for i in (0, 3):

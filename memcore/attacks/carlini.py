@@ -8,11 +8,19 @@ condition are computed on the device (``memcore.distance.tiled_l2_graph(new, alp
 bitset epilogue; the float N×N matrix is never built). When the condition's N candidates are in, the lower
 triangle is mirrored into the symmetric bitset, copied to the host (non-blocking, behind a CUDA event) and
 the maximum clique runs on a CPU worker thread (the clique engine releases the GIL) while the device samples
-the next conditions. When the clique is known, the tiled-L2 distances among its members give the medoid and
-the mean clique distance (the ranking key), the medoid is verified against the training set (nearest image by
-normalized L2, extracted iff ≤ delta, eidetic count), a PNG pair is written for flagged/extracted conditions,
-and one record is appended to the results directory. Slots are recycled, so device memory is
-``slots × N`` images whatever the number of conditions.
+the next conditions. When the clique is known, the main thread enqueues (without waiting) the tiled-L2
+distances among its members (medoid and mean clique distance, the ranking key) and the verification of the
+medoid against the training set (nearest image by normalized L2, extracted iff ≤ delta, eidetic count), starts
+a non-blocking copy of those few numbers and two images to the host, and frees the slot (later writes to it
+are ordered after these reads on the stream). A reader thread waits for the copy, builds the record and
+writes the PNG pair of a flagged/extracted condition; the main thread appends the record to the results
+directory, in condition order. So the host waits for the device only in the worker threads, and the sampling
+queue never drains. Slots are recycled, so device memory is ``slots × N`` images whatever the number of
+conditions.
+
+Limitations: the training set is held on the device whole (CIFAR-10: 150 MB; use a smaller reference set or
+shards for much larger ones); the NN extraction of an unconditional model runs in the process that owns
+condition 0 (it is not split over shards/ranks).
 
 Unconditional models with training data also run SPEC §3: every candidate batch is matched against the whole
 training set with the streamed k-NN (k = 50), ``ratio = d_1 / (alpha · mean(d_1..d_k))``, and an O(train)
