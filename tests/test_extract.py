@@ -294,3 +294,30 @@ def test_text_model_with_cfg_engine_equals_reference_path(tmp_path):
     assert a.summary["params"]["guidance_scale"] == 7.5 and a.conditions[1].condition == "ca ab"
     with pytest.raises(ValueError, match="not a prompt"):
         carlini.extract(pipe, [3], config=config, device="cpu")
+
+
+@pytest.mark.parametrize("n, step", [(130, 37), (64, 64), (5, 2), (1, 1)])
+def test_incremental_graph_equals_pairwise_bitset(n, step):
+    """Row blocks of new batches against all earlier candidates, mirrored from the lower triangle, give the
+    bitset of the whole pairwise graph (batch boundaries off the 64-bit word boundaries included)."""
+    from memcore.distance import tiled_l2_graph
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randint(0, 256, (3, 1, 8, 8), generator=g, dtype=torch.uint8)
+    # near-copies of three images plus noise: a graph with structure
+    imgs = base[torch.randint(0, 3, (n,), generator=g)].int() + torch.randint(
+        -6, 7, (n, 1, 8, 8), generator=g
+    )
+    imgs = imgs.clamp(0, 255).to(torch.uint8)
+    config = cfg(alpha=0.03, grid=(2, 2))
+    rows = torch.zeros((n, -(-n // 64)), dtype=torch.uint64)
+    for s0 in range(0, n, step):
+        s1 = min(n, s0 + step)
+        words = carlini._graph_rows(imgs[s0:s1], imgs[:s1], config)
+        rows[s0:s1, : words.shape[1]] = words
+    got = carlini._symmetrize(rows, n)
+    want = tiled_l2_graph(imgs, 0.03, grid=(2, 2))
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+    dense = carlini._unpack_bits(got, n)
+    assert torch.equal(carlini._pack_bits(dense).view(torch.int64), got.view(torch.int64))
+    assert dense.sum() > 0 or n == 1
