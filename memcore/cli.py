@@ -256,6 +256,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.out,
         num_per_condition=args.num_per_condition,
         nn_candidates=args.nn_candidates,
+        steps=args.steps,
         device=args.device or "cpu",
         progress=not args.no_progress and sys.stderr.isatty(),
     )
@@ -375,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="run the attack on the bundled demo model (CPU, minutes)")
     de.add_argument("--out", default="./memcore-demo")
-    de.add_argument("--num-per-condition", "-n", type=int, default=None, help="default: the demo's own")
-    de.add_argument("--nn-candidates", type=int, default=None, help="default: the demo's own")
+    de.add_argument("--num-per-condition", "-n", type=int, default=None, help="default: the demo's own (100)")
+    de.add_argument("--nn-candidates", type=int, default=None, help="default: the demo's own (400)")
+    de.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the demo's own, 25)")
     de.add_argument("--device", default=None)
     de.add_argument("--no-progress", action="store_true")
     de.set_defaults(fn=_cmd_demo)
