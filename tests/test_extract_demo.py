@@ -84,3 +84,17 @@ def test_unconditional_nn_extraction_finds_planted(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert set(s["extracted_train_indices"]) == ext
     assert torch.is_tensor(ts.images)
+
+
+def test_demo_command_small(tmp_path, capsys):
+    """`memcore demo` end to end at small sizes (the full-size run is the README's 3-minute main job)."""
+    _weights_or_skip("cond")
+    from memcore.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "-n", "30", "--nn-candidates", "60", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "planted duplicated digits" in out and "recall" in out and "false positives" in out
+    rep = json.loads((tmp_path / "demo.json").read_text())
+    assert set(rep["found_classes"]) <= set(rep["planted_classes"])
+    for sub in ("", "conditional/", "unconditional/"):
+        assert (tmp_path / f"{sub}report.html").is_file()
