@@ -150,17 +150,20 @@ def e2e(name, model, conditions, config, train, device, *, reference: bool) -> l
         carlini.extract(
             model, conditions[:1] if conditions else None, config=warm, device=device, report=False
         )
-        _sync(device)
-        t0 = time.perf_counter()
-        res = carlini.extract(model, conditions, config=cfg, train=train, device=device, report=False)
-        _sync(device)
-        times[label] = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(REPEATS):  # min over repeats: CPU timings on a shared machine are noisy
+            _sync(device)
+            t0 = time.perf_counter()
+            res = carlini.extract(model, conditions, config=cfg, train=train, device=device, report=False)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        times[label] = best
         rows.append({
             "case": name, "path": label, "images": n_images, "seconds": round(times[label], 4),
             "images_per_s": round(n_images / times[label], 3), "flagged": res.summary["counts"]["flagged"],
             "steps": cfg.num_inference_steps, "batch_size": cfg.micro_batch,
         })  # fmt: skip
-    t_s = sampling_only(model, conditions, config, device)
+    t_s = min(sampling_only(model, conditions, config, device) for _ in range(REPEATS))
     outside = (times["memcore"] - t_s) / times["memcore"]
     rows[0]["sampling_only_s"] = round(t_s, 4)
     rows[0]["outside_sampling_share"] = round(outside, 6)
@@ -245,6 +248,8 @@ def main() -> int:
     ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    global REPEATS
+    REPEATS = 1 if device.type == "cuda" else 2
     if args.child_memory is not None:
         print(json.dumps(memory_child(args.child_memory, device, args.quick)))
         return 0
