@@ -376,7 +376,7 @@ def _graph_rows(new: torch.Tensor, upto: torch.Tensor, config: ExtractConfig) ->
 
 
 def _unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
-    """uint64 [R, W] -> bool [R, n] (bit j in word j // 64 at position j % 64)."""
+    """int64/uint64 [R, W] words -> bool [R, n] (bit j in word j // 64 at position j % 64)."""
     w = words.view(torch.int64)
     shifts = torch.arange(64, device=w.device, dtype=torch.int64)
     bits = (w[..., None] >> shifts) & 1
@@ -384,15 +384,14 @@ def _unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _pack_bits(adj: torch.Tensor) -> torch.Tensor:
-    """bool [R, n] -> uint64 [R, ceil(n/64)]."""
+    """bool [R, n] -> int64 [R, ceil(n/64)] words (view as uint64 for the bitset dtype)."""
     r, n = adj.shape
     w = -(-n // 64)
     pad = torch.zeros((r, w * 64), dtype=torch.int64, device=adj.device)
     pad[:, :n] = adj.to(torch.int64)
     shifts = torch.arange(64, device=adj.device, dtype=torch.int64)
     # distinct powers of two: the sum is the bitwise OR (bit 63 wraps to the sign bit, as intended)
-    words = (pad.reshape(r, w, 64) << shifts).sum(-1)
-    return words.view(torch.uint64)
+    return (pad.reshape(r, w, 64) << shifts).sum(-1)
 
 
 def _symmetrize(rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -548,7 +547,8 @@ def _condition_stats(
 class _Slot:
     def __init__(self, n: int, shape: tuple[int, int, int], device: torch.device) -> None:
         self.buf = torch.empty((n, *shape), dtype=torch.uint8, device=device)
-        self.rows = torch.zeros((n, -(-n // 64)), dtype=torch.uint64, device=device)
+        # bitset rows kept as int64 (uint64 has few kernels on CUDA); viewed as uint64 where needed
+        self.rows = torch.zeros((n, -(-n // 64)), dtype=torch.int64, device=device)
         self.cid = -1
         self.cond: Any = None
         self.count = 0
@@ -877,18 +877,13 @@ def iter_extract(
                         with timer.span("graph"):
                             slot.buf[s0:s1] = imgs[r : r + take]
                             words = _graph_rows(slot.buf[s0:s1], slot.buf[:s1], config)
-                            slot.rows[s0:s1, : words.shape[1]] = words
+                            slot.rows[s0:s1, : words.shape[1]] = words.view(torch.int64)
                         slot.count = s1
                     if slot.count == n:
                         with timer.span("graph"):
-                            adj = _symmetrize(slot.rows, n)
-                            if device.type == "cuda":
-                                host = torch.empty(adj.shape, dtype=adj.dtype, pin_memory=True)
-                                host.copy_(adj, non_blocking=True)
-                                ev = torch.cuda.Event()
-                                ev.record()
-                            else:
-                                host, ev = adj, None
+                            adj = _symmetrize(slot.rows, n)  # int64 words
+                            (host,), ev = _to_host([adj], device)
+                            host = host.view(torch.uint64)  # the clique engine's bitset dtype
                         slot.future = pool.submit(clique_job, host, ev)
                         pending[g] = active.pop(g)
                         filled.add(g)
