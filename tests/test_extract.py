@@ -321,3 +321,22 @@ def test_incremental_graph_equals_pairwise_bitset(n, step):
     dense = carlini._unpack_bits(got, n)
     assert torch.equal(carlini._pack_bits(dense).view(torch.int64), got.view(torch.int64))
     assert dense.sum() > 0 or n == 1
+
+
+def test_nn_resume_recomputes_only_what_is_missing(tmp_path):
+    model = tiny_unet(None, seed=1)
+    config = cfg(num_per_condition=6, nn_candidates=14, nn_k=4, batch_size=5)
+    train = torch.randint(
+        0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    first = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    nn_file = tmp_path / "nn_extraction.json"
+    before = json.loads(nn_file.read_text())
+    nn_file.unlink()  # killed after the clique record, before the NN result was written
+    again = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    assert json.loads(nn_file.read_text()) == before
+    assert (tmp_path / "results.jsonl").read_text().count("\n") == 1
+    assert again.nn == first.nn
+    # both finished: a third run does nothing and returns the stored NN result
+    third = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    assert third.nn == first.nn
