@@ -312,6 +312,12 @@ def main() -> int:
     ap.add_argument("--fuse-norm", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (1: OpenMP spin-waits on shared cores skew timings)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
@@ -334,6 +340,8 @@ def main() -> int:
             c for c in args.configs.split(",") if c != "celeba64"
         )  # one pixel UNet is enough
     torch.backends.cudnn.benchmark = False
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     print(f"device {device_name(device)}, dtype {dtype}, steps {args.steps}", flush=True)
     rows = []
     for name in args.configs.split(","):

@@ -36,6 +36,8 @@ STEP_GPU = [
 STEP_CPU = [
     ("tiny-ddim-cfg", "ddim", (2, 4, 16, 16), torch.float16, True, 0.0),
     ("tiny-ddpm", "ddpm", (4, 3, 32, 32), torch.float32, False, 0.0),
+    ("sd-latent-cfg-b4-fp16", "ddim", (4, 4, 64, 64), torch.float16, True, 0.0),
+    ("sd-latent-cfg-b4-fp32", "ddim", (4, 4, 64, 64), torch.float32, True, 0.0),
 ]
 # (name, shape, groups, dtype, channels_last)
 GN_GPU = [

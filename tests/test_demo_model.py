@@ -164,3 +164,27 @@ def test_max_clique_helper():
         adj[a, b] = adj[b, a] = True
     assert _max_clique(adj) == [2, 3, 4, 5]
     assert len(_max_clique(torch.zeros(4, 4, dtype=torch.bool))) == 1
+
+
+def test_training_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = {"variant": "cond", "steps": 2, "batch_size": 4, "block_out_channels": (8, 16), "log_every": 0}
+    a = train_demo(tmp_path / "a", seed=3, **kw)
+    b = train_demo(tmp_path / "b", seed=3, **kw)
+    c = train_demo(tmp_path / "c", seed=4, **kw)
+    wa, wb, wc = (load_file(str(r.out_dir / "diffusion_pytorch_model.safetensors")) for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_train_demo_main_cli(tmp_path, capsys):
+    from memcore.models.train_demo import main
+
+    assert main(["--out", str(tmp_path), "--variant", "uncond", "--steps", "2", "--batch-size", "4"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    unet, _ = demo.load_demo(model_dir=tmp_path / "uncond")
+    assert unet.config.num_class_embeds is None
+    assert not (tmp_path / "cond").exists()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--variant", "huge"])

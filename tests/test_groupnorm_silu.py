@@ -16,7 +16,16 @@ from memcore.reference.norm import groupnorm_silu as reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (shape, groups): odd sizes, channels per group not a power of two, one-pixel maps, one group
-CASES = [((2, 6, 5, 7), 3), ((1, 12, 1, 1), 4), ((3, 32, 8, 8), 8), ((2, 9, 3, 4), 1), ((1, 20, 11, 3), 20)]
+# NHWC schedule: several channel blocks (C > 256, 10 channels per group) and many pixel tiles (HW = 1600)
+CASES = [
+    ((2, 6, 5, 7), 3),
+    ((1, 12, 1, 1), 4),
+    ((3, 32, 8, 8), 8),
+    ((2, 9, 3, 4), 1),
+    ((1, 20, 11, 3), 20),
+    ((2, 320, 9, 7), 32),
+    ((1, 64, 40, 40), 8),
+]
 
 
 def _tiny_unet(**kw) -> UNet2DModel:
@@ -147,15 +156,33 @@ def test_triton_kernel_without_affine_and_empty():
 
 
 @pytest.mark.triton
-def test_triton_patched_unet_matches_unfused():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_patched_unet_matches_unfused(monkeypatch, channels_last):
+    import memcore.kernels.triton.groupnorm_silu as kernel_mod
+
+    calls = []
+    orig = kernel_mod.groupnorm_silu_triton
+
+    def counting(*args, **kwargs):
+        t = args[0]
+        calls.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_mod, "groupnorm_silu_triton", counting)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet = _tiny_unet().to(device)
-    ref = copy.deepcopy(unet)
-    assert fuse_groupnorm_silu(unet, backend="triton") == 2 * _n_resnets(unet) + 1
     x = torch.randn(1, 3, 8, 8, device=device)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(unet)
+    n = fuse_groupnorm_silu(unet, backend="triton")
+    assert n == 2 * _n_resnets(unet) + 1
     with torch.no_grad():
         got, want = unet(x, 10).sample, ref(x, 10).sample
-    assert not torch.equal(got, want) or device == "cuda"  # the fused kernel really ran (other rounding)
+    assert len(calls) == n, "every swapped pair ran the fused kernel once"
+    if channels_last:
+        assert any(calls), "the NHWC schedule ran"
     torch.testing.assert_close(got, want, **tol("groupnorm_silu", torch.float32))
 
 
@@ -176,9 +203,24 @@ def test_cuda_auto_patch_channels_last_unet(dtype):
 def test_cuda_compile_with_the_fused_op():
     x = torch.randn(2, 32, 16, 16, device="cuda", dtype=torch.float16)
     w = torch.randn(32, device="cuda", dtype=torch.float16)
-    f = torch.compile(lambda t: groupnorm_silu(t, 8, w, None, 1e-5, backend="triton") * 2, fullgraph=True)
+    from memcore.ops.norm import groupnorm_silu_op
+
+    f = torch.compile(lambda t: groupnorm_silu_op(t, 8, w, None, 1e-5) * 2, fullgraph=True)
     torch.testing.assert_close(
         f(x).double(),
         2 * reference(x.double(), 8, w.double(), None, 1e-5),
         **tol("groupnorm_silu", torch.float16),
     )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_groupnorm_silu_op(channels_last):
+    from memcore.ops.norm import groupnorm_silu_op
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 8, 4, 3, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(8, device=device), torch.randn(8, device=device)
+    torch.library.opcheck(groupnorm_silu_op, (x, 4, w, b, 1e-5))

@@ -385,9 +385,9 @@ def test_bad_inputs(unet_pipe_dir, class_unet_dir, sd_dir):
 # ------------------------------------------------------------------------------------ fused step (merged)
 @needs_fused
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_fused_parity_equals_diffusers_path(class_unet_dir, eta, backend):
-    kw = dict(num_inference_steps=20, batch_size=3, eta=eta, backend=backend)
+@pytest.mark.parametrize("scheduler,eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0)])
+def test_fused_parity_equals_diffusers_path(class_unet_dir, scheduler, eta, backend):
+    kw = dict(num_inference_steps=20, batch_size=3, eta=eta, backend=backend, scheduler=scheduler)
     fused = Sampler(class_unet_dir, SamplerConfig(step_backend="fused", **kw))
     ref = Sampler(class_unet_dir, SamplerConfig(step_backend="diffusers", **kw))
     assert fused.step_backend == "fused"
@@ -405,6 +405,25 @@ def test_fused_sd_parity_and_fp32(sd_dir):
     assert torch.equal(a, ref.run_batch([1, 2], ["abc", "ca"]))
     fp32 = Sampler(sd_dir, SamplerConfig(mode="fp32", **kw)).run_batch([1, 2], ["abc", "ca"])
     torch.testing.assert_close(fp32, a, **tol("sample_fp32_vs_parity", torch.float32))
+
+
+@needs_fused
+def test_unfusable_config_falls_back_to_diffusers(unet_pipe_dir):
+    import dataclasses
+
+    from diffusers import DDIMScheduler
+
+    from memcore.models import load_model
+
+    lm = load_model(unet_pipe_dir)
+    lm = dataclasses.replace(lm, scheduler=DDIMScheduler(thresholding=True))
+    with pytest.warns(UserWarning, match="not fused"):
+        s = Sampler(lm, SamplerConfig(num_inference_steps=4, batch_size=1, scheduler="config"))
+    assert s.step_backend == "diffusers"
+    with pytest.raises(ValueError):
+        Sampler(
+            lm, SamplerConfig(num_inference_steps=4, batch_size=1, scheduler="config", step_backend="fused")
+        )
 
 
 @needs_fused

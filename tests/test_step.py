@@ -22,6 +22,23 @@ from memcore.sampling.schedule import StepPlan, make_plan
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_BACKENDS = [b for b in cpu_backends() if b != "reference"]
+
+
+@pytest.fixture(params=["best", "baseline"])
+def cpu_isa(request):
+    """Run a test on both CPU code paths: AVX2+F16C (when the CPU has it) and the baseline SSE2 one."""
+    if "cpu" not in KERNEL_BACKENDS:
+        pytest.skip("needs the compiled core")
+    from memcore.ops import _native
+
+    fam = _native.family("step")
+    fam._set_cpu_baseline(request.param == "baseline")
+    try:
+        yield request.param
+    finally:
+        fam._set_cpu_baseline(False)
+
+
 SHAPE = (2, 3, 5, 4)  # odd sizes on purpose
 
 
@@ -175,7 +192,7 @@ def test_ddim_parity_equals_diffusers_step_directly(backend, dtype):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rescale", [0.0, 0.7])
-def test_cfg_and_rescale_parity(backend, dtype, rescale):
+def test_cfg_and_rescale_parity(backend, dtype, rescale, cpu_isa):
     g = torch.Generator().manual_seed(11)
     s = DDIMScheduler(
         timestep_spacing="trailing",
@@ -194,7 +211,7 @@ def test_cfg_and_rescale_parity(backend, dtype, rescale):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_parity_over_a_50_step_chain(backend, dtype):
+def test_parity_over_a_50_step_chain(backend, dtype, cpu_isa):
     # A whole sampling run: the kernel's output feeds the next step, so one differing bit would compound.
     g = torch.Generator().manual_seed(3)
     s = DDIMScheduler(timestep_spacing="linspace", clip_sample=True)
@@ -207,6 +224,33 @@ def test_parity_over_a_50_step_chain(backend, dtype):
         x_ref = reference_step(x_ref, mo, plan, i, config, guidance_scale=3.0, noise=noise)
         x_fused = fused_step(x_fused, mo, plan, i, config, guidance_scale=3.0, noise=noise, backend=backend)
     _assert_bitwise(x_fused, x_ref, "after 50 steps")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["parity", "fp32"])
+def test_every_16bit_value_as_input(backend, dtype, mode, cpu_isa):
+    # All 65536 bit patterns (subnormals, -0, the largest finite values, inf, NaN) as the sample and as the
+    # model output: exercises the kernels' branch-free float16/bfloat16 conversions and rounding at the
+    # edges of the range. Parity mode: bit-identical to diffusers (NaN compared as NaN); fp32 mode: the
+    # same NaN/inf pattern as a float64 computation rounded once, values within tolerance.
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(1, 1, 256, 256)
+    mo = bits[torch.randperm(65536, generator=torch.Generator().manual_seed(0))].view(dtype).reshape(x.shape)
+    s = DDIMScheduler(clip_sample=False)
+    plan = make_plan(s, 10)
+    config = StepConfig.from_scheduler(s, mode=mode)
+    got = fused_step(x, mo, plan, 9, config, backend=backend)
+    if mode == "parity":
+        want = reference_step(x, mo, plan, 9, config)
+        nan = torch.isnan(want)
+        assert torch.equal(nan, torch.isnan(got))
+        _assert_bitwise(got[~nan], want[~nan], "all 16-bit inputs")
+    else:
+        want = reference_step(x.double(), mo.double(), plan, 9, config)
+        finite = torch.isfinite(want) & (want.abs() < torch.finfo(dtype).max / 2)
+        assert torch.equal(torch.isnan(got), torch.isnan(want.to(dtype)))
+        torch.testing.assert_close(got[finite].double(), want[finite], **tol("step_fp32", dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +325,7 @@ def test_ddpm_final_step_adds_zero_without_noise(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_classifier_guidance_parity(backend, dtype):
+def test_classifier_guidance_parity(backend, dtype, cpu_isa):
     g = torch.Generator().manual_seed(21)
     s = DDPMScheduler(clip_sample=True)
     plan = make_plan(s, 8)
@@ -565,3 +609,35 @@ def test_cuda_graph_one_capture_serves_every_step(backend):
         graph.replay()
         want = reference_step(x, mo, plan, i, c, guidance_scale=3.0, noise=noise)
         _assert_bitwise(out, want, f"graph replay step {i}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_batch(backend):
+    s = DDIMScheduler()
+    plan = make_plan(s, 4)
+    x = torch.empty(0, 3, 4, 4)
+    out = fused_step(x, torch.empty(0, 3, 4, 4), plan, 1, StepConfig(), guidance_scale=2.0, backend=backend)
+    assert out.shape == x.shape and out.dtype == x.dtype
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="needs the compiled core")
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_fullgraph_public_entry_points():
+    s = DDIMScheduler()
+    plan = make_plan(s, 5)
+    c = StepConfig.from_scheduler(s, eta=0.5)
+    g = torch.Generator().manual_seed(0)
+    x, mo, noise, _ = _inputs(g, torch.float16, cfg=True)
+    step_t = torch.tensor(1)
+    want = fused_step_graphable(x, mo, plan, step_t, c, guidance_scale=2.0, noise=noise, backend="cpu")
+
+    def graphable(x, mo, noise, step_t):
+        return fused_step_graphable(x, mo, plan, step_t, c, guidance_scale=2.0, noise=noise, backend="cpu")
+
+    def eager(x, mo, noise):
+        return fused_step(x, mo, plan, 1, c, guidance_scale=2.0, noise=noise, backend="cpu")
+
+    _assert_bitwise(
+        torch.compile(graphable, fullgraph=True, backend="eager")(x, mo, noise, step_t), want, "g"
+    )
+    _assert_bitwise(torch.compile(eager, fullgraph=True, backend="eager")(x, mo, noise), want, "eager")

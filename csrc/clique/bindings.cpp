@@ -17,7 +17,8 @@ namespace memcore {
 namespace clique {
 namespace {
 
-Options make_options(int64_t min_size, bool decision, bool canonical, int64_t node_budget, double time_limit) {
+Options make_options(int64_t min_size, bool decision, bool canonical, int64_t node_budget,
+                     double time_limit) {
   Options o;
   o.min_size = min_size;
   o.decision = decision;
@@ -57,8 +58,9 @@ void register_clique(py::module_& m) {
         }
         return finish(r, out);
       },
-      py::arg("adj"), py::arg("n"), py::arg("words"), py::arg("out"), py::arg("min_size"), py::arg("decision"),
-      py::arg("canonical"), py::arg("node_budget"), py::arg("time_limit"), py::arg("check"),
+      py::arg("adj"), py::arg("n"), py::arg("words"), py::arg("out"), py::arg("min_size"),
+      py::arg("decision"), py::arg("canonical"), py::arg("node_budget"), py::arg("time_limit"),
+      py::arg("check"),
       "Solve one graph; members go to out (int64 [n]); returns (size, exact, upper_bound, nodes).");
   m.def(
       "solve_batch",
@@ -83,7 +85,8 @@ void register_clique(py::module_& m) {
       },
       py::arg("graphs"), py::arg("outs"), py::arg("min_size"), py::arg("decision"), py::arg("canonical"),
       py::arg("node_budget"), py::arg("time_limit"), py::arg("threads"), py::arg("check"),
-      "Solve (adj, n, words) graphs on a thread pool; returns one (size, exact, upper_bound, nodes) per graph.");
+      "Solve (adj, n, words) graphs on a thread pool; returns one (size, exact, upper_bound, nodes) per "
+      "graph.");
   m.def(
       "threshold",
       [](std::uintptr_t dist, int dtype, int64_t n, double alpha, std::uintptr_t out) {

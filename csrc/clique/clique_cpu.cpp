@@ -1,6 +1,4 @@
 // CPU implementation of the clique engine; see clique.h for the contract and the algorithm outline.
-#include "clique/clique.h"
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -9,17 +7,28 @@
 #include <stdexcept>
 #include <thread>
 
+#include "clique/clique.h"
 #include "common/common.h"
 
 namespace memcore {
 namespace clique {
 namespace {
 
-inline int popcount(uint64_t x) { return __builtin_popcountll(x); }
-inline int ctz(uint64_t x) { return __builtin_ctzll(x); }
-inline bool test_bit(const uint64_t* row, int64_t j) { return (row[j >> 6] >> (j & 63)) & 1u; }
-inline void set_bit(uint64_t* row, int64_t j) { row[j >> 6] |= uint64_t{1} << (j & 63); }
-inline void clear_bit(uint64_t* row, int64_t j) { row[j >> 6] &= ~(uint64_t{1} << (j & 63)); }
+inline int popcount(uint64_t x) {
+  return __builtin_popcountll(x);
+}
+inline int ctz(uint64_t x) {
+  return __builtin_ctzll(x);
+}
+inline bool test_bit(const uint64_t* row, int64_t j) {
+  return (row[j >> 6] >> (j & 63)) & 1u;
+}
+inline void set_bit(uint64_t* row, int64_t j) {
+  row[j >> 6] |= uint64_t{1} << (j & 63);
+}
+inline void clear_bit(uint64_t* row, int64_t j) {
+  row[j >> 6] &= ~(uint64_t{1} << (j & 63));
+}
 
 // In-place transpose of a 64 x 64 bit matrix (row r = a[r], column c = bit c, LSB first): the recursive
 // block swap of Hacker's Delight 7-3, written for the LSB-first convention.
@@ -35,7 +44,8 @@ void transpose64(uint64_t a[64]) {
 }
 
 // Loads the 64 x 64 block (row block rb, word wb) of a [n, words] bitset; rows past n are zero.
-inline void load_block(const uint64_t* adj, int64_t n, int64_t words, int64_t rb, int64_t wb, uint64_t b[64]) {
+inline void load_block(const uint64_t* adj, int64_t n, int64_t words, int64_t rb, int64_t wb,
+                       uint64_t b[64]) {
   for (int r = 0; r < 64; ++r) {
     const int64_t i = rb * 64 + r;
     b[r] = i < n ? adj[i * words + wb] : 0;
@@ -169,10 +179,10 @@ class MaxSearch {
     return !budget_.stopped;
   }
 
-  int64_t thr_ = 0;              // cliques of thr_ members or fewer are of no interest
-  int64_t target_ = 0;           // decision mode: stop once thr_ >= target_
+  int64_t thr_ = 0;     // cliques of thr_ members or fewer are of no interest
+  int64_t target_ = 0;  // decision mode: stop once thr_ >= target_
   bool decision_ = false;
-  std::vector<int32_t> best_;    // renumbered members of the best clique found
+  std::vector<int32_t> best_;       // renumbered members of the best clique found
   int64_t root_bound_ = INT64_MAX;  // clique number of what the root has not finished yet
 
  private:
@@ -292,26 +302,45 @@ class LexSearch {
     int64_t cnt = 0;
     for (int64_t w = lo; w <= hi; ++w) cnt += popcount(p[w]);
     if (cnt < need) return false;
-    // Colour the candidates (class by class, BBMC style), then list them in index order with the number of
-    // colour classes meeting each suffix: no clique of `need` members starts at a suffix with fewer.
+    // Greedy probe: the leftmost descent of this search takes the smallest candidate at every level. If it
+    // completes, each vertex it took was the smallest feasible one, so it is the answer: O(need * words)
+    // instead of a colouring per level (a memorized prompt's big clique is found this way at once).
+    {
+      uint64_t* g = q_.data();
+      for (int64_t w = lo; w <= hi; ++w) g[w] = p[w];
+      int64_t glo = lo, got = 0;
+      while (got < need) {
+        while (glo <= hi && g[glo] == 0) ++glo;
+        if (glo > hi) break;
+        const int64_t v = glo * 64 + ctz(g[glo]);
+        cur_[csize + got++] = static_cast<int32_t>(v);
+        g[glo] &= g[glo] - 1;  // drop v itself; later candidates are all > v
+        const uint64_t* rv = adj_ + v * w_;
+        for (int64_t w = glo; w <= hi; ++w) g[w] &= rv[w];
+      }
+      if (got == need) return true;
+    }
+    // Colour the candidates class by class sweeping from the highest index down. That is first-fit colouring
+    // in descending order, so the colours met by each suffix {u >= v} are exactly first-fit on that suffix
+    // alone: a tight bound for every branch. No clique of `need` members starts at a suffix with fewer.
     for (int64_t w = lo; w <= hi; ++w) u_[w] = p[w];
     int32_t col = 0;
-    int64_t ulo = lo;
+    int64_t uhi = hi;
     while (true) {
-      while (ulo <= hi && u_[ulo] == 0) ++ulo;
-      if (ulo > hi) break;
+      while (uhi >= lo && u_[uhi] == 0) --uhi;
+      if (uhi < lo) break;
       ++col;
-      for (int64_t w = ulo; w <= hi; ++w) q_[w] = u_[w];
-      int64_t qlo = ulo;
+      for (int64_t w = lo; w <= uhi; ++w) q_[w] = u_[w];
+      int64_t qhi = uhi;
       while (true) {
-        while (qlo <= hi && q_[qlo] == 0) ++qlo;
-        if (qlo > hi) break;
-        const int64_t v = qlo * 64 + ctz(q_[qlo]);
+        while (qhi >= lo && q_[qhi] == 0) --qhi;
+        if (qhi < lo) break;
+        const int64_t v = qhi * 64 + 63 - __builtin_clzll(q_[qhi]);
         const uint64_t bit = uint64_t{1} << (v & 63);
-        u_[qlo] &= ~bit;
-        q_[qlo] &= ~bit;
+        u_[qhi] &= ~bit;
+        q_[qhi] &= ~bit;
         const uint64_t* rv = adj_ + v * w_;
-        for (int64_t w = qlo; w <= hi; ++w) q_[w] &= ~rv[w];
+        for (int64_t w = lo; w <= qhi; ++w) q_[w] &= ~rv[w];
         colour_of_[v] = col;
       }
     }
@@ -372,13 +401,46 @@ class LexSearch {
   uint32_t stamp_ = 0;
 };
 
+// Greedy clique from the vertex of highest degree (lowest index on ties), adding the candidate of highest
+// degree each step until `target` members or no candidate is left. O(target * n). True if it reached target.
+bool degree_greedy(const uint64_t* adj, int64_t n, int64_t words, int64_t target, std::vector<int32_t>& out) {
+  std::vector<int32_t> deg(n);
+  int64_t start = 0;
+  for (int64_t v = 0; v < n; ++v) {
+    int d = 0;
+    for (int64_t w = 0; w < words; ++w) d += popcount(adj[v * words + w]);
+    deg[v] = d;
+    if (d > deg[start]) start = v;
+  }
+  if (deg[start] + 1 < target) return false;
+  std::vector<uint64_t> p(adj + start * words, adj + (start + 1) * words);
+  out.assign(1, static_cast<int32_t>(start));
+  while (static_cast<int64_t>(out.size()) < target) {
+    int64_t best = -1;
+    for (int64_t w = 0; w < words; ++w) {
+      uint64_t bits = p[w];
+      while (bits) {
+        const int64_t u = w * 64 + ctz(bits);
+        bits &= bits - 1;
+        if (best < 0 || deg[u] > deg[best]) best = u;
+      }
+    }
+    if (best < 0) return false;
+    out.push_back(static_cast<int32_t>(best));
+    clear_bit(p.data(), best);
+    const uint64_t* rb = adj + best * words;
+    for (int64_t w = 0; w < words; ++w) p[w] &= rb[w];
+  }
+  return true;
+}
+
 }  // namespace
 
 // -----------------------------------------------------------------------------------------------------------
 void validate(const uint64_t* adj, int64_t n, int64_t words) {
   check(n >= 0, "clique: negative vertex count");
-  check(words == (n + 63) / 64, "clique: bitset rows must have ceil(N / 64) = " + std::to_string((n + 63) / 64) +
-                                    " words, got " + std::to_string(words));
+  check(words == (n + 63) / 64, "clique: bitset rows must have ceil(N / 64) = " +
+                                    std::to_string((n + 63) / 64) + " words, got " + std::to_string(words));
   if (n == 0) return;
   const int64_t tail = n & 63;
   if (tail) {
@@ -387,17 +449,19 @@ void validate(const uint64_t* adj, int64_t n, int64_t words) {
       const uint64_t bad = adj[i * words + words - 1] & pad;
       if (bad) {
         fail("clique: adjacency row " + std::to_string(i) + " has bit " +
-             std::to_string((words - 1) * 64 + ctz(bad)) + " set, past the last vertex " + std::to_string(n - 1) +
-             " (padding bits must be zero)");
+             std::to_string((words - 1) * 64 + ctz(bad)) + " set, past the last vertex " +
+             std::to_string(n - 1) + " (padding bits must be zero)");
       }
     }
   }
   for (int64_t i = 0; i < n; ++i) {
     if (test_bit(adj + i * words, i)) {
-      fail("clique: adjacency has a self loop at vertex " + std::to_string(i) + " (the diagonal must be empty)");
+      fail("clique: adjacency has a self loop at vertex " + std::to_string(i) +
+           " (the diagonal must be empty)");
     }
   }
-  // Symmetry block by block: transpose each 64 x 64 block and compare it with its mirror (~n^2 / 64 word ops).
+  // Symmetry block by block: transpose each 64 x 64 block and compare it with its mirror (~n^2 / 64 word
+  // ops).
   uint64_t a[64], b[64];
   for (int64_t rb = 0; rb < words; ++rb) {
     for (int64_t cb = rb; cb < words; ++cb) {
@@ -410,8 +474,8 @@ void validate(const uint64_t* adj, int64_t n, int64_t words) {
           // a[r] is column (cb*64 + r) of the block rows rb*64.., b[r] is row (cb*64 + r).
           const int64_t j = cb * 64 + r, i = rb * 64 + ctz(diff);
           fail("clique: adjacency is not symmetric: edge (" + std::to_string(i) + ", " + std::to_string(j) +
-               ") is " + (test_bit(adj + i * words, j) ? "set" : "unset") + " but (" + std::to_string(j) + ", " +
-               std::to_string(i) + ") is " + (test_bit(adj + j * words, i) ? "set" : "unset"));
+               ") is " + (test_bit(adj + i * words, j) ? "set" : "unset") + " but (" + std::to_string(j) +
+               ", " + std::to_string(i) + ") is " + (test_bit(adj + j * words, i) ? "set" : "unset"));
         }
       }
     }
@@ -428,6 +492,19 @@ Result solve(const uint64_t* adj, int64_t n, int64_t words, const Options& opt) 
     budget.has_deadline = true;
     budget.deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                          std::chrono::duration<double>(opt.time_limit));
+  }
+  if (opt.decision && opt.min_size >= 2) {
+    // Decision fast path: a memorized prompt's graph holds a big dense cluster, and a greedy clique from
+    // the highest-degree vertex (taking the highest-degree candidate each step) usually reaches k at once,
+    // before the O(edges) core decomposition.
+    std::vector<int32_t> witness;
+    if (degree_greedy(adj, n, words, opt.min_size, witness)) {
+      std::sort(witness.begin(), witness.end());
+      res.members = std::move(witness);
+      res.exact = true;
+      res.upper_bound = n;  // not bounded further: the question is answered
+      return res;
+    }
   }
   std::vector<int32_t> core, order;
   core_decomposition(adj, n, words, core, order);
@@ -561,7 +638,8 @@ void threshold_impl(const T* dist, int64_t n, double alpha, uint64_t* out) {
   const int64_t words = (n + 63) / 64;
   // Compare in the distances' own dtype, as torch does for `dist <= alpha` with a Python float.
   const T a = static_cast<T>(alpha);
-  // Row pass (contiguous reads): R[i, j] = dist[i, j] <= alpha, i != j. Then out = R & R^T, by 64 x 64 blocks.
+  // Row pass (contiguous reads): R[i, j] = dist[i, j] <= alpha, i != j. Then out = R & R^T, by 64 x 64
+  // blocks.
   for (int64_t i = 0; i < n; ++i) {
     uint64_t* r = out + i * words;
     const T* d = dist + i * n;

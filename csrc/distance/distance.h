@@ -25,9 +25,9 @@ void graph_cpu(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t 
 
 // out_d: [N, k] float32 ascending, out_i: [N, k] int64; ties by smaller index. References are streamed in
 // blocks of `chunk`, so memory is O(N·(k + chunk) + chunk·C·H·W), independent of M.
-void knn_cpu(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m, std::int64_t c, std::int64_t h,
-             std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw, double scale, std::int64_t k,
-             std::int64_t chunk, std::uintptr_t out_d, std::uintptr_t out_i);
+void knn_cpu(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m, std::int64_t c,
+             std::int64_t h, std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw, double scale,
+             std::int64_t k, std::int64_t chunk, std::uintptr_t out_d, std::uintptr_t out_i);
 
 #ifdef MEMCORE_WITH_CUDA
 // CUDA versions of matrix_cpu / graph_cpu on device pointers, launched on `stream`.

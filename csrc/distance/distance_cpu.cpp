@@ -68,8 +68,8 @@ MEMCORE_CLONES void sq4_u8(const std::uint8_t* a0, const std::uint8_t* a1, const
   out[3] = t3;
 }
 
-MEMCORE_CLONES void sq4_f32(const float* a0, const float* a1, const float* a2, const float* a3, const float* b,
-                            std::int64_t d, double* out) {
+MEMCORE_CLONES void sq4_f32(const float* a0, const float* a1, const float* a2, const float* a3,
+                            const float* b, std::int64_t d, double* out) {
   double t0 = 0, t1 = 0, t2 = 0, t3 = 0;
   for (std::int64_t k0 = 0; k0 < d; k0 += kF32Chunk) {
     const std::int64_t k1 = std::min(d, k0 + kF32Chunk);
@@ -123,7 +123,15 @@ struct F32Kind {
 struct Geometry {
   std::int64_t c, h, w, gh, gw, th, tw, tiles, d;
   Geometry(std::int64_t c_, std::int64_t h_, std::int64_t w_, std::int64_t gh_, std::int64_t gw_)
-      : c(c_), h(h_), w(w_), gh(gh_), gw(gw_), th(h_ / gh_), tw(w_ / gw_), tiles(gh_ * gw_), d(c_ * th * tw) {}
+      : c(c_),
+        h(h_),
+        w(w_),
+        gh(gh_),
+        gw(gw_),
+        th(h_ / gh_),
+        tw(w_ / gw_),
+        tiles(gh_ * gw_),
+        d(c_ * th * tw) {}
   std::int64_t image() const { return c * h * w; }
 };
 
@@ -169,7 +177,9 @@ void pack(std::uintptr_t x, std::int64_t count, int dtype, const Geometry& g, st
   }
 }
 
-std::int64_t elem_size(int dtype) { return static_cast<DType>(dtype) == DType::kUInt8 ? 1 : 4; }
+std::int64_t elem_size(int dtype) {
+  return static_cast<DType>(dtype) == DType::kUInt8 ? 1 : 4;
+}
 
 // ------------------------------------------------------------------------------------------ S matrix
 
@@ -210,8 +220,8 @@ struct Packed {
 };
 
 template <typename Kind>
-void dispatch_smax(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t m, int dtype, const Geometry& g,
-                   bool symmetric, std::vector<typename Kind::Sum>& smax) {
+void dispatch_smax(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t m, int dtype,
+                   const Geometry& g, bool symmetric, std::vector<typename Kind::Sum>& smax) {
   using Elem = typename Kind::Elem;
   const std::int64_t es = elem_size(dtype);
   std::vector<std::uint8_t> pa(static_cast<std::size_t>(n * g.tiles * g.d * es));
@@ -228,8 +238,8 @@ void dispatch_smax(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int6
                          symmetric, smax.data());
 }
 
-void check_args(std::int64_t n, std::int64_t m, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t gh,
-                std::int64_t gw, bool symmetric) {
+void check_args(std::int64_t n, std::int64_t m, std::int64_t c, std::int64_t h, std::int64_t w,
+                std::int64_t gh, std::int64_t gw, bool symmetric) {
   check(n >= 0 && m >= 0, "distance: negative set size");
   check(c > 0 && h > 0 && w > 0, "distance: empty C/H/W");
   check(gh > 0 && gw > 0 && h % gh == 0 && w % gw == 0, "distance: grid must divide H and W");
@@ -238,14 +248,15 @@ void check_args(std::int64_t n, std::int64_t m, std::int64_t c, std::int64_t h, 
 
 // Distances d[i * m + j] (float32), mirrored and zero-diagonal when symmetric.
 template <typename Kind>
-void distances(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t m, int dtype, const Geometry& g,
-               double scale, bool symmetric, float* out) {
+void distances(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t m, int dtype,
+               const Geometry& g, double scale, bool symmetric, float* out) {
   std::vector<typename Kind::Sum> smax;
   dispatch_smax<Kind>(a, n, b, m, dtype, g, symmetric, smax);
   const double nt = static_cast<double>(g.d);
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
-    for (std::int64_t j = symmetric ? i + 1 : 0; j < m; ++j) out[i * m + j] = Kind::finish(smax[i * m + j], nt, scale);
+    for (std::int64_t j = symmetric ? i + 1 : 0; j < m; ++j)
+      out[i * m + j] = Kind::finish(smax[i * m + j], nt, scale);
   }
   if (symmetric) {
     for (std::int64_t i = 0; i < n; ++i) {
@@ -255,7 +266,9 @@ void distances(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t 
   }
 }
 
-bool is_u8(int dtype) { return static_cast<DType>(dtype) == DType::kUInt8; }
+bool is_u8(int dtype) {
+  return static_cast<DType>(dtype) == DType::kUInt8;
+}
 
 }  // namespace
 
@@ -282,7 +295,8 @@ void graph_cpu(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t 
   std::fill(bits, bits + n * words, std::uint64_t(0));
   if (m == 0) return;
   std::vector<float> d(static_cast<std::size_t>(n * m));
-  matrix_cpu(a, n, b, m, c, h, w, dtype, gh, gw, scale, symmetric, reinterpret_cast<std::uintptr_t>(d.data()));
+  matrix_cpu(a, n, b, m, c, h, w, dtype, gh, gw, scale, symmetric,
+             reinterpret_cast<std::uintptr_t>(d.data()));
   // The same float32 distance compared with float32(alpha): bit-for-bit the thresholded matrix.
   const float thr = static_cast<float>(alpha);
 #pragma omp parallel for schedule(static)
@@ -300,12 +314,14 @@ namespace {
 using Cand = std::pair<float, std::int64_t>;
 
 template <typename Kind>
-void knn_impl(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m, int dtype, const Geometry& g,
-              double scale, std::int64_t k, std::int64_t chunk, float* out_d, std::int64_t* out_i) {
+void knn_impl(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m, int dtype,
+              const Geometry& g, double scale, std::int64_t k, std::int64_t chunk, float* out_d,
+              std::int64_t* out_i) {
   using Elem = typename Kind::Elem;
   using Sum = typename Kind::Sum;
   const std::int64_t es = elem_size(dtype);
-  const std::int64_t img_bytes = g.image() * (is_u8(dtype) ? 1 : static_cast<std::int64_t>(dtype == 1 ? 4 : 2));
+  const std::int64_t img_bytes =
+      g.image() * (is_u8(dtype) ? 1 : static_cast<std::int64_t>(dtype == 1 ? 4 : 2));
   std::vector<std::uint8_t> pq(static_cast<std::size_t>(n * g.tiles * g.d * es));
   pack(q, n, dtype, g, pq.data());
   const std::int64_t cm = std::min(chunk, m);
@@ -317,8 +333,8 @@ void knn_impl(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m
   for (std::int64_t j0 = 0; j0 < m; j0 += cm) {
     const std::int64_t len = std::min(cm, m - j0);
     pack(r + static_cast<std::uintptr_t>(j0 * img_bytes), len, dtype, g, pr.data());
-    squared_tile_max<Kind>(reinterpret_cast<const Elem*>(pq.data()), n, reinterpret_cast<const Elem*>(pr.data()),
-                           len, g, false, smax.data());
+    squared_tile_max<Kind>(reinterpret_cast<const Elem*>(pq.data()), n,
+                           reinterpret_cast<const Elem*>(pr.data()), len, g, false, smax.data());
     // smax rows have stride `len` here (squared_tile_max writes [n][len]).
 #pragma omp parallel for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
@@ -350,18 +366,20 @@ void knn_impl(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m
 
 }  // namespace
 
-void knn_cpu(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m, std::int64_t c, std::int64_t h,
-             std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw, double scale, std::int64_t k,
-             std::int64_t chunk, std::uintptr_t out_d, std::uintptr_t out_i) {
+void knn_cpu(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m, std::int64_t c,
+             std::int64_t h, std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw, double scale,
+             std::int64_t k, std::int64_t chunk, std::uintptr_t out_d, std::uintptr_t out_i) {
   check_args(n, m, c, h, w, gh, gw, false);
   check(k >= 0 && k <= m, "distance: k must be in [0, M]");
   check(chunk > 0, "distance: chunk must be positive");
   if (n == 0 || k == 0) return;
   const Geometry g(c, h, w, gh, gw);
   if (is_u8(dtype)) {
-    knn_impl<U8Kind>(q, n, r, m, dtype, g, scale, k, chunk, as_ptr<float>(out_d), as_ptr<std::int64_t>(out_i));
+    knn_impl<U8Kind>(q, n, r, m, dtype, g, scale, k, chunk, as_ptr<float>(out_d),
+                     as_ptr<std::int64_t>(out_i));
   } else {
-    knn_impl<F32Kind>(q, n, r, m, dtype, g, scale, k, chunk, as_ptr<float>(out_d), as_ptr<std::int64_t>(out_i));
+    knn_impl<F32Kind>(q, n, r, m, dtype, g, scale, k, chunk, as_ptr<float>(out_d),
+                      as_ptr<std::int64_t>(out_i));
   }
 }
 

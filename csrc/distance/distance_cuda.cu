@@ -4,7 +4,7 @@
 //
 // Data flow (all on `stream`, no host synchronisation; scratch from the stream-ordered allocator):
 //   pack:    [N, C, H, W] -> [T, Np, Dp] tile-major, zero padded (uint8 -> int8 x − 128; floats -> float32)
-//   norms:   ‖a_t‖² per (tile, row) (int64 for int8)
+//           (the int8 pack also writes ‖a_t‖² per (tile, row), int64)
 //   tile:    per (64-row block, 64-column block, tile): S_t = ‖a‖² + ‖b‖² − 2 a·b (int8 WMMA, int32 segments
 //            of ≤ 65536 products added into int64) or Σ (a − b)² (fp32), atomicMax into smax [N, M]
 //   finish:  d = float(sqrt(double(S) / (255² n))) (uint8, bit-identical to the reference) or
@@ -24,11 +24,11 @@ namespace memcore {
 namespace distance {
 namespace {
 
-constexpr int kBlock = 64;          // rows / columns per thread block
-constexpr int kKStep = 64;          // K values staged in shared memory per step (int8 path)
-constexpr int kSegment = 65536;     // int8 products per int32 partial: 65536 · 2^14 = 2^30 < 2^31
-constexpr int kKStepF = 32;         // float path K step
-constexpr int kF32Chunk = 4096;     // float partial sums run in float32 over this many terms
+constexpr int kBlock = 64;       // rows / columns per thread block
+constexpr int kKStep = 128;      // K values staged in shared memory per step (int8 path)
+constexpr int kSegment = 65536;  // int8 products per int32 partial: 65536 · 2^14 = 2^30 < 2^31
+constexpr int kKStepF = 32;      // float path K step
+constexpr int kF32Chunk = 4096;  // float partial sums run in float32 over this many terms
 
 struct Geo {
   std::int64_t n, c, h, w, gh, gw, th, tw, tiles, d, dp, np;
@@ -45,7 +45,8 @@ Geo make_geo(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std
 
 __device__ __forceinline__ float load_as_float(const void* x, std::int64_t idx, int dtype) {
   switch (dtype) {
-    case 1: return static_cast<const float*>(x)[idx];
+    case 1:
+      return static_cast<const float*>(x)[idx];
     case 2: {
       const unsigned short v = static_cast<const unsigned short*>(x)[idx];
       return __half2float(__ushort_as_half(v));
@@ -57,51 +58,50 @@ __device__ __forceinline__ float load_as_float(const void* x, std::int64_t idx, 
   }
 }
 
-// out[t][row][k] for row < np, k < dp; zero outside the image set / tile.
+// out[t][row][k] for row < np, k < dp; zero outside the image set / tile. One block per (row, tile), so the
+// index arithmetic is per row and 32-bit per value; the int8 path also writes norms[t * np + row] = Σ_k out².
 template <typename Out>
-__global__ void pack_kernel(const void* __restrict__ x, int dtype, Geo g, Out* __restrict__ out) {
-  const std::int64_t total = g.tiles * g.np * g.dp;
-  for (std::int64_t idx = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t k = idx % g.dp;
-    const std::int64_t row = (idx / g.dp) % g.np;
-    const std::int64_t t = idx / (g.dp * g.np);
+__global__ void pack_kernel(const void* __restrict__ x, int dtype, Geo g, Out* __restrict__ out,
+                            long long* __restrict__ norms) {
+  const std::int64_t row = blockIdx.x, t = blockIdx.y;
+  Out* dst = out + (t * g.np + row) * g.dp;
+  const int r = static_cast<int>(t / g.gw), q = static_cast<int>(t % g.gw);
+  const int th = static_cast<int>(g.th), tw = static_cast<int>(g.tw), d = static_cast<int>(g.d);
+  long long sq = 0;
+  for (int k = threadIdx.x; k < static_cast<int>(g.dp); k += blockDim.x) {
     Out v = Out(0);
-    if (row < g.n && k < g.d) {
-      const std::int64_t xx = k % g.tw;
-      const std::int64_t y = (k / g.tw) % g.th;
-      const std::int64_t ch = k / (g.tw * g.th);
-      const std::int64_t r = t / g.gw, q = t % g.gw;
+    if (row < g.n && k < d) {
+      const int xx = k % tw;
+      const int y = (k / tw) % th;
+      const int ch = k / (tw * th);
       const std::int64_t src = ((row * g.c + ch) * g.h + r * g.th + y) * g.w + q * g.tw + xx;
       if constexpr (sizeof(Out) == 1) {
         v = static_cast<Out>(static_cast<int>(static_cast<const std::uint8_t*>(x)[src]) - 128);
+        sq += static_cast<int>(v) * static_cast<int>(v);
       } else {
         v = load_as_float(x, src, dtype);
       }
     }
-    out[idx] = v;
+    dst[k] = v;
+  }
+  if constexpr (sizeof(Out) == 1) {
+    __shared__ long long warp_sums[32];
+    for (int o = 16; o > 0; o /= 2) sq += __shfl_down_sync(0xffffffffu, sq, o);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      long long total = 0;
+      for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += warp_sums[w];
+      norms[t * g.np + row] = total;
+    }
   }
 }
 
-// norms[t * np + row] = Σ_k p[t][row][k]², one warp per (tile, row).
-__global__ void norms_i8_kernel(const std::int8_t* __restrict__ p, std::int64_t rows, std::int64_t dp,
-                                long long* __restrict__ norms) {
-  const std::int64_t warp = (blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= rows) return;
-  const std::int8_t* v = p + warp * dp;
-  long long s = 0;
-  for (std::int64_t k = lane; k < dp; k += 32) s += static_cast<int>(v[k]) * static_cast<int>(v[k]);
-  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  if (lane == 0) norms[warp] = s;
-}
-
 // Exact int8 Gram per (row block, column block, tile) with WMMA 16×16×16; 4 warps, each 32×32 outputs.
-__global__ void __launch_bounds__(128) tile_i8_kernel(const std::int8_t* __restrict__ pa,
-                                                       const std::int8_t* __restrict__ pb,
-                                                       const long long* __restrict__ na,
-                                                       const long long* __restrict__ nb, Geo ga, Geo gb,
-                                                       bool symmetric, unsigned long long* __restrict__ smax) {
+__global__ void __launch_bounds__(128)
+    tile_i8_kernel(const std::int8_t* __restrict__ pa, const std::int8_t* __restrict__ pb,
+                   const long long* __restrict__ na, const long long* __restrict__ nb, Geo ga, Geo gb,
+                   bool symmetric, unsigned long long* __restrict__ smax) {
   using namespace nvcuda;
   const int bm = blockIdx.x, bn = blockIdx.y, t = blockIdx.z;
   if (symmetric && bn < bm) return;
@@ -123,16 +123,29 @@ __global__ void __launch_bounds__(128) tile_i8_kernel(const std::int8_t* __restr
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(c[i][j], 0);
-    for (std::int64_t k0 = s0; k0 < s1; k0 += kKStep) {
-      // 64 rows × 64 bytes per operand = 256 int4 loads: two per thread per operand.
+    // 64 rows × 128 bytes per operand = 512 int4 loads: four per thread per operand. The next step's loads
+    // are issued before this step's MMAs (register double buffering) so global latency overlaps compute.
+    int4 ra[4], rb[4];
+    auto fetch = [&](std::int64_t k0) {
 #pragma unroll
-      for (int l = 0; l < 2; ++l) {
+      for (int l = 0; l < 4; ++l) {
         const int v = tid + l * 128;
-        const int row = v / 4, col = (v % 4) * 16;
-        *reinterpret_cast<int4*>(&As[row][col]) = *reinterpret_cast<const int4*>(a0 + row * dp + k0 + col);
-        *reinterpret_cast<int4*>(&Bs[row][col]) = *reinterpret_cast<const int4*>(b0 + row * dp + k0 + col);
+        const int row = v / 8, col = (v % 8) * 16;
+        ra[l] = *reinterpret_cast<const int4*>(a0 + row * dp + k0 + col);
+        rb[l] = *reinterpret_cast<const int4*>(b0 + row * dp + k0 + col);
+      }
+    };
+    fetch(s0);
+    for (std::int64_t k0 = s0; k0 < s1; k0 += kKStep) {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int v = tid + l * 128;
+        const int row = v / 8, col = (v % 8) * 16;
+        *reinterpret_cast<int4*>(&As[row][col]) = ra[l];
+        *reinterpret_cast<int4*>(&Bs[row][col]) = rb[l];
       }
       __syncthreads();
+      if (k0 + kKStep < s1) fetch(k0 + kKStep);
 #pragma unroll
       for (int kk = 0; kk < kKStep; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, signed char, wmma::row_major> fa[2];
@@ -174,8 +187,9 @@ __global__ void __launch_bounds__(128) tile_i8_kernel(const std::int8_t* __restr
 }
 
 // Direct differences in fp32 for float images: 16×16 threads, each 4×4 pairs of a 64×64 block.
-__global__ void __launch_bounds__(256) tile_f32_kernel(const float* __restrict__ pa, const float* __restrict__ pb,
-                                                        Geo ga, Geo gb, bool symmetric, float* __restrict__ smax) {
+__global__ void __launch_bounds__(256)
+    tile_f32_kernel(const float* __restrict__ pa, const float* __restrict__ pb, Geo ga, Geo gb,
+                    bool symmetric, float* __restrict__ smax) {
   const int bm = blockIdx.x, bn = blockIdx.y, t = blockIdx.z;
   if (symmetric && bn < bm) return;
   __shared__ float As[kKStepF][kBlock + 1];
@@ -230,7 +244,8 @@ __global__ void __launch_bounds__(256) tile_f32_kernel(const float* __restrict__
       const std::int64_t j = static_cast<std::int64_t>(bn) * kBlock + tx * 4 + q;
       if (i < ga.n && j < gb.n) {
         // S >= 0: the float's bit pattern orders like an int, so an integer atomicMax is a float max.
-        atomicMax(reinterpret_cast<int*>(smax + i * gb.n + j), __float_as_int(static_cast<float>(total[r][q])));
+        atomicMax(reinterpret_cast<int*>(smax + i * gb.n + j),
+                  __float_as_int(static_cast<float>(total[r][q])));
       }
     }
 }
@@ -295,8 +310,8 @@ int grid_for(std::int64_t total, int threads) {
 
 // Computes smax [n, m] (caller frees with cudaFreeAsync). Returns the tile size n_tile.
 void* compute_smax(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t m, std::int64_t c,
-                   std::int64_t h, std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw, bool symmetric,
-                   cudaStream_t stream, std::int64_t* n_tile) {
+                   std::int64_t h, std::int64_t w, int dtype, std::int64_t gh, std::int64_t gw,
+                   bool symmetric, cudaStream_t stream, std::int64_t* n_tile) {
   const bool is_int = static_cast<DType>(dtype) == DType::kUInt8;
   const Geo ga = make_geo(n, c, h, w, gh, gw, is_int ? kKStep : kKStepF);
   const Geo gb = make_geo(m, c, h, w, gh, gw, is_int ? kKStep : kKStepF);
@@ -320,41 +335,37 @@ void* compute_smax(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int6
   const dim3 tiles_grid(static_cast<unsigned>(ga.np / kBlock), static_cast<unsigned>(gb.np / kBlock),
                         static_cast<unsigned>(ga.tiles));
   if (is_int) {
-    pack_kernel<std::int8_t><<<grid_for(ga.tiles * ga.np * ga.dp, 256), 256, 0, stream>>>(
-        xa, dtype, ga, static_cast<std::int8_t*>(pa));
-    MEMCORE_CUDA_CHECK_LAUNCH("distance pack a");
-    if (!symmetric) {
-      pack_kernel<std::int8_t><<<grid_for(gb.tiles * gb.np * gb.dp, 256), 256, 0, stream>>>(
-          xb, dtype, gb, static_cast<std::int8_t*>(pb));
-      MEMCORE_CUDA_CHECK_LAUNCH("distance pack b");
-    }
     long long* na = nullptr;
     long long* nb = nullptr;
     MEMCORE_CUDA_CHECK(cudaMallocAsync(&na, static_cast<std::size_t>(ga.tiles * ga.np) * 8, stream));
-    norms_i8_kernel<<<grid_for(ga.tiles * ga.np * 32, 256), 256, 0, stream>>>(static_cast<std::int8_t*>(pa),
-                                                                             ga.tiles * ga.np, ga.dp, na);
-    MEMCORE_CUDA_CHECK_LAUNCH("distance norms a");
+    pack_kernel<std::int8_t>
+        <<<dim3(static_cast<unsigned>(ga.np), static_cast<unsigned>(ga.tiles)), 256, 0, stream>>>(
+            xa, dtype, ga, static_cast<std::int8_t*>(pa), na);
+    MEMCORE_CUDA_CHECK_LAUNCH("distance pack a");
     if (symmetric) {
       nb = na;
     } else {
       MEMCORE_CUDA_CHECK(cudaMallocAsync(&nb, static_cast<std::size_t>(gb.tiles * gb.np) * 8, stream));
-      norms_i8_kernel<<<grid_for(gb.tiles * gb.np * 32, 256), 256, 0, stream>>>(static_cast<std::int8_t*>(pb),
-                                                                               gb.tiles * gb.np, gb.dp, nb);
-      MEMCORE_CUDA_CHECK_LAUNCH("distance norms b");
+      pack_kernel<std::int8_t>
+          <<<dim3(static_cast<unsigned>(gb.np), static_cast<unsigned>(gb.tiles)), 256, 0, stream>>>(
+              xb, dtype, gb, static_cast<std::int8_t*>(pb), nb);
+      MEMCORE_CUDA_CHECK_LAUNCH("distance pack b");
     }
-    tile_i8_kernel<<<tiles_grid, 128, 0, stream>>>(static_cast<std::int8_t*>(pa), static_cast<std::int8_t*>(pb),
-                                                   na, nb, ga, gb, symmetric,
+    tile_i8_kernel<<<tiles_grid, 128, 0, stream>>>(static_cast<std::int8_t*>(pa),
+                                                   static_cast<std::int8_t*>(pb), na, nb, ga, gb, symmetric,
                                                    static_cast<unsigned long long*>(smax));
     MEMCORE_CUDA_CHECK_LAUNCH("distance tile_i8");
     MEMCORE_CUDA_CHECK(cudaFreeAsync(na, stream));
     if (!symmetric) MEMCORE_CUDA_CHECK(cudaFreeAsync(nb, stream));
   } else {
-    pack_kernel<float><<<grid_for(ga.tiles * ga.np * ga.dp, 256), 256, 0, stream>>>(xa, dtype, ga,
-                                                                                   static_cast<float*>(pa));
+    pack_kernel<float>
+        <<<dim3(static_cast<unsigned>(ga.np), static_cast<unsigned>(ga.tiles)), 256, 0, stream>>>(
+            xa, dtype, ga, static_cast<float*>(pa), nullptr);
     MEMCORE_CUDA_CHECK_LAUNCH("distance pack a");
     if (!symmetric) {
-      pack_kernel<float><<<grid_for(gb.tiles * gb.np * gb.dp, 256), 256, 0, stream>>>(xb, dtype, gb,
-                                                                                     static_cast<float*>(pb));
+      pack_kernel<float>
+          <<<dim3(static_cast<unsigned>(gb.np), static_cast<unsigned>(gb.tiles)), 256, 0, stream>>>(
+              xb, dtype, gb, static_cast<float*>(pb), nullptr);
       MEMCORE_CUDA_CHECK_LAUNCH("distance pack b");
     }
     tile_f32_kernel<<<tiles_grid, 256, 0, stream>>>(static_cast<float*>(pa), static_cast<float*>(pb), ga, gb,
@@ -372,6 +383,7 @@ void check_args(std::int64_t n, std::int64_t m, std::int64_t c, std::int64_t h, 
   check(c > 0 && h > 0 && w > 0, "distance: empty C/H/W");
   check(gh > 0 && gw > 0 && h % gh == 0 && w % gw == 0, "distance: grid must divide H and W");
   check(!symmetric || n == m, "distance: symmetric needs b == a");
+  check(gh * gw <= 65535, "distance: CUDA supports at most 65535 tiles (grid rows × cols)");
   const DType d = static_cast<DType>(dtype);
   check(d == DType::kUInt8 || d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16,
         "distance: CUDA takes uint8, float32, float16 or bfloat16 images");
@@ -393,8 +405,8 @@ void matrix_cuda(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_
     finish_matrix_kernel<true><<<blocks, 256, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
                                                            scale, as_ptr<float>(out));
   } else {
-    finish_matrix_kernel<false><<<blocks, 256, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
-                                                            scale, as_ptr<float>(out));
+    finish_matrix_kernel<false><<<blocks, 256, 0, stream>>>(
+        smax, n, m, symmetric, static_cast<double>(n_tile), scale, as_ptr<float>(out));
   }
   MEMCORE_CUDA_CHECK_LAUNCH("distance finish_matrix");
   MEMCORE_CUDA_CHECK(cudaFreeAsync(smax, stream));
@@ -413,8 +425,8 @@ void graph_cuda(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t
   const int blocks = grid_for(n * words, 128);
   const float thr = static_cast<float>(alpha);
   if (is_int) {
-    finish_graph_kernel<true><<<blocks, 128, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile), scale,
-                                                          thr, as_ptr<unsigned long long>(out));
+    finish_graph_kernel<true><<<blocks, 128, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
+                                                          scale, thr, as_ptr<unsigned long long>(out));
   } else {
     finish_graph_kernel<false><<<blocks, 128, 0, stream>>>(smax, n, m, symmetric, static_cast<double>(n_tile),
                                                            scale, thr, as_ptr<unsigned long long>(out));

@@ -12,9 +12,10 @@ namespace memcore {
 namespace step {
 namespace {
 
-StepArgs make_args(int64_t batch, int64_t chw, std::uintptr_t sample, std::uintptr_t model, std::uintptr_t grad,
-                   std::uintptr_t noise, std::uintptr_t ratio, std::uintptr_t out, std::uintptr_t table,
-                   int64_t num_steps, int64_t flags, float g, float gr, float one_minus_gr, float clip) {
+StepArgs make_args(int64_t batch, int64_t chw, std::uintptr_t sample, std::uintptr_t model,
+                   std::uintptr_t grad, std::uintptr_t noise, std::uintptr_t ratio, std::uintptr_t out,
+                   std::uintptr_t table, int64_t num_steps, int64_t flags, float g, float gr,
+                   float one_minus_gr, float clip) {
   check(sample && model && out && table, "fused step: null tensor pointer");
   check(!(flags & kRescale) || ratio, "fused step: guidance rescale needs the ratio tensor");
   check(!(flags & kCls) || grad, "fused step: classifier guidance needs the gradient tensor");
@@ -46,9 +47,10 @@ void register_step(py::module_& m) {
   m.doc() = "Fused sampler step (CFG, classifier guidance, DDIM/DDPM update, noise) in one pass.";
   m.def(
       "step_cpu",
-      [](int dtype, int64_t batch, int64_t chw, std::uintptr_t sample, std::uintptr_t model, std::uintptr_t grad,
-         std::uintptr_t noise, std::uintptr_t ratio, std::uintptr_t out, std::uintptr_t table, int64_t num_steps,
-         int64_t step, int64_t flags, float g, float gr, float one_minus_gr, float clip) {
+      [](int dtype, int64_t batch, int64_t chw, std::uintptr_t sample, std::uintptr_t model,
+         std::uintptr_t grad, std::uintptr_t noise, std::uintptr_t ratio, std::uintptr_t out,
+         std::uintptr_t table, int64_t num_steps, int64_t step, int64_t flags, float g, float gr,
+         float one_minus_gr, float clip) {
         StepArgs a = make_args(batch, chw, sample, model, grad, noise, ratio, out, table, num_steps, flags, g,
                                gr, one_minus_gr, clip);
         check(step >= 0 && step < num_steps, "fused step: step index out of range");
@@ -57,13 +59,15 @@ void register_step(py::module_& m) {
         step_cpu(static_cast<DType>(dtype), a, step);
       },
       "CPU fused step; tensors as raw pointers (memcore/ops/step.py).");
+  m.def("_set_cpu_baseline", &set_cpu_baseline, "Tests: force the baseline (non-AVX2) CPU path.");
+  m.def("cpu_uses_avx2", &cpu_uses_avx2, "Whether the CPU step runs its AVX2 + F16C code path.");
 #ifdef MEMCORE_WITH_CUDA
   m.def(
       "step_cuda",
-      [](int dtype, int64_t batch, int64_t chw, std::uintptr_t sample, std::uintptr_t model, std::uintptr_t grad,
-         std::uintptr_t noise, std::uintptr_t ratio, std::uintptr_t out, std::uintptr_t table, int64_t num_steps,
-         std::uintptr_t step_ptr, int64_t flags, float g, float gr, float one_minus_gr, float clip,
-         std::uintptr_t stream) {
+      [](int dtype, int64_t batch, int64_t chw, std::uintptr_t sample, std::uintptr_t model,
+         std::uintptr_t grad, std::uintptr_t noise, std::uintptr_t ratio, std::uintptr_t out,
+         std::uintptr_t table, int64_t num_steps, std::uintptr_t step_ptr, int64_t flags, float g, float gr,
+         float one_minus_gr, float clip, std::uintptr_t stream) {
         StepArgs a = make_args(batch, chw, sample, model, grad, noise, ratio, out, table, num_steps, flags, g,
                                gr, one_minus_gr, clip);
         check(step_ptr != 0, "fused step: null step pointer");

@@ -40,21 +40,21 @@ enum Flag : int64_t {
 };
 
 struct StepArgs {
-  int64_t batch;         // B
-  int64_t chw;           // C * H * W
-  const void* sample;    // [B, C, H, W]
-  const void* model;     // [B, C, H, W], or [2B, C, H, W] = cat([uncond, cond]) with kCfg
-  const void* grad;      // [B, C, H, W] or null (kCls)
-  const void* noise;     // [B, C, H, W] or null
-  const float* ratio;    // [B] float32 std(cond) / std(cfg), or null (kRescale)
-  void* out;             // [B, C, H, W]
-  const float* table;    // [num_steps, kNumCols] float32
-  int64_t num_steps;     // S
-  int64_t flags;         // Flag bits
-  float g;               // CFG scale
-  float gr;              // guidance rescale factor
-  float one_minus_gr;    // 1 - gr, rounded from double as PyTorch does for a Python float
-  float clip;            // clip_sample_range
+  int64_t batch;       // B
+  int64_t chw;         // C * H * W
+  const void* sample;  // [B, C, H, W]
+  const void* model;   // [B, C, H, W], or [2B, C, H, W] = cat([uncond, cond]) with kCfg
+  const void* grad;    // [B, C, H, W] or null (kCls)
+  const void* noise;   // [B, C, H, W] or null
+  const float* ratio;  // [B] float32 std(cond) / std(cfg), or null (kRescale)
+  void* out;           // [B, C, H, W]
+  const float* table;  // [num_steps, kNumCols] float32
+  int64_t num_steps;   // S
+  int64_t flags;       // Flag bits
+  float g;             // CFG scale
+  float gr;            // guidance rescale factor
+  float one_minus_gr;  // 1 - gr, rounded from double as PyTorch does for a Python float
+  float clip;          // clip_sample_range
 };
 
 #if defined(__CUDACC__)
@@ -150,6 +150,9 @@ MEMCORE_HD float step_element(const StepArgs& a, const float* coef, int64_t i, L
 
 // CPU (OpenMP). `step` indexes the table on the host.
 void step_cpu(DType dtype, const StepArgs& args, int64_t step);
+// Tests: force the baseline (SSE2) code path instead of the AVX2+F16C one, and ask which one runs.
+void set_cpu_baseline(bool on);
+bool cpu_uses_avx2();
 
 #ifdef MEMCORE_WITH_CUDA
 // CUDA. The step index is read on the device from `step_ptr` (int64, graph-capturable).

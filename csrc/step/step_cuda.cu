@@ -43,7 +43,9 @@ struct StoreF32 {
   __device__ void operator()(void* p, int64_t i, float v) const { static_cast<float*>(p)[i] = v; }
 };
 struct StoreF16 {
-  __device__ void operator()(void* p, int64_t i, float v) const { static_cast<__half*>(p)[i] = __float2half_rn(v); }
+  __device__ void operator()(void* p, int64_t i, float v) const {
+    static_cast<__half*>(p)[i] = __float2half_rn(v);
+  }
 };
 struct StoreBF16 {
   __device__ void operator()(void* p, int64_t i, float v) const {

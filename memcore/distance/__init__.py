@@ -31,11 +31,12 @@ Functions (``grid=(rows, cols)`` must divide H and W; ``grid=(1, 1)`` is plain L
   ``[N, ceil(M/64)]`` for building a condition's graph incrementally as batches finish (row block i of the
   full graph is ``tiled_l2_graph(batch_i, alpha, b=all_previous)`` next to the pairwise block). ``alpha`` is
   compared as float32 (what ``d <= alpha`` does on a float32 tensor), so for uint8 the bitset agrees bit for
-  bit with thresholding :func:`tiled_l2`. For float inputs the GPU backends compute each ordered pair
-  separately, so the pairwise bitset is symmetric up to float rounding at the threshold.
+  bit with thresholding :func:`tiled_l2`. Every backend derives pairwise results from one value per
+  unordered pair, so pairwise matrices and bitsets are exactly symmetric for every dtype.
 
 Backends: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++/OpenMP), ``"triton"``, ``"cuda"``; ``"auto"`` picks
-the fastest available for the tensors' device (CPU: cpu; CUDA: see :data:`CUDA_ORDER`).
+the fastest available for the tensors' device (CPU: cpu; CUDA: :data:`CUDA_ORDER` for uint8,
+:data:`CUDA_ORDER_FLOAT` for floats).
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ import torch
 from memcore.ops import _backend
 from memcore.ops import distance as _ops
 
-__all__ = ["CUDA_ORDER", "knn", "l2", "tiled_l2", "tiled_l2_graph"]
+__all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_graph"]
 
-#: Preference of ``backend="auto"`` on CUDA tensors. The CUDA core uses int8 tensor cores (WMMA) for uint8;
-#: the H100 benchmark (benchmarks/bench_distance.py) decides this order.
+#: Preference of ``backend="auto"`` on CUDA tensors, per input kind, as measured on an H100
+#: (benchmarks/bench_distance.py, commit 251f2ba): uint8 SD pairwise 500×3×512×512 — cuda 2.86 ms, triton
+#: 3.18 ms; CIFAR k-NN — cuda 52 ms, triton 65 ms. float32 pairwise 200×3×512×512 — triton 3.4 ms
+#: (tf32x3 tensor cores), cuda 7.1 ms (fp32 direct differences).
 CUDA_ORDER: tuple[str, ...] = ("cuda", "triton")
+CUDA_ORDER_FLOAT: tuple[str, ...] = ("triton", "cuda")
 
 _DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RANGES = {"unit": 1.0, "symmetric": 0.5}
@@ -115,7 +119,8 @@ def _check_finite(x: torch.Tensor | None, name: str, check: bool) -> None:
 
 
 def _backend_for(backend: str, x: torch.Tensor) -> str:
-    name = _backend.resolve(backend, x.device, cuda_order=CUDA_ORDER)
+    order = CUDA_ORDER if x.dtype == torch.uint8 else CUDA_ORDER_FLOAT
+    name = _backend.resolve(backend, x.device, cuda_order=order)
     if x.dtype == torch.float64 and name != "reference":
         if backend == "auto":
             return "reference"

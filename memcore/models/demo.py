@@ -21,6 +21,26 @@ is the condition) and ``uncond`` (the label is ignored). The planted indices and
 ``recipe.json`` next to each variant's weights; :func:`demo_training_set` reads them from there, so the
 weights and the data that explain them cannot drift apart.
 
+Model: a diffusers ``UNet2DModel`` (16×16, 1 channel, ``block_out_channels=(16, 32, 64)``, one ResNet per
+level, no attention, 0.64 M parameters), epsilon prediction, 1,000 linear betas 1e-4..0.02; sample it with the
+saved DDIM scheduler (50 steps, eta 0) on [-1, 1] and map to [0, 1] by ``(x + 1) / 2``.
+
+Measured on the bundled weights (``validate_demo``, diffusers DDIM 50 steps, CPU; stored in
+``validation.json`` next to the weights), at the SPEC defaults alpha = 0.1 (tiled L2, 4×4 grid),
+min_clique = 10, delta = 0.15:
+
+- ``cond``, 100 samples per class (seed 0): samples within L2 0.15 of the planted image, classes 0/2/4/6/8:
+  43/29/45/52/38 %; largest clique 32/21/33/30/30, each medoid's nearest training image is the planted one
+  (L2 0.010-0.019); the unplanted classes 1/3/5/7/9 have largest clique 1. Recall 5/5, 0 false positives.
+  With seed 7: cliques 34/22/34/37/28, again 5/5 and 0. With only 50 samples per class (seed 1) class 2's
+  clique is 9, so recall drops to 4/5: **the demo should use 100 generations per class**.
+- ``uncond``, 500 samples: 30 % lie within L2 0.15 of a planted image; the largest clique is 35-44 with a
+  planted image as medoid; SPEC §3's ratio test (0.5 × mean L2 to the 50 nearest, against the 1,797 unique
+  digits) extracts all 5 planted images (13-50 samples each) and, with seed 0, 2 unplanted digits (index 351
+  and 1256, one sample each; none with seed 7).
+- CPU cost (one thread, on the shared 2-core build machine): 1,000 conditional samples × 50 steps ≈ 55-77 s,
+  500 unconditional ≈ 28-45 s.
+
 Weights live in ``memcore/models/demo_weights/{cond,uncond}/`` in diffusers' ``save_pretrained`` layout
 (``config.json``, ``diffusion_pytorch_model.safetensors`` stored as float16, ``scheduler_config.json`` of a
 :class:`diffusers.DDIMScheduler` with the training betas) and are reproduced by
@@ -42,6 +62,10 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "demo_weights"
 RECIPE_FILE = "recipe.json"
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
+# What `memcore demo` should run (measured to find 5/5 planted images at the SPEC defaults; see above).
+DEMO_NUM_PER_CLASS = 100
+DEMO_NUM_UNCOND = 500
+DEMO_INFERENCE_STEPS = 50
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,11 @@ def _default_scheduler() -> Any:
 
 
 def _finish_unet(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
-    unet = unet.to(device=device, dtype=dtype) if dtype is not None else unet.to(device=device)
+    p = next(unet.parameters(), None)
+    if dtype is not None and p is not None and p.dtype != dtype:
+        unet = unet.to(device=device, dtype=dtype)
+    else:  # already in dtype (loaded with torch_dtype): a second cast only makes diffusers warn
+        unet = unet.to(device=device)
     unet.eval().requires_grad_(False)
     return unet
 

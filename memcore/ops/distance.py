@@ -20,6 +20,7 @@ import torch
 
 from memcore.ops import _native
 from memcore.reference import distance as ref
+from memcore.utils.profiling import stage
 
 #: dtypes the native and Triton backends take (float64 is the reference's oracle dtype only).
 NATIVE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
@@ -82,7 +83,8 @@ def distance_matrix(
     a: torch.Tensor, b: torch.Tensor | None, grid_h: int, grid_w: int, scale: float, backend: str
 ) -> torch.Tensor:
     """Tiled L2 matrix (1×1 grid: plain L2). a: [N, C, H, W]; b: [M, C, H, W] or None -> [N, M]."""
-    return _matrix_impl(a, b, grid_h, grid_w, scale, backend)
+    with stage("distance:matrix"):
+        return _matrix_impl(a, b, grid_h, grid_w, scale, backend)
 
 
 @distance_matrix.register_fake
@@ -97,20 +99,23 @@ def _(a, b, grid_h, grid_w, scale, backend):
 def _knn_chunked(
     matrix_fn, queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Streamed top-k over reference chunks with the (distance, index) order; memory O(N·(k + chunk))."""
+    """Streamed top-k over reference chunks in (distance, index) order; memory O(N·(k + chunk)).
+
+    Distances are >= 0, so their float32 bit patterns order like integers: the int64 key
+    ``bits(d) << 32 | index`` is unique per candidate and its order is (distance, then smaller index), which
+    lets an (unstable) ``topk`` give exactly the stable-sort result.
+    """
     n, m = queries.shape[0], refs.shape[0]
-    best_d = queries.new_empty((n, 0), dtype=torch.float32)
-    best_i = queries.new_empty((n, 0), dtype=torch.int64)
+    best = queries.new_empty((n, 0), dtype=torch.int64)
     for start in range(0, m, chunk):
         stop = min(m, start + chunk)
         d = matrix_fn(refs[start:stop])
-        idx = torch.arange(start, stop, device=queries.device).expand(n, -1)
-        cat_d = torch.cat([best_d, d], 1)
-        cat_i = torch.cat([best_i, idx], 1)
-        order = torch.sort(cat_d, dim=1, stable=True).indices[:, :k]
-        best_d = torch.gather(cat_d, 1, order)
-        best_i = torch.gather(cat_i, 1, order)
-    return best_d, best_i
+        idx = torch.arange(start, stop, device=queries.device, dtype=torch.int64)
+        keys = (d.view(torch.int32).to(torch.int64) << 32) | idx
+        cat = torch.cat([best, keys], 1)
+        best = torch.topk(cat, min(k, cat.shape[1]), dim=1, largest=False, sorted=True).values
+    dist = (best >> 32).to(torch.int32).view(torch.float32)
+    return dist, best & 0xFFFFFFFF
 
 
 def _knn_impl(
@@ -163,7 +168,8 @@ def distance_knn(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest refs per query, ascending, ties by smaller index. -> ([N, k] float32, [N, k] int64)."""
-    return _knn_impl(queries, refs, k, grid_h, grid_w, scale, chunk, backend)
+    with stage("distance:knn"):
+        return _knn_impl(queries, refs, k, grid_h, grid_w, scale, chunk, backend)
 
 
 @distance_knn.register_fake
@@ -231,7 +237,8 @@ def distance_graph(
     backend: str,
 ) -> torch.Tensor:
     """Bitset of ``tiled_l2 <= alpha``: a [N, C, H, W], b [M, C, H, W] or None -> uint64 [N, ceil(M/64)]."""
-    return _graph_impl(a, b, alpha, grid_h, grid_w, scale, backend)
+    with stage("distance:graph"):
+        return _graph_impl(a, b, alpha, grid_h, grid_w, scale, backend)
 
 
 @distance_graph.register_fake

@@ -206,6 +206,12 @@ def coefficient_table(
     )
     table = plan._cache.get(key)
     if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fused step: the coefficient table is built with a host-to-device copy, which a CUDA graph "
+                "capture cannot hold; run the step once before capturing (or call "
+                "memcore.ops.step.coefficient_table(plan, config, classifier_scale, dtype, device) first)"
+            )
         base_key = ("rows", config.prediction_type, float(config.eta), float(classifier_scale))
         rows = plan._cache.get(base_key)
         if rows is None:
@@ -496,11 +502,21 @@ def fused_step(
             classifier_scale=classifier_scale,
             noise=noise,
         )
-    step = torch.tensor(step_index, dtype=torch.int64, device="cpu" if name == "cpu" else sample.device)
+    step = _step_tensor(plan, step_index, torch.device("cpu") if name == "cpu" else sample.device)
     return _launch(
         name, sample, model_output, plan, config, step, cfg, cls, guidance_scale, classifier_grad,
         classifier_scale, noise,
     )  # fmt: skip
+
+
+def _step_tensor(plan: StepPlan, step_index: int, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 view of ``arange(S)`` on ``device`` holding ``step_index``: no host-to-device copy per step."""
+    key = ("steps", str(device))
+    steps = plan._cache.get(key)
+    if steps is None:
+        steps = torch.arange(len(plan.timesteps), dtype=torch.int64, device=device)
+        plan._cache[key] = steps
+    return steps[step_index]
 
 
 def _launch(

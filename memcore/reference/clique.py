@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 
-import networkx as nx
 import numpy as np
 import torch
 
@@ -37,6 +36,8 @@ def pack_bitset(dense: torch.Tensor) -> torch.Tensor:
 def unpack_bitset(adj: torch.Tensor) -> torch.Tensor:
     """uint64 bitset ``[N, ceil(N/64)]`` -> boolean ``[N, N]`` (the inverse of :func:`pack_bitset`)."""
     n = adj.shape[0]
+    if n == 0:
+        return torch.zeros((0, 0), dtype=torch.bool)
     raw = adj.detach().cpu().contiguous().numpy().view(np.uint8).reshape(n, -1)
     bits = np.unpackbits(raw, axis=1, bitorder="little")
     return torch.from_numpy(bits[:, :n].astype(bool))
@@ -45,6 +46,8 @@ def unpack_bitset(adj: torch.Tensor) -> torch.Tensor:
 def validate(adj: torch.Tensor) -> None:
     """Raise ValueError unless the bitset is square, symmetric, loop-free and zero-padded."""
     n = adj.shape[0]
+    if n == 0:
+        return
     raw = adj.detach().cpu().contiguous().numpy().view(np.uint8).reshape(n, -1)
     bits = np.unpackbits(raw, axis=1, bitorder="little").astype(bool)
     if bits[:, n:].any():
@@ -70,8 +73,10 @@ def threshold_graph(dist: torch.Tensor, alpha: float) -> torch.Tensor:
     return pack_bitset(e)
 
 
-def to_networkx(adj: torch.Tensor) -> nx.Graph:
+def to_networkx(adj: torch.Tensor):
     """The graph of a bitset as a networkx graph on vertices 0..N-1."""
+    import networkx as nx  # imported here: `import memcore.graph` should not pay for networkx
+
     dense = unpack_bitset(adj).numpy()
     g = nx.Graph()
     g.add_nodes_from(range(dense.shape[0]))
@@ -95,6 +100,8 @@ def max_clique(adj: torch.Tensor, *, min_size: int = 1) -> tuple[list[int], bool
     n = adj.shape[0]
     if n == 0:
         return [], True, 0, 0
+    import networkx as nx
+
     best: list[int] = []
     count = 0
     for c in nx.find_cliques(to_networkx(adj)):
@@ -109,6 +116,8 @@ def max_clique(adj: torch.Tensor, *, min_size: int = 1) -> tuple[list[int], bool
 
 def max_weight_clique(adj: torch.Tensor) -> list[int]:
     """networkx's ``max_weight_clique`` (unit weights): one maximum clique, no tie rule (a baseline only)."""
+    import networkx as nx
+
     members, _ = nx.max_weight_clique(to_networkx(adj), weight=None)
     return sorted(members)
 

@@ -47,8 +47,8 @@ def sample(
 
     Args:
         model: a local diffusers model or pipeline directory, a ``.safetensors`` file with ``config.json``
-            beside it, a loaded diffusers object, a ``LoadedModel`` or a ``Sampler`` (then the sampling
-            arguments must match its config and are taken from it).
+            beside it, a loaded diffusers object, a ``LoadedModel`` or a ``Sampler`` (reuses its model, caches
+            and CUDA graphs; its config applies, and a ``batch_size`` that differs from it is an error).
         seeds: ``[N]`` seeds; candidate ``i`` starts from ``torch.randn`` of ``Generator(device).manual_seed(
             seeds[i])``.
         conditions: one per seed: class ids (class-conditional UNet) or prompts (text-to-image); a single value
@@ -75,6 +75,10 @@ def sample(
     conds = _broadcast_conditions(conditions, n)
     if isinstance(model, Sampler):
         sampler = model
+        if batch_size is not None and batch_size != sampler.config.batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} differs from the Sampler's micro-batch {sampler.config.batch_size}"
+            )
     else:
         if batch_size is None:
             batch_size = max(1, min(n, _MAX_DEFAULT_BATCH))

@@ -227,6 +227,14 @@ class Sampler:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = lm = load_model(model, device=device, dtype=dtype)
         self.device = lm.device
+        if self.device.type == "cuda" and torch.backends.cudnn.benchmark:
+            # autotuning may pick other conv algorithms in another process: images would not regenerate
+            warnings.warn(
+                "torch.backends.cudnn.benchmark is on: convolution algorithms are chosen by timing, so a "
+                "candidate regenerated in another process may differ in its last bits; turn it off for "
+                "bit-identical regeneration",
+                stacklevel=2,
+            )
         if lm.kind == "sd_pipeline" and getattr(lm.unet.config, "time_cond_proj_dim", None) is not None:
             raise ValueError("UNets with time_cond_proj_dim (LCM guidance embedding) are not supported")
 
@@ -516,10 +524,12 @@ class Sampler:
         self._gseeds.copy_(seeds)
         for k, v in kwargs.items():
             self._gkw[k].copy_(v)
-        for i in range(len(self.timesteps)):
-            self._gt.copy_(self.t_device[i])
-            self._gstep.fill_(i)
-            self._graph.replay()
+        # NVTX ranges cannot live inside a graph: one range covers the replays (UNet + step of every step).
+        with stage("unet:graph+step"):
+            for i in range(len(self.timesteps)):
+                self._gt.copy_(self.t_device[i])
+                self._gstep.fill_(i)
+                self._graph.replay()
         return self._gx.clone()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,15 +81,6 @@ class StepPlan:
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != (s,):
                 raise ValueError(f"StepPlan.{name} must be a float32 tensor of shape [{s}]")
 
-    def build_scheduler(self):
-        """A fresh diffusers scheduler of the source class and config, with ``set_timesteps`` applied."""
-        import diffusers
-
-        cls = getattr(diffusers, self.scheduler_class)
-        sched = cls.from_config(self.scheduler_config)
-        sched.set_timesteps(self.num_inference_steps)
-        return sched
-
 
 def _check_common(cfg: Any, name: str) -> None:
     if cfg.get("thresholding", False):

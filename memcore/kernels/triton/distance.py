@@ -1,11 +1,12 @@
 """Triton kernels for normalized / tiled L2 ([C23] §4.2): per-tile Gram products and a fused epilogue.
 
-Both sets are packed tile-major, ``[T, N, Dp]`` (T = gh·gw tiles of D = C·th·tw values, zero-padded to Dp,
-a multiple of the K block), by one PyTorch copy. Then two kernels:
+Both sets are packed tile-major, ``[T, N, D]`` (T = gh·gw tiles of D = C·th·tw values), by one PyTorch copy
+(a free view for the 1×1 grid). Then two kernels:
 
 1. ``_tile_sq_kernel``, one program per (row block, column block, tile): ``G = A_t B_tᵀ`` with ``tl.dot``,
-   ``S_t = ‖a‖² + ‖b‖² − 2G`` and ``atomic_max`` into ``smax [N, M]`` (the maximum over tiles at the same
-   grid position). uint8 images are shifted to int8 (``x − 128``: differences are unchanged, and int8
+   ``S_t = ‖a‖² + ‖b‖² − 2G`` (norms summed from the same loads) and ``atomic_max`` into ``smax [N, M]`` (the
+   maximum over tiles at the same grid position). uint8 images are shifted to int8 in registers
+   (``x − 128``: differences are unchanged, and int8
    ``tl.dot`` with int32 accumulation is exact; the K loop is split into segments of at most 2^17 products so
    int32 never overflows, and segments add up in int64). Floats are packed as float32 and multiplied with
    ``input_precision="tf32x3"`` (≈ fp32 accuracy) on the GPU. Pairwise calls skip blocks below the diagonal.
@@ -14,7 +15,7 @@ a multiple of the K block), by one PyTorch copy. Then two kernels:
    graph, one uint64 word per (row, 64 columns): bit j set iff ``d <= float32(alpha)``. Pairwise results read
    S from the upper triangle, so they are exactly symmetric.
 
-The padding zeros contribute nothing to dot products or norms in either representation.
+Masked K-tail lanes load 128 (uint8, shifted to 0) or 0.0, so they contribute nothing.
 """
 
 from __future__ import annotations
@@ -29,19 +30,17 @@ BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_K = 64
 # int8 products are at most 128² = 2^14 in magnitude: 2^16 of them stay below 2^31 in an int32 accumulator.
-INT_SEGMENT = 65536
+INT_SEGMENT = 65536  # a multiple of BLOCK_K
 
 
 @triton.jit
 def _tile_sq_kernel(
-    a_ptr,  # [T, N, Dp] int8 or float32
-    b_ptr,  # [T, M, Dp]
-    na_ptr,  # [T, N] int64 / float32 squared norms
-    nb_ptr,  # [T, M]
+    a_ptr,  # [T, N, D] uint8 or float32 (tile-major)
+    b_ptr,  # [T, M, D]
     smax_ptr,  # [N, M] int64 / float32, zero-initialised; receives max over tiles of S
     N,
     M,
-    Dp,
+    D,
     IS_INT: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     SEGMENT: tl.constexpr,
@@ -60,28 +59,52 @@ def _tile_sq_kernel(
     ks = tl.arange(0, BK)
     rmask = rows < N
     cmask = cols < M
-    a_base = a_ptr + t.to(tl.int64) * N * Dp + rows.to(tl.int64)[:, None] * Dp
-    b_base = b_ptr + t.to(tl.int64) * M * Dp + cols.to(tl.int64)[None, :] * Dp
+    a_base = a_ptr + t.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D
+    b_base = b_ptr + t.to(tl.int64) * M * D + cols.to(tl.int64)[None, :] * D
+    # The squared norms come from the same loads as the product (no extra pass over the images).
     if IS_INT:
         g = tl.zeros((BM, BN), dtype=tl.int64)
-        for s0 in range(0, Dp, SEGMENT):
+        na = tl.zeros((BM,), dtype=tl.int64)
+        nb = tl.zeros((BN,), dtype=tl.int64)
+        for s0 in range(0, D, SEGMENT):
             part = tl.zeros((BM, BN), dtype=tl.int32)
-            for k0 in range(s0, tl.minimum(s0 + SEGMENT, Dp), BK):
-                a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None], other=0)
-                b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :], other=0)
+            pa = tl.zeros((BM,), dtype=tl.int32)
+            pb = tl.zeros((BN,), dtype=tl.int32)
+            for k0 in range(s0, tl.minimum(s0 + SEGMENT, D), BK):
+                kin = (k0 + ks) < D
+                # uint8 -> int8 (x − 128); masked lanes load 128 -> 0, contributing nothing.
+                a = (
+                    tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=128).to(
+                        tl.int16
+                    )
+                    - 128
+                ).to(tl.int8)
+                b = (
+                    tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=128).to(
+                        tl.int16
+                    )
+                    - 128
+                ).to(tl.int8)
                 part = tl.dot(a, b, part, out_dtype=tl.int32)
+                a32 = a.to(tl.int32)
+                b32 = b.to(tl.int32)
+                pa += tl.sum(a32 * a32, axis=1)
+                pb += tl.sum(b32 * b32, axis=0)
             g += part.to(tl.int64)
-        na = tl.load(na_ptr + t * N + rows, mask=rmask, other=0)
-        nb = tl.load(nb_ptr + t * M + cols, mask=cmask, other=0)
+            na += pa.to(tl.int64)
+            nb += pb.to(tl.int64)
         s = na[:, None] + nb[None, :] - 2 * g
     else:
         g = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, Dp, BK):
-            a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None], other=0.0)
-            b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :], other=0.0)
+        na = tl.zeros((BM,), dtype=tl.float32)
+        nb = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            kin = (k0 + ks) < D
+            a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=0.0)
+            b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=0.0)
             g = tl.dot(a, b, g, input_precision=PRECISION)
-        na = tl.load(na_ptr + t * N + rows, mask=rmask, other=0.0)
-        nb = tl.load(nb_ptr + t * M + cols, mask=cmask, other=0.0)
+            na += tl.sum(a * a, axis=1)
+            nb += tl.sum(b * b, axis=0)
         s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
     tl.atomic_max(
         smax_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :], s, mask=rmask[:, None] & cmask[None, :]
@@ -139,26 +162,21 @@ def _finish_kernel(
         tl.store(out_ptr + r2.to(tl.int64) * M + c2, d, mask=valid)
 
 
-def _pack(x: torch.Tensor, grid: tuple[int, int], dp: int) -> torch.Tensor:
-    """[N, C, H, W] -> [T, N, Dp]: int8 (x − 128) for uint8, float32 otherwise; zero padding."""
+def _pack(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[N, C, H, W] -> [T, N, D] tile-major (one copy; free for a 1×1 grid); uint8 stays uint8, floats ->
+    float32 (the kernel shifts uint8 to int8 and masks the K tail, so no padding is needed)."""
     n, c, h, w = x.shape
     gh, gw = grid
     th, tw = h // gh, w // gw
-    d = c * th * tw
-    if x.dtype == torch.uint8:
-        x = (x.to(torch.int16) - 128).to(torch.int8)
-    else:
+    if x.dtype != torch.uint8:
         x = x.to(torch.float32)
-    tiles = x.reshape(n, c, gh, th, gw, tw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, n, d)
-    out = torch.zeros((gh * gw, n, dp), dtype=x.dtype, device=x.device)
-    out[:, :, :d] = tiles
-    return out
-
-
-def _norms(p: torch.Tensor) -> torch.Tensor:
-    if p.dtype == torch.int8:
-        return p.to(torch.int64).pow(2).sum(-1)
-    return p.pow(2).sum(-1)
+    # reshape may return a strided view (e.g. one-pixel-wide tiles); the kernel needs contiguous rows.
+    return (
+        x.reshape(n, c, gh, th, gw, tw)
+        .permute(2, 4, 0, 1, 3, 5)
+        .reshape(gh * gw, n, c * th * tw)
+        .contiguous()
+    )
 
 
 def _smax(a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -166,22 +184,19 @@ def _smax(a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int]) -> tup
     other = a if b is None else b
     m = other.shape[0]
     d = c * (h // grid[0]) * (w // grid[1])
-    dp = triton.cdiv(d, BLOCK_K) * BLOCK_K
     is_int = a.dtype == torch.uint8
-    pa = _pack(a, grid, dp)
-    pb = pa if b is None else _pack(b, grid, dp)
+    pa = _pack(a, grid)
+    pb = pa if b is None else _pack(b, grid)
     smax = torch.zeros((n, m), dtype=torch.int64 if is_int else torch.float32, device=a.device)
     if n and m:
         launch = (triton.cdiv(n, BLOCK_M), triton.cdiv(m, BLOCK_N), grid[0] * grid[1])
         _tile_sq_kernel[launch](
             pa,
             pb,
-            _norms(pa),
-            _norms(pb),
             smax,
             n,
             m,
-            dp,
+            d,
             IS_INT=is_int,
             SYMMETRIC=b is None,
             SEGMENT=INT_SEGMENT,

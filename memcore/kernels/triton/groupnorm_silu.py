@@ -6,9 +6,15 @@ passes (mean, then the centred sum of squares, as accurate as PyTorch's Welford)
 these memory-bound pairs cost about half as much as the convolutions; fusing them saves the normalised
 tensor's write and re-read and one launch.
 
-One program per (sample, group). The group is walked as a [BLOCK_HW, BLOCK_C] tile through (stride_hw,
-stride_c), which covers both layouts: NCHW (stride_c = H*W, stride_hw = 1) and channels_last (stride_c = 1,
-stride_hw = C, the channel tile is contiguous). The output has the input's strides.
+Two schedules, by layout (the output keeps the input's memory format):
+
+- NCHW: one program per (sample, group), whose channels are one contiguous block of memory; two passes for
+  the statistics (mean, centred sum of squares) and one to normalise, activate and store.
+- NHWC (channels_last): a group's channels are a few adjacent values in every pixel's row of C, so a
+  program per group would read 2-8 useful bytes per 32-byte sector. Instead tiles of [BLOCK_HW pixels,
+  BLOCK_C channels] (whole contiguous rows) are read: kernel 1 writes per-tile, per-channel (mean, M2),
+  kernel 2 merges them per (sample, group) with Chan et al.'s parallel variance formula, kernel 3 reads the
+  same tiles again and writes the output. Two reads and one write of the tensor, all coalesced.
 """
 
 from __future__ import annotations
@@ -87,6 +93,169 @@ def _groupnorm_silu_kernel(
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _nhwc_partial_kernel(
+    x_ptr, pmean_ptr, pm2_ptr, HW, C, n_tiles, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    n = tl.program_id(0)
+    tile = tl.program_id(1)
+    cblk = tl.program_id(2)
+    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cols = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    mrow = rows < HW
+    m = mrow[:, None] & (cols[None, :] < C)
+    off = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+    v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    count = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(m, v - mean[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    poff = (n.to(tl.int64) * n_tiles + tile) * C + cols
+    tl.store(pmean_ptr + poff, mean, mask=cols < C)
+    tl.store(pm2_ptr + poff, m2, mask=cols < C)
+
+
+@triton.jit
+def _nhwc_stats_kernel(
+    pmean_ptr,
+    pm2_ptr,
+    mean_ptr,
+    rstd_ptr,
+    HW,
+    C,
+    CPG,
+    G,
+    n_tiles,
+    eps,
+    TILE_HW: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_CPG: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    cc = tl.arange(0, BLOCK_CPG)
+    mc = cc < CPG
+    total = (HW * CPG).to(tl.float32)
+    # pass 1: the group mean, each tile-channel entry weighted by its pixel count
+    acc = tl.zeros((BLOCK_T, BLOCK_CPG), dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        m = (t[:, None] < n_tiles) & mc[None, :]
+        cnt = tl.minimum(HW - t * TILE_HW, TILE_HW).to(tl.float32)
+        off = (n.to(tl.int64) * n_tiles + t[:, None]) * C + g * CPG + cc[None, :]
+        acc += tl.where(m, tl.load(pmean_ptr + off, mask=m, other=0.0) * cnt[:, None], 0.0)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    # pass 2: M2 = sum of the entries' M2 + count * (entry mean - group mean)^2 (Chan et al.)
+    acc = tl.zeros((BLOCK_T, BLOCK_CPG), dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        m = (t[:, None] < n_tiles) & mc[None, :]
+        cnt = tl.minimum(HW - t * TILE_HW, TILE_HW).to(tl.float32)
+        off = (n.to(tl.int64) * n_tiles + t[:, None]) * C + g * CPG + cc[None, :]
+        dm = tl.load(pmean_ptr + off, mask=m, other=0.0) - mean
+        acc += tl.where(m, tl.load(pm2_ptr + off, mask=m, other=0.0) + cnt[:, None] * dm * dm, 0.0)
+    var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _nhwc_apply_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    rstd_ptr,
+    out_ptr,
+    HW,
+    C,
+    CPG,
+    G,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0)
+    tile = tl.program_id(1)
+    cblk = tl.program_id(2)
+    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    cols = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    mcol = cols < C
+    m = (rows[:, None] < HW) & mcol[None, :]
+    grp = n * G + cols // CPG
+    mean = tl.load(mean_ptr + grp, mask=mcol, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=mcol, other=0.0)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mcol, other=1.0).to(tl.float32)
+    else:
+        w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=mcol, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros((BLOCK_C,), tl.float32)
+    scale = w * rstd
+    shift = b - mean * scale
+    off = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+    v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+    y = v / (1.0 + tl.exp(-v))
+    tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _groupnorm_silu_nhwc(x, num_groups, weight, bias, eps, out):
+    n, c, h, w = x.shape
+    hw = h * w
+    cpg = c // num_groups
+    block_c = min(triton.next_power_of_2(c), 256)
+    block_hw = max(1, min(triton.next_power_of_2(hw), 8192 // block_c))
+    n_tiles = triton.cdiv(hw, block_hw)
+    n_cblk = triton.cdiv(c, block_c)
+    pmean = torch.empty((n, n_tiles, c), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty_like(pmean)
+    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    warps = 8 if block_hw * block_c >= 4096 else 4
+    _nhwc_partial_kernel[(n, n_tiles, n_cblk)](
+        x, pmean, pm2, hw, c, n_tiles, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=warps
+    )
+    block_cpg = triton.next_power_of_2(cpg)
+    block_t = max(1, min(triton.next_power_of_2(n_tiles), 2048 // block_cpg))
+    _nhwc_stats_kernel[(n * num_groups,)](
+        pmean,
+        pm2,
+        mean,
+        rstd,
+        hw,
+        c,
+        cpg,
+        num_groups,
+        n_tiles,
+        float(eps),
+        TILE_HW=block_hw,
+        BLOCK_T=block_t,
+        BLOCK_CPG=block_cpg,
+    )
+    _nhwc_apply_kernel[(n, n_tiles, n_cblk)](
+        x,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        mean,
+        rstd,
+        out,
+        hw,
+        c,
+        cpg,
+        num_groups,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_HW=block_hw,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
+    return out
+
+
 def groupnorm_silu_triton(
     x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
@@ -99,7 +268,9 @@ def groupnorm_silu_triton(
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if channels_last:
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        stride_c, stride_hw = 1, c
+        if x.numel() == 0:
+            return out
+        return _groupnorm_silu_nhwc(x, num_groups, weight, bias, eps, out)
     else:
         x = x.contiguous()
         out = torch.empty_like(x, memory_format=torch.contiguous_format)

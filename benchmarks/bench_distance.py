@@ -1,0 +1,173 @@
+"""Distance benchmark: every available backend against the reference path in one run (ratios + CSV).
+
+Cases (SPEC / issue 2):
+- ``sd``: 500 Stable-Diffusion images, uint8 3×512×512, 4×4 grid: pairwise tiled L2 matrix and the bitset
+  graph (alpha 0.1), the per-condition work of generate-and-filter extraction.
+- ``cifar``: k = 50 nearest of 10,000 queries among 50,000 references, uint8 3×32×32, plain L2.
+``--quick`` runs small versions of both (CPU). Throughput is reported as tera-ops/s of the equivalent dense
+Gram product (2·N·M·D; pairwise calls do about half of it), against the dtype's tensor-core ceiling on GPU
+(uint8 runs int8 tensor cores: H100 SXM dense int8 ≈ 1979 TOPS).
+
+    PYTHONPATH=$PWD python benchmarks/bench_distance.py --quick            # CPU, small shapes
+    PYTHONPATH=$PWD python benchmarks/bench_distance.py --device cuda      # H100: full shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, time_fn, write_csv
+
+import memcore.distance as D
+from memcore.ops import _backend
+
+PEAK_TOPS = {"H100": 1979.0, "H200": 1979.0}  # dense int8 tensor-core ceiling (SXM)
+
+
+def _peak(dev: str) -> float | None:
+    for key, val in PEAK_TOPS.items():
+        if key in dev:
+            return val
+    return None
+
+
+def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
+    names = ["reference", "cpu"] if device.type == "cpu" else ["reference", "cuda", "triton"]
+    out = [b for b in names if _backend.available(b, device)[0]]
+    return [b for b in out if wanted is None or b in wanted]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dev = device_name(device)
+    peak = _peak(dev)
+    gen = torch.Generator().manual_seed(0)
+    if args.quick:
+        sd = {"n": 64, "c": 3, "h": 64, "w": 64, "grid": (4, 4)}
+        cf = {"n": 256, "m": 2048, "c": 3, "h": 32, "w": 32, "k": 50}
+    else:
+        sd = {"n": 500, "c": 3, "h": 512, "w": 512, "grid": (4, 4)}
+        cf = {"n": 10000, "m": 50000, "c": 3, "h": 32, "w": 32, "k": 50}
+    rows = []
+    backends = _backends(device, args.backends)
+    print(f"device: {dev}; backends: {backends}")
+
+    # --- SD: pairwise tiled L2 among one condition's generations, matrix and bitset
+    # Near-duplicate structure: a few base images plus noise, so the graph has edges at alpha = 0.1.
+    base = torch.randint(0, 256, (8, sd["c"], sd["h"], sd["w"]), generator=gen, dtype=torch.uint8)
+    pick = torch.randint(0, 8, (sd["n"],), generator=gen)
+    noise = torch.randint(-12, 13, (sd["n"], sd["c"], sd["h"], sd["w"]), generator=gen, dtype=torch.int16)
+    x = (base[pick].to(torch.int16) + noise).clamp(0, 255).to(torch.uint8).to(device)
+    del noise
+    d_total = sd["c"] * sd["h"] * sd["w"]
+    ops = 2.0 * sd["n"] * sd["n"] * d_total
+    results = {}
+    for op in ("matrix", "graph"):
+        for be in backends:
+            if op == "matrix":
+                fn = lambda be=be: D.tiled_l2(x, grid=sd["grid"], backend=be, check_finite=False)  # noqa: E731
+            else:
+                fn = lambda be=be: D.tiled_l2_graph(x, 0.1, grid=sd["grid"], backend=be, check_finite=False)  # noqa: E731
+            out = fn()
+            _sync(device)
+            results[(op, be)] = out.cpu()
+            t = time_fn(fn, device, repeats=args.repeats)
+            rows.append(
+                {
+                    "case": f"sd_{op}",
+                    "shape": f"{sd['n']}x{sd['c']}x{sd['h']}x{sd['w']} grid{sd['grid'][0]}x{sd['grid'][1]}",
+                    "dtype": "uint8",
+                    "backend": be,
+                    "median_s": t["median"],
+                    "min_s": t["min"],
+                    "tops_dense_equiv": ops / t["median"] / 1e12,
+                    "pct_int8_peak": (100 * ops / t["median"] / 1e12 / peak) if peak else "",
+                    "exact_vs_reference": bool(torch.equal(results[(op, be)], results[(op, "reference")])),
+                }
+            )
+    edges = int(torch.ops.aten.bitwise_and(results[("graph", "reference")].view(torch.int64), -1).ne(0).sum())
+    print(f"sd graph: nonzero words {edges}")
+
+    # --- CIFAR: streamed k-NN (memory independent of M)
+    q = torch.randint(0, 256, (cf["n"], cf["c"], cf["h"], cf["w"]), generator=gen, dtype=torch.uint8).to(
+        device
+    )
+    r = torch.randint(0, 256, (cf["m"], cf["c"], cf["h"], cf["w"]), generator=gen, dtype=torch.uint8).to(
+        device
+    )
+    ops_knn = 2.0 * cf["n"] * cf["m"] * cf["c"] * cf["h"] * cf["w"]
+    ref_knn = None
+    for be in backends:
+        fn = lambda be=be: D.knn(q, r, cf["k"], backend=be, check_finite=False)  # noqa: E731
+        mem = {}
+        if device.type == "cuda":
+            for frac in (2, 1):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+                D.knn(q, r[: cf["m"] // frac], cf["k"], backend=be, check_finite=False)
+                torch.cuda.synchronize()
+                mem[frac] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        out = fn()
+        _sync(device)
+        if ref_knn is None:
+            ref_knn = (out[0].cpu(), out[1].cpu())
+        t = time_fn(fn, device, repeats=max(1, args.repeats // 2))
+        rows.append(
+            {
+                "case": "cifar_knn",
+                "shape": f"{cf['n']}q x {cf['m']}r x{cf['c']}x{cf['h']}x{cf['w']} k{cf['k']}",
+                "dtype": "uint8",
+                "backend": be,
+                "median_s": t["median"],
+                "min_s": t["min"],
+                "tops_dense_equiv": ops_knn / t["median"] / 1e12,
+                "pct_int8_peak": (100 * ops_knn / t["median"] / 1e12 / peak) if peak else "",
+                "exact_vs_reference": bool(
+                    torch.equal(out[0].cpu(), ref_knn[0]) and torch.equal(out[1].cpu(), ref_knn[1])
+                ),
+                "torch_peak_MiB_M_half": mem.get(2, ""),
+                "torch_peak_MiB_M_full": mem.get(1, ""),
+            }
+        )
+
+    ref_t = {row["case"]: row["median_s"] for row in rows if row["backend"] == "reference"}
+    print(f"{'case':<12} {'backend':<10} {'median ms':>10} {'x ref':>7} {'TOPS':>8} {'%peak':>6} exact")
+    for row in rows:
+        row["speedup_vs_reference"] = ref_t[row["case"]] / row["median_s"]
+        pct = f"{row['pct_int8_peak']:.1f}" if row["pct_int8_peak"] != "" else "-"
+        print(
+            f"{row['case']:<12} {row['backend']:<10} {1e3 * row['median_s']:>10.3f} "
+            f"{row['speedup_vs_reference']:>7.2f} {row['tops_dense_equiv']:>8.3f} {pct:>6} "
+            f"{row['exact_vs_reference']}"
+            + (
+                f"  torch peak MiB M/2={row['torch_peak_MiB_M_half']:.1f} M={row['torch_peak_MiB_M_full']:.1f}"
+                if row.get("torch_peak_MiB_M_full", "") != ""
+                else ""
+            )
+        )
+    write_csv("distance" + ("_quick" if args.quick else ""), rows, device)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backends", nargs="*", default=None)
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
