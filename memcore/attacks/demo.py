@@ -5,12 +5,13 @@ Runs, on the CPU in a few minutes:
 1. generate-and-filter with verification on the class-conditional demo model: conditions are the digits
    0–9, ``num_per_condition`` candidates each (default 100, not the paper's 500);
 2. the unconditional nearest-neighbour extraction (SPEC §3) on the unconditional demo model
-   (``nn_candidates`` candidates, default 400; the first 100 also go through generate-and-filter);
+   (``nn_candidates`` candidates, default 500; the first 100 also go through generate-and-filter);
 
-with DDIM at 25 steps instead of 50 (``steps``; both fit the 3-minute CPU budget only at 25 on a busy
-2-core machine) and every other parameter at the SPEC defaults (alpha 0.1 on tiled L2 with a 4×4 grid,
-min_clique 10, delta 0.15, k = 50, NN alpha 0.5). The verification set is the 1,797 unique digits; the
-planted images are known from the demo's recipe, so the demo reports which planted digits were found
+with every other parameter at the SPEC defaults (DDIM 50 steps, alpha 0.1 on tiled L2 with a 4×4 grid,
+min_clique 10, delta 0.15, k = 50, NN alpha 0.5). Measured on the 2-core development CPU, idle: 54 s in all
+(1,500 images); torch processes competing for the same cores slow it several-fold (``--steps 25`` halves it).
+
+The verification set is the 1,797 unique digits; the planted images are known from the demo's recipe, so the demo reports which planted digits were found
 (flagged *and* verified against the right training image), the recall over planted digits, and false
 positives (flagged conditions without a planted digit, NN extractions of non-planted images).
 """
@@ -29,8 +30,8 @@ from memcore.attacks import carlini
 from memcore.io.results import atomic_write_bytes, atomic_write_json
 
 DEMO_N = 100
-DEMO_NN = 400
-DEMO_STEPS = 25
+DEMO_NN = 500
+DEMO_STEPS = 50
 
 
 @dataclasses.dataclass(frozen=True)
