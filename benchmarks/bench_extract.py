@@ -1,0 +1,310 @@
+"""End-to-end extraction: memcore against the reference path (diffusers loop + torch distances + networkx).
+
+    python benchmarks/bench_extract.py [--quick] [--device cpu|cuda] [--cases demo,cifar,sd,memory]
+
+Cases:
+- ``demo``: the bundled class-conditional demo model (digits 0-9, verification against the 1,797 digits).
+- ``cifar``: the google/ddpm-cifar10-32 UNet configuration with random weights (unconditional: generate-and-
+  filter on one condition + NN extraction against a random 50,000-image training set on the GPU).
+- ``sd``: a Stable-Diffusion-1.x-layout pipeline with random weights (SD-1.x UNet and VAE configurations, a
+  CLIP-L-sized text encoder with a tiny offline tokenizer), text prompts with CFG 7.5, fp16 (GPU only).
+- ``memory``: peak host RSS and peak device memory of the unconditional NN extraction at 10^4, 10^5, 10^6
+  candidates (``--quick``: 10^3, 10^4) with a fixed training set, each in a fresh process; the target is
+  flat memory (the model is a small 32x32 UNet run for one step: memory does not depend on the UNet).
+
+For each e2e case: images/s of memcore and of the reference path, their ratio, and the share of wall time
+outside sampling, ``(T_extract - T_sampling_only) / T_extract`` where ``T_sampling_only`` is memcore's
+sampler alone streaming the same jobs (target < 0.1 % on the GPU). CSV: benchmarks/results/extract_<device>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_csv
+
+from memcore.attacks import carlini
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def cifar_unet(small: bool = False):
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    if small:
+        unet = UNet2DModel(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        )  # fmt: skip
+    else:  # google/ddpm-cifar10-32
+        unet = UNet2DModel(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=32, attention_head_dim=None, dropout=0.1,
+        )  # fmt: skip
+    return unet.eval(), DDIMScheduler(num_train_timesteps=1000)
+
+
+def _bytes_alphabet() -> list[str]:
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def sd_pipeline():
+    """SD-1.x layout with random weights (FLOPs do not depend on weights)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+    )  # fmt: skip
+    chars = _bytes_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+            num_hidden_layers=12, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
+            eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1,
+        )
+    )  # fmt: skip
+    sched = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=te, tokenizer=tok, scheduler=sched, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def sampling_only(model, conditions, config, device) -> float:
+    """Seconds for memcore's sampler alone to stream the jobs of the run (the UNet-bound floor)."""
+    m = carlini._load_model(model, config, device)
+    conds = carlini._conditions_for(m, conditions)
+    sampler = carlini._make_sampler(m, config, device)
+    n = config.num_per_condition
+    n_total = lambda g: max(n, config.nn_candidates or n) if m.kind == "unet" else n  # noqa: E731
+    jobs = [
+        (g, None if m.kind == "unet" else conds[g], config.seed_of(g, i)) for g in range(len(conds))
+        for i in range(n_total(g))
+    ]  # fmt: skip
+    _sync(device)
+    t0 = time.perf_counter()
+    last = None
+    for imgs in sampler(iter(jobs)):
+        last = imgs
+    if last is not None:
+        last.sum().item()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def e2e(name, model, conditions, config, train, device, *, reference: bool) -> list[dict]:
+    rows = []
+    n_images = config.num_per_condition * (len(conditions) if conditions else 1)
+    if conditions is None and train is not None and config.nn_candidates:
+        n_images = max(config.num_per_condition, config.nn_candidates)
+    paths = [("memcore", config)]
+    if reference:
+        paths.append(("reference", dataclasses.replace(config, sampler="reference", backend="reference")))
+    times = {}
+    for label, cfg in paths:
+        # warm-up (kernels, allocator, cuDNN autotune): one micro-batch worth of one condition
+        warm = dataclasses.replace(cfg, num_per_condition=cfg.micro_batch, nn_candidates=None)
+        carlini.extract(
+            model, conditions[:1] if conditions else None, config=warm, device=device, report=False
+        )
+        best = float("inf")
+        for _ in range(REPEATS):  # min over repeats: CPU timings on a shared machine are noisy
+            _sync(device)
+            t0 = time.perf_counter()
+            res = carlini.extract(model, conditions, config=cfg, train=train, device=device, report=False)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        times[label] = best
+        rows.append({
+            "case": name, "path": label, "images": n_images, "seconds": round(times[label], 4),
+            "images_per_s": round(n_images / times[label], 3), "flagged": res.summary["counts"]["flagged"],
+            "steps": cfg.num_inference_steps, "batch_size": cfg.micro_batch,
+        })  # fmt: skip
+    t_s = min(sampling_only(model, conditions, config, device) for _ in range(REPEATS))
+    outside = (times["memcore"] - t_s) / times["memcore"]
+    rows[0]["sampling_only_s"] = round(t_s, 4)
+    rows[0]["outside_sampling_share"] = round(outside, 6)
+    msg = f"[{name}] memcore {rows[0]['images_per_s']} img/s, outside sampling {outside:.3%}"
+    if reference:
+        rows[0]["speedup_vs_reference"] = round(times["reference"] / times["memcore"], 3)
+        msg += f"; reference {rows[1]['images_per_s']} img/s; ratio {rows[0]['speedup_vs_reference']}x"
+    print(msg, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def memory_child(n_candidates: int, device: torch.device, quick: bool) -> dict:
+    model = cifar_unet(small=True) if not quick else _tiny_uncond()
+    shape = (3, 32, 32) if not quick else (1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (50_000 if not quick else 1_000, *shape), generator=g, dtype=torch.uint8)
+    cfg = carlini.ExtractConfig(
+        num_per_condition=64, nn_candidates=n_candidates, num_inference_steps=1, batch_size=512 if not quick else 256,
+        grid=(4, 4) if not quick else (2, 2), save_images="none",
+    )  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    res = carlini.extract(model, None, config=cfg, train=train, device=device, report=False)
+    _sync(device)
+    return {
+        "candidates": n_candidates,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "peak_host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_device_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        if device.type == "cuda"
+        else 0,
+        "nn_extracted": len(res.nn.extracted_train_indices) if res.nn else 0,
+    }
+
+
+def _tiny_uncond():
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    return unet.eval(), DDIMScheduler(num_train_timesteps=100)
+
+
+def memory_case(device: torch.device, quick: bool) -> list[dict]:
+    sizes = (1_000, 10_000) if quick else (10_000, 100_000, 1_000_000)
+    rows = []
+    for n in sizes:
+        cmd = [sys.executable, __file__, "--child-memory", str(n), "--device", str(device)] + (
+            ["--quick"] if quick else []
+        )
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        if p.returncode:
+            print(p.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"memory child for {n} candidates failed")
+        row = json.loads(p.stdout.strip().splitlines()[-1])
+        row["case"] = "memory"
+        rows.append(row)
+        print(
+            f"[memory] {n:>9,} candidates: host {row['peak_host_rss_mb']} MB, device {row['peak_device_mb']} MB, "
+            f"{row['seconds']} s",
+            flush=True,
+        )
+    base = rows[0]
+    for r in rows:
+        r["host_vs_smallest"] = round(r["peak_host_rss_mb"] / base["peak_host_rss_mb"], 3)
+        if base["peak_device_mb"]:
+            r["device_vs_smallest"] = round(r["peak_device_mb"] / base["peak_device_mb"], 3)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small CPU sizes")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cases", default=None, help="comma list of demo,cifar,sd,memory")
+    ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    global REPEATS
+    REPEATS = 1 if device.type == "cuda" else 2
+    if args.child_memory is not None:
+        print(json.dumps(memory_child(args.child_memory, device, args.quick)))
+        return 0
+    gpu = device.type == "cuda"
+    cases = (
+        args.cases.split(",")
+        if args.cases
+        else (["demo", "cifar", "sd", "memory"] if gpu else ["demo", "cifar", "memory"])
+    )
+    rows: list[dict] = []
+    if "demo" in cases:
+        try:
+            from memcore.models.demo import demo_model_dir, demo_training_set
+
+            model, train = demo_model_dir("cond"), demo_training_set("cond").images
+        except (ImportError, FileNotFoundError) as exc:
+            print(f"[demo] skipped: {exc}")
+        else:
+            n, steps = (20, 10) if args.quick else (100, 50)
+            cfg = carlini.ExtractConfig(num_per_condition=n, num_inference_steps=steps, batch_size=n)
+            rows += e2e("demo", model, list(range(10)), cfg, train, device, reference=True)
+    if "cifar" in cases:
+        small = args.quick or not gpu
+        model = cifar_unet(small=small)
+        n, nn, steps, ntrain = (32, 64, 5, 2_000) if small else (500, 2_000, 50, 50_000)
+        train = torch.randint(
+            0, 256, (ntrain, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+        )
+        cfg = carlini.ExtractConfig(
+            num_per_condition=n,
+            nn_candidates=nn,
+            num_inference_steps=steps,
+            batch_size=min(n, 250),
+            save_images="none",
+        )
+        rows += e2e("cifar" + ("-small" if small else ""), model, None, cfg, train, device, reference=True)
+    if "sd" in cases:
+        if not gpu:
+            print("[sd] skipped: GPU only")
+        else:
+            pipe = sd_pipeline()
+            cfg = carlini.ExtractConfig(
+                num_per_condition=100,
+                num_inference_steps=50,
+                batch_size=50,
+                dtype="float16",
+                save_images="none",
+            )
+            rows += e2e("sd", pipe, ["a photo of a cat", "an astronaut"], cfg, None, device, reference=True)
+    if "memory" in cases:
+        rows += memory_case(device, args.quick or not gpu)
+    if rows:
+        write_csv("extract", rows, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1114 @@
+"""Carlini et al. 2023 extraction, end to end: generate-and-filter (SPEC §2) and unconditional
+nearest-neighbour extraction (SPEC §3).
+
+Data path (ARCHITECTURE.md). Candidates are streamed from the sampler in job order, micro-batches packed
+across conditions. Each condition owns a device slot ``[N, C, H, W]`` (uint8); as a batch of its candidates
+arrives, the rows of the threshold graph for those candidates against every earlier candidate of the same
+condition are computed on the device (``memcore.distance.tiled_l2_graph(new, alpha, b=slot[:end])``: the
+bitset epilogue; the float N×N matrix is never built). When the condition's N candidates are in, the lower
+triangle is mirrored into the symmetric bitset, copied to the host (non-blocking, behind a CUDA event) and
+the maximum clique runs on a CPU worker thread (the clique engine releases the GIL) while the device samples
+the next conditions. When the clique is known, the main thread enqueues (without waiting) the tiled-L2
+distances among its members (medoid and mean clique distance, the ranking key) and the verification of the
+medoid against the training set (nearest image by normalized L2, extracted iff ≤ delta, eidetic count), starts
+a non-blocking copy of those few numbers and two images to the host, and frees the slot (later writes to it
+are ordered after these reads on the stream). A reader thread waits for the copy, builds the record and
+writes the PNG pair of a flagged/extracted condition; the main thread appends the record to the results
+directory, in condition order. So the host waits for the device only in the worker threads, and the sampling
+queue never drains. Slots are recycled, so device memory is ``slots × N`` images whatever the number of
+conditions.
+
+Limitations: the training set is held on the device whole (CIFAR-10: 150 MB; use a smaller reference set or
+shards for much larger ones); the NN extraction of an unconditional model runs in the process that owns
+condition 0 (it is not split over shards/ranks).
+
+Unconditional models with training data also run SPEC §3: every candidate batch is matched against the whole
+training set with the streamed k-NN (k = 50), ``ratio = d_1 / (alpha · mean(d_1..d_k))``, and an O(train)
+state keeps, per training image, the best ratio and the seed of the candidate that achieved it (ties: smaller
+seed, so the result does not depend on batch composition). Memory stays flat as candidates grow; extracted
+candidates are regenerated from their seeds for the PNG pairs.
+
+Seeds: candidate ``i`` of condition ``g`` has seed ``seed + g · N + i`` (N = ``num_per_condition``); the
+unconditional NN candidates are seeds ``seed + i`` (the first N are also the clique candidates). A candidate
+regenerates bit-identically alone with the same micro-batch size (``batch_size``), backend, device and dtype.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memcore.io import results as _results
+from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
+from memcore.utils.profiling import stage
+
+SAMPLERS = ("memcore", "reference")
+SAVE_IMAGES = ("none", "flagged", "all")
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Parameters of the attack (defaults of SPEC §2/§3; every one is a CLI flag).
+
+    Attributes:
+        num_per_condition: N candidates per condition (SPEC default 500).
+        num_inference_steps: sampler steps (DDIM 50).
+        guidance_scale: classifier-free guidance for text models; None = 7.5 for text models, unused otherwise.
+        eta: DDIM eta (0 = deterministic DDIM).
+        alpha: edge threshold on tiled L2 ([0, 1] scale; [C23] does not publish it; default 0.1).
+        grid: tiled-L2 grid (rows, cols); must divide the image size.
+        min_clique: a condition is flagged when its maximum clique has at least this many members.
+        delta: verification threshold on normalized L2 to the nearest training image.
+        nn_k: neighbours of the unconditional NN test (SPEC §3, 50).
+        nn_alpha: alpha of the NN ratio test (SPEC §3, 0.5).
+        nn_candidates: candidates of the NN extraction (None = ``num_per_condition``); the first
+            ``num_per_condition`` of them are also the generate-and-filter candidates.
+        seed: base seed.
+        batch_size: micro-batch the model runs at (padded); None = min(N, 64). Part of an image's identity.
+        sampler: "memcore" (the sampling engine) or "reference" (a plain diffusers loop; the oracle path).
+        mode: sampling mode of the engine ("parity" reproduces diffusers; "fp32" is fused-only).
+        backend: backend of the distance/clique/sampling ops ("auto", "reference", "cpu", "cuda", "triton").
+        dtype: model dtype name ("float32", "float16", "bfloat16").
+        clique_budget: node budget of the clique search (None: the engine's default); a condition whose
+            search hit it has ``clique_exact = False``.
+        save_images: "flagged" writes PNG pairs of flagged or extracted conditions, "all" of every condition,
+            "none" nothing.
+        max_nn_images: PNG pairs written for NN extractions (regenerated from their seeds).
+        slots: condition buffers on the device (≥ 2 lets cliques overlap sampling).
+        sync_timing: synchronize the device around each stage so per-stage timings are exact (profile).
+    """
+
+    num_per_condition: int = 500
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    eta: float = 0.0
+    alpha: float = 0.1
+    grid: tuple[int, int] = (4, 4)
+    min_clique: int = 10
+    delta: float = 0.15
+    nn_k: int = 50
+    nn_alpha: float = 0.5
+    nn_candidates: int | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    sampler: str = "memcore"
+    mode: str = "parity"
+    backend: str = "auto"
+    dtype: str = "float32"
+    clique_budget: int | None = None
+    save_images: str = "flagged"
+    max_nn_images: int = 64
+    slots: int = 3
+    sync_timing: bool = False
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, v: Any, lo: int = 1) -> None:
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+        pos_int("num_per_condition", self.num_per_condition)
+        pos_int("num_inference_steps", self.num_inference_steps)
+        pos_int("min_clique", self.min_clique)
+        pos_int("nn_k", self.nn_k)
+        pos_int("max_nn_images", self.max_nn_images, 0)
+        pos_int("slots", self.slots)
+        pos_int("seed", self.seed, 0)
+        if self.batch_size is not None:
+            pos_int("batch_size", self.batch_size)
+        if self.nn_candidates is not None:
+            pos_int("nn_candidates", self.nn_candidates)
+        if self.clique_budget is not None:
+            pos_int("clique_budget", self.clique_budget)
+        for name in ("alpha", "delta", "nn_alpha", "eta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.nn_alpha == 0:
+            raise ValueError("nn_alpha must be > 0")
+        if self.guidance_scale is not None and (
+            not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale)
+        ):
+            raise ValueError(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
+        g = tuple(self.grid)
+        if len(g) != 2 or not all(isinstance(x, int) and x >= 1 for x in g):
+            raise ValueError(f"grid must be two positive integers (rows, cols), got {self.grid!r}")
+        object.__setattr__(self, "grid", g)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.save_images not in SAVE_IMAGES:
+            raise ValueError(f"save_images must be one of {SAVE_IMAGES}, got {self.save_images!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size or min(self.num_per_condition, 64)
+
+    def seed_of(self, condition_id: int, index: int) -> int:
+        return self.seed + condition_id * self.num_per_condition + index
+
+
+# --------------------------------------------------------------------------------------------------- results
+@dataclasses.dataclass(frozen=True)
+class ConditionResult:
+    """The record of one condition (one line of ``results.jsonl``; SPEC §7 fields plus details).
+
+    Attributes:
+        condition_id: index of the condition in the run's condition list.
+        condition: the prompt, class id, or "" for an unconditional model.
+        flagged: clique_size >= min_clique.
+        clique_size: size of the maximum clique of the candidates' threshold graph.
+        clique_exact: False when the clique search hit its budget (clique_size is then a lower bound).
+        clique_members: candidate indices (0..N-1) of the clique, sorted.
+        clique_seeds: their seeds.
+        medoid_index / medoid_seed: the member with the least summed tiled L2 to the other members.
+        mean_clique_distance: mean pairwise tiled L2 inside the clique (None for a clique of one).
+        nearest_train_index / nearest_train_distance / extracted / eidetic_count: verification of the medoid
+            against the training set (None without training data).
+        image: path of the PNG pair relative to the results directory, or None.
+    """
+
+    condition_id: int
+    condition: Any
+    flagged: bool
+    clique_size: int
+    clique_exact: bool
+    clique_members: tuple[int, ...]
+    clique_seeds: tuple[int, ...]
+    medoid_index: int
+    medoid_seed: int
+    mean_clique_distance: float | None
+    num_candidates: int
+    nearest_train_index: int | None = None
+    nearest_train_distance: float | None = None
+    extracted: bool | None = None
+    eidetic_count: int | None = None
+    image: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> ConditionResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in rec.items() if k in names}
+        kw["clique_members"] = tuple(kw.get("clique_members", ()))
+        kw["clique_seeds"] = tuple(kw.get("clique_seeds", ()))
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class NNExtraction:
+    """Unconditional nearest-neighbour extraction (SPEC §3).
+
+    Attributes:
+        extracted_train_indices: unique training images extracted (ratio <= 1), ascending.
+        seeds: the seed of the best candidate for each of them.
+        ratios / distances: that candidate's ratio and normalized L2 to the training image.
+        num_candidates, num_train, k, alpha: what was run.
+    """
+
+    extracted_train_indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+    ratios: tuple[float, ...]
+    distances: tuple[float, ...]
+    num_candidates: int
+    num_train: int
+    k: int
+    alpha: float
+    images: tuple[str | None, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extracted"] = [
+            {"train_index": i, "seed": s, "ratio": r, "distance": dd, "image": im}
+            for i, s, r, dd, im in zip(
+                self.extracted_train_indices,
+                self.seeds,
+                self.ratios,
+                self.distances,
+                self.images or (None,) * len(self.seeds),
+            )
+        ]
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionResult:
+    """Everything a run produced (the records of the whole results directory when ``out`` is given)."""
+
+    conditions: tuple[ConditionResult, ...]
+    ranking: tuple[int, ...]
+    nn: NNExtraction | None
+    summary: dict[str, Any]
+    out: Path | None
+
+    @property
+    def flagged(self) -> tuple[ConditionResult, ...]:
+        return tuple(c for c in self.conditions if c.flagged)
+
+    @property
+    def extracted(self) -> tuple[ConditionResult, ...]:
+        return tuple(c for c in self.conditions if c.extracted)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    kind: str  # "unet" | "class_unet" | "sd_pipeline"
+    image_shape: tuple[int, int, int]
+    num_classes: int | None
+    identity: str
+    handle: Any  # what the sampler needs
+    unet: Any
+
+
+def _identity(model: Any) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return os.path.abspath(os.fspath(model))
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(model, tuple):
+        name = getattr(getattr(model[0], "config", None), "_name_or_path", None)
+    return f"<{type(model).__name__}:{name or 'in-memory'}>"
+
+
+def _load_model(model: Any, config: ExtractConfig, device: torch.device) -> _Model:
+    from memcore.attacks.reference import load_reference_model
+
+    dtype = getattr(torch, config.dtype)
+    if config.sampler == "reference":
+        m = load_reference_model(model, device=device)
+        if dtype != torch.float32:
+            (m.pipeline if m.pipeline is not None else m.unet).to(dtype=dtype)
+        return _Model(m.kind, m.image_shape, m.num_classes, _identity(model), m, m.unet)
+    from memcore.models.loading import load_model
+
+    if isinstance(model, tuple) and len(model) == 2:  # (UNet2DModel, scheduler)
+        lm = load_model(model[0], device=device, dtype=dtype, scheduler=model[1])
+    else:
+        lm = load_model(model, device=device, dtype=dtype)
+    return _Model(lm.kind, tuple(lm.image_shape), lm.num_classes, _identity(model), lm, lm.unet)
+
+
+# --------------------------------------------------------------------------------------------------- sampler
+Job = tuple[int, Any, int]  # (condition_id, condition, seed)
+
+
+def _batched(it: Iterable[Job], n: int) -> Iterator[list[Job]]:
+    buf: list[Job] = []
+    for j in it:
+        buf.append(j)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _make_sampler(
+    model: _Model, config: ExtractConfig, device: torch.device
+) -> Callable[[Iterable[Job]], Iterator[torch.Tensor]]:
+    """A function jobs -> iterator of uint8 [b, C, H, W] device batches, in job order."""
+    if config.sampler == "reference":
+        from memcore.attacks.reference import reference_generate
+
+        def ref(jobs: Iterable[Job]) -> Iterator[torch.Tensor]:
+            for chunk in _batched(jobs, config.micro_batch):
+                # pad to the fixed micro-batch (repeat the last job) so an image depends on its seed only
+                pad = chunk + [chunk[-1]] * (config.micro_batch - len(chunk))
+                with stage("unet"):
+                    imgs = reference_generate(
+                        model.handle,
+                        [s for _, _, s in pad],
+                        [c for _, c, _ in pad] if model.kind != "unet" else None,
+                        num_inference_steps=config.num_inference_steps,
+                        guidance_scale=config.guidance_scale,
+                        eta=config.eta,
+                        device=device,
+                    )
+                yield imgs[: len(chunk)].to(device)
+
+        return ref
+
+    from memcore.sampling import Sampler, SamplerConfig
+
+    # one Sampler for the run: loaded model, caches and CUDA graphs are reused (also for regeneration)
+    engine = Sampler(
+        model.handle,
+        SamplerConfig(
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=_guidance(model, config),
+            eta=config.eta,
+            mode=config.mode,
+            batch_size=config.micro_batch,
+            backend=config.backend,
+        ),
+        device=device,
+    )
+
+    def eng(jobs: Iterable[Job]) -> Iterator[torch.Tensor]:
+        for b in engine.stream(jobs):
+            yield b.images_u8[: b.valid]
+
+    return eng
+
+
+# ----------------------------------------------------------------------------------------- distance / clique
+def _graph_rows(new: torch.Tensor, upto: torch.Tensor, config: ExtractConfig) -> torch.Tensor:
+    from memcore.distance import tiled_l2_graph
+
+    return tiled_l2_graph(
+        new, config.alpha, b=upto, grid=config.grid, backend=config.backend, check_finite=False
+    )
+
+
+def _unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int64/uint64 [R, W] words -> bool [R, n] (bit j in word j // 64 at position j % 64)."""
+    w = words.view(torch.int64)
+    shifts = torch.arange(64, device=w.device, dtype=torch.int64)
+    bits = (w[..., None] >> shifts) & 1
+    return bits.reshape(w.shape[0], -1)[:, :n].bool()
+
+
+def _pack_bits(adj: torch.Tensor) -> torch.Tensor:
+    """bool [R, n] -> int64 [R, ceil(n/64)] words (view as uint64 for the bitset dtype)."""
+    r, n = adj.shape
+    w = -(-n // 64)
+    pad = torch.zeros((r, w * 64), dtype=torch.int64, device=adj.device)
+    pad[:, :n] = adj.to(torch.int64)
+    shifts = torch.arange(64, device=adj.device, dtype=torch.int64)
+    # distinct powers of two: the sum is the bitwise OR (bit 63 wraps to the sign bit, as intended)
+    return (pad.reshape(r, w, 64) << shifts).sum(-1)
+
+
+def _symmetrize(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Row i of ``rows`` is valid for columns j < i (earlier candidates): mirror the strict lower triangle."""
+    a = _unpack_bits(rows, n)
+    low = torch.tril(a, -1)
+    return _pack_bits(low | low.T)
+
+
+def _clique_backend(config: ExtractConfig) -> str:
+    # the clique engine runs on the host: "auto" (C++ core when built) unless the reference path is asked for
+    return "reference" if config.backend == "reference" else "auto"
+
+
+def _max_clique(adj_cpu: torch.Tensor, config: ExtractConfig) -> tuple[list[int], bool]:
+    from memcore.graph import max_clique
+
+    kw = {} if config.clique_budget is None else {"node_budget": config.clique_budget}
+    # min_size=1: the exact clique of every condition, also below min_clique, so that unflagged conditions
+    # get a medoid, a verification and a place in the ranking (recall of the PR curve)
+    res = max_clique(adj_cpu, min_size=1, validate=False, backend=_clique_backend(config), **kw)
+    return [int(m) for m in res.members.tolist()], bool(res.exact)
+
+
+# ------------------------------------------------------------------------------------------ training data
+class _Train:
+    """Training images on the device, with verification (SPEC §2.5) and the k-NN of SPEC §3."""
+
+    def __init__(self, images: torch.Tensor, device: torch.device, backend: str) -> None:
+        self.images = images.to(device).contiguous()
+        self.backend = backend
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def knn(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from memcore.distance import knn
+
+        return knn(q, self.images, min(k, len(self)), backend=self.backend, check_finite=False)
+
+
+class _NNState:
+    """O(train) state of SPEC §3: per training image the best ratio, its seed and distance."""
+
+    def __init__(self, num_train: int, device: torch.device) -> None:
+        self.ratio = torch.full((num_train,), math.inf, dtype=torch.float32, device=device)
+        self.seed = torch.full((num_train,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+        self.dist = torch.full((num_train,), math.inf, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def update(self, train: _Train, imgs: torch.Tensor, seeds: torch.Tensor, k: int, alpha: float) -> None:
+        d, idx = train.knn(imgs, k)
+        ratio = d[:, 0] / (alpha * d.mean(1))
+        ratio = torch.where(torch.isnan(ratio), torch.zeros_like(ratio), ratio)  # 0/0: an exact copy
+        j = idx[:, 0]
+        big = torch.iinfo(torch.int64).max
+        old = self.ratio.clone()
+        self.ratio.scatter_reduce_(0, j, ratio, "amin")
+        # the smallest seed among the candidates that reach the (new) best ratio of their training image;
+        # masked with torch.where, not boolean indexing, so that nothing here waits for the device
+        hit = ratio == self.ratio[j]
+        cand = torch.full_like(self.seed, big)
+        cand.scatter_reduce_(0, j, torch.where(hit, seeds, big), "amin")
+        take = (self.ratio < old) | ((self.ratio == old) & (cand < self.seed))
+        chosen = hit & (seeds == cand[j])  # same ratio and seed: the candidate that was taken
+        cdist = torch.full_like(self.dist, math.inf)
+        cdist.scatter_reduce_(0, j, torch.where(chosen, d[:, 0], math.inf), "amin")
+        self.seed = torch.where(take, cand, self.seed)
+        self.dist = torch.where(take, cdist, self.dist)
+        self.count += imgs.shape[0]
+
+    def result(self, num_train: int, k: int, alpha: float) -> NNExtraction:
+        ok = self.ratio <= 1
+        ii = torch.nonzero(ok).reshape(-1)
+        return NNExtraction(
+            tuple(ii.tolist()),
+            tuple(self.seed[ii].tolist()),
+            tuple(self.ratio[ii].tolist()),
+            tuple(self.dist[ii].tolist()),
+            self.count,
+            num_train,
+            k,
+            alpha,
+        )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a host sync (pinned staging + non_blocking on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _to_host(ts: list[torch.Tensor | None], device: torch.device) -> tuple[list[torch.Tensor | None], Any]:
+    """Start device -> host copies (pinned, non_blocking) and return them with an event to wait on."""
+    if device.type != "cuda":
+        return [None if t is None else t.cpu() for t in ts], None
+    out = []
+    for t in ts:
+        if t is None:
+            out.append(None)
+            continue
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        out.append(h)
+    ev = torch.cuda.Event()
+    ev.record()
+    return out, ev
+
+
+def _condition_stats(
+    buf: torch.Tensor, members: list[int], tr: _Train | None, config: ExtractConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Device work of SPEC §2 steps 4–5 for one condition, with no host sync.
+
+    Args:
+        buf: [N, C, H, W] the condition's candidates.
+        members: the clique (sorted candidate indices, at least one).
+
+    Returns:
+        (scalars [6] float64: medoid position in ``members``, mean pairwise tiled L2 (0 for one member),
+        nearest training index, its normalized L2, eidetic count, extracted flag — the last four 0 without
+        training data), the medoid image [1, C, H, W], the nearest training image [1, C, H, W] or None.
+    """
+    from memcore.distance import l2, tiled_l2
+
+    k = len(members)
+    idx = _to_device(torch.tensor(members, dtype=torch.int64), device)
+    sub = buf.index_select(0, idx)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    if k > 1:
+        d = tiled_l2(sub, grid=config.grid, backend=config.backend, check_finite=False).double()
+        pos = torch.argmin(d.sum(1))  # least summed distance; the first on ties
+        mean = d.sum() / (k * (k - 1))
+    else:
+        pos, mean = torch.zeros((), dtype=torch.int64, device=device), zero
+    med = sub.index_select(0, pos.view(1))
+    j = dist = cnt = ext = zero
+    match = None
+    if tr is not None:
+        dtr = l2(med, tr.images, backend=tr.backend, check_finite=False)[0]
+        j = torch.argmin(dtr)
+        dj = dtr.gather(0, j.view(1))[0]
+        # the comparisons in float32, as on the distance matrix: extracted and eidetic count agree
+        ext, cnt, dist = (dj <= config.delta).double(), (dtr <= config.delta).sum().double(), dj.double()
+        match = tr.images.index_select(0, j.view(1))
+        j = j.double()
+    scal = torch.stack([pos.double(), mean.double(), j, dist, cnt, ext])
+    return scal, med, match
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+class _Slot:
+    def __init__(self, n: int, shape: tuple[int, int, int], device: torch.device) -> None:
+        self.buf = torch.empty((n, *shape), dtype=torch.uint8, device=device)
+        # bitset rows kept as int64 (uint64 has few kernels on CUDA); viewed as uint64 where needed
+        self.rows = torch.zeros((n, -(-n // 64)), dtype=torch.int64, device=device)
+        self.cid = -1
+        self.cond: Any = None
+        self.count = 0
+        self.future: cf.Future | None = None
+
+
+class _Timer:
+    def __init__(self, device: torch.device, sync: bool) -> None:
+        self.t: dict[str, float] = {}
+        self.sync = sync and device.type == "cuda"
+
+    def add(self, name: str, dt: float) -> None:
+        self.t[name] = self.t.get(name, 0.0) + dt
+
+    def span(self, name: str):
+        timer = self
+
+        class _S:
+            def __enter__(self):
+                if timer.sync:
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+                self.rng = stage(name)
+                self.rng.__enter__()
+
+            def __exit__(self, *exc):
+                if timer.sync:
+                    torch.cuda.synchronize()
+                self.rng.__exit__(*exc)
+                timer.add(name, time.perf_counter() - self.t0)
+
+        return _S()
+
+
+def _conditions_for(model: _Model, conditions: Sequence[Any] | None) -> list[Any]:
+    if model.kind == "unet":
+        if conditions not in (None, [], [""], ("",)):
+            raise ValueError("an unconditional model takes no conditions (use --unconditional)")
+        return [""]
+    if conditions is None or len(conditions) == 0:
+        raise ValueError(
+            "a conditional model needs conditions: prompts for a text model, class ids for a class-conditional UNet"
+        )
+    conds = list(conditions)
+    if model.kind == "class_unet":
+        out = []
+        for c in conds:
+            if isinstance(c, bool) or (
+                not isinstance(c, int) and not (isinstance(c, str) and c.strip().isdigit())
+            ):
+                raise ValueError(f"class-conditional model: condition {c!r} is not a class id")
+            c = int(c)
+            if model.num_classes is not None and not 0 <= c < model.num_classes:
+                raise ValueError(f"class id {c} out of range for a model with {model.num_classes} classes")
+            out.append(c)
+        return out
+    for c in conds:
+        if not isinstance(c, str):
+            raise ValueError(f"text model: condition {c!r} is not a prompt string")
+    return conds
+
+
+def _conditions_digest(conds: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps(list(conds), ensure_ascii=False).encode()).hexdigest()
+
+
+def _train_shape_check(train: torch.Tensor, shape: tuple[int, int, int], source: str) -> None:
+    if train.dim() != 4 or tuple(train.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"training images {source} have shape {tuple(train.shape[1:])} but the model generates {tuple(shape)}"
+        )
+
+
+def _run_params(
+    model: _Model, conds: list[Any], config: ExtractConfig, train_info: dict | None, device
+) -> dict:
+    cfg = dataclasses.asdict(config)
+    for k in ("slots", "sync_timing", "max_nn_images"):  # do not change records
+        cfg.pop(k)
+    return {
+        "model": model.identity,
+        "model_kind": model.kind,
+        "image_shape": list(model.image_shape),
+        "num_conditions": len(conds),
+        "conditions_sha256": _conditions_digest(conds),
+        "train": train_info,
+        "device_type": device.type,
+        **cfg,
+        "grid": list(config.grid),
+        "guidance_scale": _guidance(model, config),
+    }
+
+
+def _guidance(model: _Model, config: ExtractConfig) -> float | None:
+    if model.kind == "sd_pipeline":
+        return 7.5 if config.guidance_scale is None else float(config.guidance_scale)
+    return None
+
+
+def iter_extract(
+    model: Any,
+    conditions: Sequence[Any] | None = None,
+    *,
+    config: ExtractConfig | None = None,
+    train: torch.Tensor | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    shard: _results.ShardSpec | None = None,
+    progress: bool = False,
+    _state: dict | None = None,
+) -> Iterator[ConditionResult]:
+    """Run generate-and-filter, yielding one :class:`ConditionResult` per finished condition.
+
+    Args:
+        model: a local diffusers model/pipeline directory or a loaded model (see ``memcore.models``); with
+            ``config.sampler="reference"`` also a ``(UNet2DModel, scheduler)`` pair.
+        conditions: prompts (text models), class ids (class-conditional UNets), None for unconditional models.
+        config: the attack parameters.
+        train: training images, uint8 [T, C, H, W] (or float in [0, 1]) or a path readable by
+            ``memcore.io.data.open_training_set``; enables verification (and NN extraction for unconditional
+            models).
+        out: results directory (resumable); None keeps everything in memory.
+        device: where sampling and distances run (default: CUDA when available).
+        shard: which part of the conditions this process runs (default: the torchrun rank, if any).
+        progress: show a progress bar with ETA.
+
+    Yields:
+        ConditionResult, in order of completion (condition order for a single process).
+    """
+    config = config or ExtractConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state = _state if _state is not None else {}
+    timer = _Timer(device, config.sync_timing)
+    t_start = time.perf_counter()
+    with timer.span("load"):
+        m = _load_model(model, config, device)
+    conds = _conditions_for(m, conditions)
+    _c, h, w = m.image_shape
+    gh, gw = config.grid
+    if h % gh or w % gw:
+        raise ValueError(f"grid {gh}x{gw} does not divide the model's image size {h}x{w}")
+    train_t, train_info = _load_train(train, m.image_shape)
+    shard = shard or _results.shard_from_env()
+    rd = None
+    done: set[int] = set()
+    if out is not None:
+        rd = _results.ResultsDir(out, _run_params(m, conds, config, train_info, device), shard=shard)
+        done = rd.completed_ids()
+    state.update(model=m, conditions=conds, results_dir=rd, timer=timer, device=device, train_info=train_info)
+    tr = _Train(train_t, device, config.backend) if train_t is not None else None
+    n = config.num_per_condition
+    todo = [g for g in shard.select(range(len(conds))) if g not in done]
+    run_nn = m.kind == "unet" and tr is not None and shard.owns(0)
+    if run_nn and rd is not None and (Path(out) / "nn_extraction.json").exists() and 0 in done:
+        run_nn = False  # finished earlier
+    if run_nn and 0 not in todo:
+        todo = [0]  # regenerate the candidates for the NN pass; the clique record is not written twice
+    n_nn = max(n, config.nn_candidates or n) if run_nn else 0
+    nn_state = _NNState(len(tr), device) if run_nn else None
+    images_dir = Path(out) / "images" if out is not None else None
+
+    def jobs() -> Iterator[Job]:
+        for g in todo:
+            total = n_nn if (run_nn and g == 0) else n
+            for i in range(total):
+                yield (g, None if m.kind == "unet" else conds[g], config.seed_of(g, i))
+
+    sampler = _make_sampler(m, config, device)
+    slots = [_Slot(n, m.image_shape, device) for _ in range(config.slots)]
+    free = list(range(config.slots))
+    active: dict[int, int] = {}  # condition id -> slot, while filling
+    pending: OrderedDict[int, int] = OrderedDict()  # condition id -> slot, clique running
+    filled: set[int] = set()  # conditions whose N clique candidates are all in
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-clique")
+    n_jobs = sum(n_nn if (run_nn and g == 0) else n for g in todo)
+    bar = _progress(n_jobs, progress)
+    n_flagged = 0
+
+    def clique_job(host_adj: torch.Tensor, event: Any) -> tuple[list[int], bool, float]:
+        t0 = time.perf_counter()
+        if event is not None:
+            event.synchronize()  # the host copy of the bitset has landed (waits in this thread only)
+        with stage("clique"):
+            members, exact = _max_clique(host_adj, config)
+        return members, exact, time.perf_counter() - t0
+
+    reader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-read")
+    reading: OrderedDict[int, cf.Future] = OrderedDict()  # condition id -> result being read back
+
+    def launch(cid: int) -> None:
+        """Enqueue the device work of a condition whose clique is known (medoid, mean distance,
+        verification), start its host copy, free its slot, and hand the read-back to the reader thread:
+        the main thread never waits for the device here, so sampling of later conditions stays queued."""
+        si = pending.pop(cid)
+        slot = slots[si]
+        t0 = time.perf_counter()
+        members, exact, t_clique = slot.future.result()
+        timer.add("clique_wait", time.perf_counter() - t0)
+        timer.add("clique", t_clique)
+        with timer.span("clique_stats"):
+            scal, med, match = _condition_stats(slot.buf, members, tr, config, device)
+        host, ev = _to_host([scal, med, match], device)
+        slot.future = None
+        slot.cid = -1
+        free.append(si)  # later writes to the slot are queued after the reads above (stream order)
+        reading[cid] = reader.submit(read_job, cid, slot.cond, members, exact, host, ev)
+
+    def read_job(cid, cond, members, exact, host, ev) -> ConditionResult:
+        if ev is not None:
+            ev.synchronize()
+        scal, med, match = host
+        pos, mean, j, dist, cnt, ext = scal.tolist()
+        medoid = members[int(pos)]
+        res = ConditionResult(
+            condition_id=cid,
+            condition=cond,
+            flagged=len(members) >= config.min_clique,
+            clique_size=len(members),
+            clique_exact=exact,
+            clique_members=tuple(members),
+            clique_seeds=tuple(config.seed_of(cid, i) for i in members),
+            medoid_index=medoid,
+            medoid_seed=config.seed_of(cid, medoid),
+            mean_clique_distance=mean if len(members) > 1 else None,
+            num_candidates=n,
+        )
+        if tr is not None:
+            res = dataclasses.replace(
+                res, nearest_train_index=int(j), nearest_train_distance=dist, extracted=bool(ext),
+                eidetic_count=int(cnt),
+            )  # fmt: skip
+        want_png = config.save_images == "all" or (
+            config.save_images == "flagged" and (res.flagged or res.extracted)
+        )
+        if images_dir is not None and want_png:
+            t0 = time.perf_counter()
+            from memcore.report.images import save_pair
+
+            rel = f"images/cond{cid:06d}_seed{res.medoid_seed}.png"
+            save_pair(images_dir.parent / rel, med[0], None if match is None else match[0])
+            res = dataclasses.replace(res, image=rel)
+            timer.add("write", time.perf_counter() - t0)
+        return res
+
+    def emit(res: ConditionResult) -> ConditionResult:
+        nonlocal n_flagged
+        if rd is not None and res.condition_id not in done:
+            with timer.span("write"):
+                rd.append(res.to_record())
+        if bar is not None and res.flagged:
+            n_flagged += 1
+            bar.set_postfix(flagged=n_flagged, refresh=False)
+        return res
+
+    def drain(block_one: bool) -> Iterator[ConditionResult]:
+        """Launch the conditions whose clique is done (``block_one``: wait for the oldest, to free a slot),
+        then yield finished records in condition order (deterministic record order for one process)."""
+        while pending:
+            cid, si = next(iter(pending.items()))
+            if not block_one and not slots[si].future.done():
+                break
+            block_one = False
+            launch(cid)
+        while reading:
+            cid, fut = next(iter(reading.items()))
+            if not fut.done():
+                break
+            reading.pop(cid)
+            yield emit(fut.result())
+
+    def flush() -> Iterator[ConditionResult]:
+        while pending:
+            launch(next(iter(pending)))
+        while reading:
+            _, fut = reading.popitem(last=False)
+            t0 = time.perf_counter()
+            res = fut.result()
+            timer.add("read_wait", time.perf_counter() - t0)
+            yield emit(res)
+
+    try:
+        it = iter(sampler(jobs()))
+        job_iter = jobs()
+        while True:
+            t0 = time.perf_counter()
+            with stage("sample"):
+                try:
+                    imgs = next(it)
+                except StopIteration:
+                    break
+            if timer.sync:
+                torch.cuda.synchronize()
+            timer.add("sample", time.perf_counter() - t0)
+            b = imgs.shape[0]
+            batch_jobs = [next(job_iter) for _ in range(b)]
+            if bar is not None:
+                bar.update(b)
+            if nn_state is not None:
+                sel = [r for r, (g, _, _) in enumerate(batch_jobs) if g == 0]
+                if sel:
+                    with timer.span("nn"):
+                        seeds = _to_device(torch.tensor([batch_jobs[r][2] for r in sel]), device)
+                        q = imgs if len(sel) == b else imgs[_to_device(torch.tensor(sel), device)]
+                        nn_state.update(tr, q, seeds, config.nn_k, config.nn_alpha)
+            r = 0
+            while r < b:  # contiguous runs of one condition
+                g = batch_jobs[r][0]
+                e = r
+                while e < b and batch_jobs[e][0] == g:
+                    e += 1
+                if g not in active and g not in filled:
+                    if not free:
+                        if not pending:  # cannot happen with slots >= 2 (see the module docstring)
+                            raise RuntimeError(
+                                f"no free condition slot (slots={config.slots}); use slots >= 2"
+                            )
+                        yield from drain(block_one=True)
+                    si = free.pop(0)
+                    slots[si].cid, slots[si].cond, slots[si].count = g, conds[g], 0
+                    active[g] = si
+                if g in active:
+                    slot = slots[active[g]]
+                    take = min(e - r, n - slot.count)
+                    if take > 0:
+                        s0, s1 = slot.count, slot.count + take
+                        with timer.span("graph"):
+                            slot.buf[s0:s1] = imgs[r : r + take]
+                            words = _graph_rows(slot.buf[s0:s1], slot.buf[:s1], config)
+                            slot.rows[s0:s1, : words.shape[1]] = words.view(torch.int64)
+                        slot.count = s1
+                    if slot.count == n:
+                        with timer.span("graph"):
+                            adj = _symmetrize(slot.rows, n)  # int64 words
+                            (host,), ev = _to_host([adj], device)
+                            host = host.view(torch.uint64)  # the clique engine's bitset dtype
+                        slot.future = pool.submit(clique_job, host, ev)
+                        pending[g] = active.pop(g)
+                        filled.add(g)
+                r = e
+            yield from drain(block_one=False)
+        yield from flush()
+        if nn_state is not None:
+            nn = nn_state.result(len(tr), min(config.nn_k, len(tr)), config.nn_alpha)
+            nn = _nn_images(nn, m, config, device, sampler, tr, images_dir, timer)
+            state["nn"] = nn
+            if out is not None:
+                _results.atomic_write_json(Path(out) / "nn_extraction.json", nn.to_dict())
+    finally:
+        pool.shutdown(wait=True)
+        reader.shutdown(wait=True)
+        if bar is not None:
+            bar.close()
+        if rd is not None:
+            rd.close()
+        timer.add("total", time.perf_counter() - t_start)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="candidates", dynamic_ncols=True, smoothing=0.05)
+
+
+def _nn_images(nn, m, config, device, sampler, tr, images_dir, timer) -> NNExtraction:
+    """Regenerate the best candidates of the first ``max_nn_images`` NN extractions and write PNG pairs."""
+    if images_dir is None or config.save_images == "none" or not nn.seeds or config.max_nn_images == 0:
+        return nn
+    from memcore.report.images import save_pair
+
+    sel = list(range(min(len(nn.seeds), config.max_nn_images)))
+    jobs = [(0, None, nn.seeds[i]) for i in sel]
+    paths: list[str | None] = [None] * len(nn.seeds)
+    with timer.span("regenerate"):
+        k = 0
+        for imgs in sampler(iter(jobs)):
+            for img in imgs:
+                i = sel[k]
+                rel = f"images/nn_train{nn.extracted_train_indices[i]:06d}_seed{nn.seeds[i]}.png"
+                save_pair(images_dir.parent / rel, img, tr.images[nn.extracted_train_indices[i]])
+                paths[i] = rel
+                k += 1
+    return dataclasses.replace(nn, images=tuple(paths))
+
+
+def _load_train(train: Any, shape: tuple[int, int, int]) -> tuple[torch.Tensor | None, dict | None]:
+    if train is None:
+        return None, None
+    if isinstance(train, torch.Tensor):
+        t = train
+        if t.is_floating_point():
+            if t.numel() and (t.min() < 0 or t.max() > 1):
+                raise ValueError("float training images must be in [0, 1]")
+            t = (t * 255).round().to(torch.uint8)
+        elif t.dtype != torch.uint8:
+            raise TypeError(f"training images must be uint8 or float in [0, 1], got {t.dtype}")
+        _train_shape_check(t, shape, "(tensor)")
+        digest = hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
+        return t, {"source": "<tensor>", "num": int(t.shape[0]), "sha256": digest}
+    from memcore.io.data import open_training_set
+
+    ts = open_training_set(train, expected_shape=shape)
+    t = ts.images
+    if t.shape[0] == 0:
+        raise ValueError(f"training data {train} holds no images")
+    return t, {"source": os.path.abspath(os.fspath(train)), "num": int(t.shape[0])}
+
+
+# ----------------------------------------------------------------------------------------------- extract()
+def extract(
+    model: Any,
+    conditions: Sequence[Any] | None = None,
+    *,
+    config: ExtractConfig | None = None,
+    train: torch.Tensor | str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    shard: _results.ShardSpec | None = None,
+    progress: bool = False,
+    report: bool = True,
+) -> ExtractionResult:
+    """Run the whole Carlini extraction (SPEC §2, and §3 for unconditional models with training data).
+
+    Same arguments as :func:`iter_extract`; with ``out``, records are appended as conditions finish
+    (resumable), then ``summary.json`` and ``report.html`` are written (for a sharded run, after merging every
+    part present; the last rank to finish writes the complete summary).
+
+    Returns:
+        ExtractionResult over every record of the results directory (or of this run without ``out``).
+    """
+    config = config or ExtractConfig()
+    state: dict = {}
+    fresh = list(
+        iter_extract(
+            model,
+            conditions,
+            config=config,
+            train=train,
+            out=out,
+            device=device,
+            shard=shard,
+            progress=progress,
+            _state=state,
+        )
+    )
+    rd = state.get("results_dir")
+    if out is not None:
+        if rd is not None and not rd.shard.is_whole:
+            records = _results.merge_parts(out)
+        else:
+            records = _results.load_results(out)
+        results = [ConditionResult.from_record(r) for r in records]
+        nn = state.get("nn") or _read_nn(Path(out))
+    else:
+        results = sorted(fresh, key=lambda r: r.condition_id)
+        nn = state.get("nn")
+    summary = _summary(results, nn, config, state)
+    ranking = tuple(summary["ranking"])
+    if out is not None:
+        _results.atomic_write_json(Path(out) / "summary.json", summary)
+        if report:
+            from memcore.report.html import write_report
+
+            write_report(out, [r.to_record() for r in results], summary)
+    return ExtractionResult(tuple(results), ranking, nn, summary, Path(out) if out is not None else None)
+
+
+def _summary(
+    results: list[ConditionResult], nn: NNExtraction | None, config: ExtractConfig, state: dict
+) -> dict:
+    recs = [r.to_record() for r in results]
+    ranked = sorted(results, key=lambda r: ranking_key(r.flagged, r.mean_clique_distance))
+    counts: dict[str, Any] = {
+        "conditions_total": len(state.get("conditions", [])),
+        "conditions_done": len(results),
+        "flagged": sum(r.flagged for r in results),
+        "inexact_cliques": sum(not r.clique_exact for r in results),
+    }
+    pr = None
+    if any(r.extracted is not None for r in results):
+        counts["extracted"] = sum(bool(r.extracted) for r in results)
+        curve = pr_from_records(recs)
+        p, rc = flagged_precision_recall([r.flagged for r in results], [bool(r.extracted) for r in results])
+        counts["extractions_at_zero_fp"] = curve.extractions_at_zero_fp if curve else 0
+        pr = {"flagged_precision": p, "flagged_recall": rc, **(curve.to_dict() if curve else {})}
+    timer: _Timer | None = state.get("timer")
+    timings = dict(timer.t) if timer else {}
+    rd = state.get("results_dir")
+    params = rd.params if rd is not None else {}
+    m = state.get("model")
+    if not params and m is not None:
+        params = _run_params(m, state["conditions"], config, state.get("train_info"), state["device"])
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(state.get("device")),
+        "device_name": torch.cuda.get_device_name(state["device"])
+        if state.get("device") is not None and state["device"].type == "cuda"
+        else platform.processor() or platform.machine(),
+    }
+    try:
+        import memcore
+
+        env["memcore"] = memcore.__version__
+        env["build"] = memcore.build_info()
+    except Exception:  # build_info is informative only
+        pass
+    summary: dict[str, Any] = {
+        "params": params,
+        "counts": counts,
+        "ranking": [r.condition_id for r in ranked],
+        "precision_recall": pr,
+        "timings": timings,
+        "environment": env,
+    }
+    if nn is not None:
+        d = nn.to_dict()
+        summary["nn_extraction"] = d
+        summary["extracted_train_indices"] = list(nn.extracted_train_indices)
+        summary["extracted_seeds"] = list(nn.seeds)
+    return summary
+
+
+def summarize_dir(out: str | os.PathLike, *, merge: bool = True, report: bool = True) -> dict[str, Any]:
+    """Merge the parts of a results directory (optional), rewrite ``summary.json`` and ``report.html``.
+
+    For ``memcore merge DIR`` after a sharded run; timings of an earlier summary are kept.
+    """
+    out = Path(out)
+    params = _results.load_params(out)
+    records = _results.merge_parts(out) if merge else _results.load_results(out)
+    results = [ConditionResult.from_record(r) for r in records]
+    old = {}
+    if (out / "summary.json").exists():
+        old = json.loads((out / "summary.json").read_text("utf-8"))
+    nn = _read_nn(out)
+    cfg_fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    kw = {k: v for k, v in params.items() if k in cfg_fields}
+    kw["grid"] = tuple(kw.get("grid", (4, 4)))
+    if kw.get("guidance_scale") is not None and params.get("model_kind") != "sd_pipeline":
+        kw["guidance_scale"] = None
+    config = ExtractConfig(**kw)
+    state = {"conditions": [None] * int(params.get("num_conditions", len(results)))}
+    summary = _summary(results, nn, config, state)
+    summary["params"] = params
+    summary["timings"] = old.get("timings", {})
+    summary["environment"] = old.get("environment", summary["environment"])
+    _results.atomic_write_json(out / "summary.json", summary)
+    if report:
+        from memcore.report.html import write_report
+
+        write_report(out, records, summary)
+    return summary
+
+
+def _read_nn(out: Path) -> NNExtraction | None:
+    f = out / "nn_extraction.json"
+    if not f.exists():
+        return None
+    d = json.loads(f.read_text("utf-8"))
+    d.pop("extracted", None)
+    return NNExtraction(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

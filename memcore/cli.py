@@ -1,0 +1,443 @@
+"""The ``memcore`` command line.
+
+    memcore extract --model DIR (--prompts FILE | --classes 0,1,... | --unconditional) \\
+                    --num-per-condition N [--train DATA] --out DIR [--dry-run] [--shard i/n]
+    memcore demo [--out ./memcore-demo]
+    memcore profile --model DIR (...) --out DIR      short calibration, per-stage cost, projected GPU-hours
+    memcore merge DIR                                merge shard/rank parts, rewrite summary + report
+    memcore report DIR                               rebuild report.html
+    memcore bench [--quick] [NAME ...]               run benchmarks/bench_*.py
+    memcore train-demo --out DIR                     retrain the bundled demo model
+
+Several GPUs on a node: ``torchrun --standalone --nproc-per-node=8 -m memcore extract ... --out DIR``;
+several nodes: see :mod:`memcore.io.results`.
+
+Errors in the input (missing paths, corrupt files, wrong image sizes, empty prompt files, non-UTF-8 text,
+grids that do not divide, parameters that differ from the ones a results directory was started with) are
+reported in one line, ``memcore: error: ...``, with exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _CliError(Exception):
+    pass
+
+
+def _grid(text: str) -> tuple[int, int]:
+    t = text.lower().replace("×", "x")
+    parts = t.split("x") if "x" in t else t.split(",")
+    try:
+        g = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid must look like 4x4, got {text!r}") from None
+    if len(g) == 1:
+        g = (g[0], g[0])
+    if len(g) != 2 or min(g) < 1:
+        raise argparse.ArgumentTypeError(f"grid must be two positive integers like 4x4, got {text!r}")
+    return g  # type: ignore[return-value]
+
+
+def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    from memcore.attacks.carlini import ExtractConfig
+
+    d = ExtractConfig()
+    p.add_argument("--model", required=model_required, help="local diffusers model or pipeline directory")
+    src = p.add_mutually_exclusive_group(required=model_required)
+    src.add_argument("--prompts", help="prompts: .txt (one per line), .jsonl or .csv (see --column)")
+    src.add_argument("--classes", help="class ids of a class-conditional UNet, e.g. 0,1,5-7")
+    src.add_argument("--unconditional", action="store_true", help="unconditional model: one empty condition")
+    p.add_argument("--column", help="field of a .jsonl / column of a .csv prompt file")
+    p.add_argument(
+        "--num-per-condition",
+        "-n",
+        type=int,
+        default=d.num_per_condition,
+        help=f"candidates per condition (default {d.num_per_condition})",
+    )
+    p.add_argument("--train", help="training images (folder, .npz/.npy, .safetensors): enables verification")
+    p.add_argument("--steps", type=int, default=d.num_inference_steps, help="DDIM steps (default 50)")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance of text models (default 7.5; unused otherwise)",
+    )
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (default 0)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="tiled-L2 edge threshold (default 0.1)")
+    p.add_argument("--grid", type=_grid, default=d.grid, help="tiled-L2 grid rows x cols (default 4x4)")
+    p.add_argument(
+        "--min-clique", type=int, default=d.min_clique, help="flag at this clique size (default 10)"
+    )
+    p.add_argument("--delta", type=float, default=d.delta, help="verification L2 threshold (default 0.15)")
+    p.add_argument("--nn-k", type=int, default=d.nn_k, help="NN extraction: neighbours (default 50)")
+    p.add_argument(
+        "--nn-alpha", type=float, default=d.nn_alpha, help="NN extraction: ratio alpha (default 0.5)"
+    )
+    p.add_argument(
+        "--nn-candidates",
+        type=int,
+        default=None,
+        help="NN extraction: candidates (default --num-per-condition)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="base seed (candidate i of condition g: seed+g*N+i)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="micro-batch the model runs at (default min(N, 64))"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("memcore", "reference"),
+        default=d.sampler,
+        help="memcore's engine or the plain diffusers loop (reference path)",
+    )
+    p.add_argument(
+        "--mode", default=d.mode, choices=("parity", "fp32"), help="sampling arithmetic (default parity)"
+    )
+    p.add_argument("--backend", default=d.backend, choices=("auto", "reference", "cpu", "cuda", "triton"))
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"))
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK under torchrun)"
+    )
+    p.add_argument("--clique-budget", type=int, default=None, help="clique search node budget")
+    p.add_argument(
+        "--save-images",
+        choices=("none", "flagged", "all"),
+        default=d.save_images,
+        help="PNG pairs for flagged/extracted conditions (default), all, or none",
+    )
+    p.add_argument("--max-nn-images", type=int, default=d.max_nn_images, help="PNG pairs of NN extractions")
+    p.add_argument("--slots", type=int, default=d.slots, help="condition buffers on the device (default 3)")
+
+
+def _config_from(args: argparse.Namespace, **over):
+    from memcore.attacks.carlini import ExtractConfig
+
+    kw = dict(
+        num_per_condition=args.num_per_condition,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+        alpha=args.alpha,
+        grid=tuple(args.grid),
+        min_clique=args.min_clique,
+        delta=args.delta,
+        nn_k=args.nn_k,
+        nn_alpha=args.nn_alpha,
+        nn_candidates=args.nn_candidates,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sampler=args.sampler,
+        mode=args.mode,
+        backend=args.backend,
+        dtype=args.dtype,
+        clique_budget=args.clique_budget,
+        save_images=args.save_images,
+        max_nn_images=args.max_nn_images,
+        slots=args.slots,
+    )
+    kw.update(over)
+    return ExtractConfig(**kw)
+
+
+def _conditions_from(args: argparse.Namespace) -> list | None:
+    from memcore.io.prompts import load_conditions, parse_classes
+
+    if args.prompts:
+        return load_conditions(args.prompts, column=args.column)
+    if args.classes:
+        return parse_classes(args.classes)
+    return None
+
+
+def _device_from(args: argparse.Namespace) -> str | None:
+    if args.device:
+        return args.device
+    from memcore.io.results import local_rank_from_env
+
+    lr = local_rank_from_env()
+    if lr is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{lr}"
+    return None
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    if getattr(args, "model", None) and not Path(args.model).exists():
+        raise _CliError(f"--model {args.model}: no such file or directory (memcore never downloads models)")
+    for name in ("prompts", "train"):
+        v = getattr(args, name, None)
+        if v and not Path(v).exists():
+            raise _CliError(f"--{name} {v}: no such file or directory")
+
+
+# ------------------------------------------------------------------------------------------------- extract
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from memcore.attacks import carlini
+    from memcore.io.results import parse_shard, shard_from_env
+
+    _check_paths(args)
+    config = _config_from(args)
+    conditions = _conditions_from(args)
+    device = _device_from(args)
+    if args.dry_run:
+        return _dry_run(args, config, conditions, device)
+    shard = shard_from_env()
+    if args.shard:
+        shard = parse_shard(args.shard).combine(shard)
+    t0 = time.perf_counter()
+    res = carlini.extract(
+        args.model,
+        conditions,
+        config=config,
+        train=args.train,
+        out=args.out,
+        device=device,
+        shard=shard,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        report=not args.no_report,
+    )
+    c = res.summary["counts"]
+    msg = f"{c['conditions_done']}/{c['conditions_total']} conditions, {c['flagged']} flagged"
+    if "extracted" in c:
+        msg += f", {c['extracted']} extracted ({c['extractions_at_zero_fp']} at zero false positives)"
+    if res.nn is not None:
+        msg += f"; NN extraction: {len(res.nn.extracted_train_indices)} training images extracted"
+    print(f"memcore extract: {msg} in {time.perf_counter() - t0:.1f}s -> {args.out}")
+    return 0
+
+
+def _dry_run(args, config, conditions, device) -> int:
+    import torch
+
+    from memcore.attacks import carlini
+    from memcore.attacks.cost import project, unet_flops
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    m = carlini._load_model(args.model, config, dev)
+    conds = carlini._conditions_for(m, conditions)
+    flops = unet_flops(m.handle)
+    extra = 0
+    if m.kind == "unet" and args.train:
+        extra = max(0, (config.nn_candidates or config.num_per_condition) - config.num_per_condition)
+    proj = project(
+        flops,
+        conditions=len(conds),
+        per_condition=config.num_per_condition,
+        steps=config.num_inference_steps,
+        cfg=carlini._guidance(m, config) not in (None,) and (carlini._guidance(m, config) or 0) > 1,
+        throughput=args.throughput,
+        extra_candidates=extra,
+    )
+    print("memcore extract --dry-run: nothing is generated or written")
+    for line in proj.lines():
+        print("  " + line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memcore.attacks.demo import run_demo
+
+    rep = run_demo(
+        args.out,
+        num_per_condition=args.num_per_condition,
+        nn_candidates=args.nn_candidates,
+        steps=args.steps,
+        device=args.device or "cpu",
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    for line in rep.lines():
+        print(line)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- profile
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from memcore.attacks.profile import run_profile
+
+    _check_paths(args)
+    config = _config_from(args)
+    conditions = _conditions_from(args)
+    prof = run_profile(
+        args.model,
+        conditions,
+        config=config,
+        device=_device_from(args),
+        calib_conditions=args.calib_conditions,
+        calib_n=args.calib_n,
+        train=args.train,
+    )
+    out = Path(args.out)
+    from memcore.io.results import atomic_write_json
+
+    atomic_write_json(out / "profile.json", prof)
+    for line in prof["lines"]:
+        print(line)
+    print(f"wrote {out / 'profile.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ merge / report
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from memcore.attacks.carlini import summarize_dir
+
+    if not Path(args.dir).is_dir():
+        raise _CliError(f"{args.dir}: no such results directory")
+    s = summarize_dir(args.dir, merge=True, report=not args.no_report)
+    c = s["counts"]
+    print(f"memcore merge: {c['conditions_done']}/{c['conditions_total']} conditions, {c['flagged']} flagged")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from memcore.attacks.carlini import summarize_dir
+
+    if not Path(args.dir).is_dir():
+        raise _CliError(f"{args.dir}: no such results directory")
+    summarize_dir(args.dir, merge=False, report=True)
+    print(f"wrote {Path(args.dir) / 'report.html'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- bench
+def _bench_dir() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (base / "benchmarks" / "_common.py").is_file():
+            return base / "benchmarks"
+    raise _CliError("benchmarks/ not found: run `memcore bench` from a memcore source checkout")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bdir = _bench_dir()
+    scripts = sorted(bdir.glob("bench_*.py"))
+    if args.names:
+        want = {n.removeprefix("bench_").removesuffix(".py") for n in args.names}
+        unknown = want - {s.stem.removeprefix("bench_") for s in scripts}
+        if unknown:
+            raise _CliError(f"unknown benchmark(s) {sorted(unknown)}; have {[s.stem for s in scripts]}")
+        scripts = [s for s in scripts if s.stem.removeprefix("bench_") in want]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bdir.parent), os.environ.get("PYTHONPATH", "")])}
+    status = 0
+    for s in scripts:
+        cmd = [sys.executable, str(s)] + (["--quick"] if args.quick else [])
+        print(f"== {' '.join(cmd)}", flush=True)
+        rc = subprocess.run(cmd, env=env, cwd=bdir.parent).returncode
+        if rc:
+            print(f"memcore bench: {s.name} failed with status {rc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _cmd_train_demo(argv: Sequence[str]) -> int:
+    from memcore.models.train_demo import main as train_main
+
+    return int(train_main(list(argv)) or 0)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="memcore", description="Audit diffusion models for memorized training data."
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    ex = sub.add_parser(
+        "extract",
+        help="Carlini et al. 2023 extraction (generate-and-filter, NN extraction)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_attack_args(ex)
+    ex.add_argument("--out", required=True, help="results directory (resumed when it exists)")
+    ex.add_argument("--shard", help="run part i of n of the conditions (i/n); combine with `memcore merge`")
+    ex.add_argument("--dry-run", action="store_true", help="print the projected cost and exit")
+    ex.add_argument(
+        "--throughput",
+        type=float,
+        default=None,
+        help="images/s for --dry-run's GPU-hours (from `memcore profile`)",
+    )
+    ex.add_argument("--no-progress", action="store_true")
+    ex.add_argument("--no-report", action="store_true", help="skip report.html")
+    ex.set_defaults(fn=_cmd_extract)
+
+    de = sub.add_parser("demo", help="run the attack on the bundled demo model (CPU, minutes)")
+    de.add_argument("--out", default="./memcore-demo")
+    de.add_argument("--num-per-condition", "-n", type=int, default=None, help="default: the demo's own (100)")
+    de.add_argument("--nn-candidates", type=int, default=None, help="default: the demo's own (500)")
+    de.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50)")
+    de.add_argument("--device", default=None)
+    de.add_argument("--no-progress", action="store_true")
+    de.set_defaults(fn=_cmd_demo)
+
+    pr = sub.add_parser("profile", help="short calibration: per-stage cost and projected GPU-hours")
+    _add_attack_args(pr)
+    pr.add_argument("--out", required=True, help="folder for profile.json")
+    pr.add_argument("--calib-conditions", type=int, default=2, help="conditions of the calibration run")
+    pr.add_argument("--calib-n", type=int, default=32, help="candidates per condition in the calibration run")
+    pr.set_defaults(fn=_cmd_profile)
+
+    me = sub.add_parser("merge", help="merge shard/rank parts of a results directory")
+    me.add_argument("dir")
+    me.add_argument("--no-report", action="store_true")
+    me.set_defaults(fn=_cmd_merge)
+
+    rp = sub.add_parser("report", help="rebuild report.html of a results directory")
+    rp.add_argument("dir")
+    rp.set_defaults(fn=_cmd_report)
+
+    be = sub.add_parser("bench", help="run the benchmark scripts (benchmarks/bench_*.py)")
+    be.add_argument("names", nargs="*", help="e.g. extract distance (default: all)")
+    be.add_argument("--quick", action="store_true", help="small sizes (CPU)")
+    be.set_defaults(fn=_cmd_bench)
+
+    sub.add_parser(
+        "train-demo", help="retrain the bundled demo model (memcore train-demo --help)", add_help=False
+    )
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train-demo":
+        return _cmd_train_demo(argv[1:])
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (
+        _CliError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        UnicodeDecodeError,
+    ) as exc:
+        if os.environ.get("MEMCORE_DEBUG"):  # full traceback for developers
+            raise
+        msg = " ".join(str(exc).split())  # one line
+        print(f"memcore: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            "memcore: interrupted; finished conditions are saved, re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Resumable results directories: one JSON line per condition, crash-safe appends, shard/rank merge.
+
+Layout of a results directory ``DIR``::
+
+    DIR/params.json                 run parameters + fingerprint, written first (atomically)
+    DIR/results.jsonl               one record per condition (single-process runs, and after a merge)
+    DIR/parts/results.part{i}-of-{n}.jsonl   one file per shard/rank of a sharded or torchrun run
+    DIR/summary.json                run parameters, counts, timings (atomic: temp file + rename)
+    DIR/images/*.png                generation | training-match pairs of flagged/extracted conditions
+    DIR/report.html                 the self-contained report
+
+Crash safety. A record is appended with a single ``os.write`` of the whole line (``O_APPEND``), then
+``fsync``. A ``kill -9`` at any moment therefore leaves at most one torn final line (a write interrupted by
+the kernel never interleaves with another record, and the next record is only written after the previous
+``fsync`` returned). Readers drop a torn final line; a writer reopening the file truncates it first, so the
+next record starts on a line boundary. Records are keyed by ``condition_id`` (the condition's index in the
+run's condition list): resume skips every id present in any results file of the directory, and a merge keeps
+the first record of each id, so no record is ever duplicated.
+
+Parameters. ``params.json`` holds the parameters that decide the records (model, conditions, seeds, N,
+thresholds, sampler, micro-batch size, ...). Re-opening a directory with different parameters is refused
+with one line naming every differing parameter; parameters that do not change records (progress bars,
+output paths, the number of shards) are simply not put into it by the caller.
+
+Sharding and multi-GPU / multi-node runs. Conditions are assigned round-robin: condition ``g`` belongs to
+part ``g % n``. Part ``p`` of ``n`` writes ``parts/results.part{p}-of-{n}.jsonl``; since every record is
+keyed by condition id, the parts are merged into ``results.jsonl`` without duplicates (``merge_parts``),
+whatever the number of parts of earlier, interrupted attempts.
+
+- Manual sharding: ``memcore extract ... --shard i/n --out DIR`` on n machines or processes (0 <= i < n),
+  then ``memcore merge DIR`` once every shard has finished (copy the ``parts/`` files into one directory
+  first when the machines do not share a filesystem).
+- One node, several GPUs: ``torchrun --standalone --nproc-per-node=8 -m memcore extract ... --out DIR``.
+  Each rank reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment, uses ``cuda:LOCAL_RANK``,
+  takes part ``RANK`` of ``WORLD_SIZE`` and writes its own part file; the last rank to finish merges (every
+  rank calls ``merge_parts`` when done; the merge is idempotent, atomic and takes a directory lock).
+- Several nodes: the same command on every node with a shared filesystem for ``DIR``::
+
+      torchrun --nnodes=M --nproc-per-node=8 --node-rank=K --rdzv-backend=c10d \\
+               --rdzv-endpoint=HOST0:29500 -m memcore extract ... --out /shared/DIR
+
+  torchrun sets the global ``RANK``/``WORLD_SIZE``; memcore needs no collective communication (ranks do
+  not talk to each other), so the rendezvous only starts the processes. Without a shared filesystem run
+  each node with ``--shard K/M`` (and torchrun inside the node: part = K * nproc + local rank), gather the
+  ``parts/`` folders, and run ``memcore merge DIR``.
+- ``--shard i/n`` combined with torchrun: part ``i * WORLD_SIZE + RANK`` of ``n * WORLD_SIZE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+try:  # POSIX advisory locks keep two writers off one part file; absent on Windows
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+PARAMS_FILE = "params.json"
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+PARTS_DIR = "parts"
+_PART_RE = re.compile(r"^results\.part(\d+)-of-(\d+)\.jsonl$")
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------- sharding
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """Part ``index`` of ``count``: this process handles conditions ``g`` with ``g % count == index``."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.index, int) or not isinstance(self.count, int):
+            raise TypeError("shard index and count must be integers")
+        if self.count < 1:
+            raise ValueError(f"shard count must be >= 1, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index must be in [0, {self.count}), got {self.index}")
+
+    @property
+    def is_whole(self) -> bool:
+        return self.count == 1
+
+    def owns(self, condition_id: int) -> bool:
+        return condition_id % self.count == self.index
+
+    def select(self, condition_ids: Iterable[int]) -> list[int]:
+        return [g for g in condition_ids if self.owns(g)]
+
+    def combine(self, inner: ShardSpec) -> ShardSpec:
+        """Split this part further into ``inner.count`` parts (``--shard`` outside, torchrun ranks inside).
+
+        Part ``index * inner.count + inner.index`` of ``count * inner.count``: over all (shard, rank) pairs
+        these parts partition the condition ids, which is all that resume and merge need.
+        """
+        return ShardSpec(self.index * inner.count + inner.index, self.count * inner.count)
+
+    @property
+    def filename(self) -> str:
+        return RESULTS_FILE if self.is_whole else f"results.part{self.index}-of-{self.count}.jsonl"
+
+
+def parse_shard(text: str) -> ShardSpec:
+    """``"i/n"`` -> ShardSpec(i, n); clear error otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}")
+    return ShardSpec(int(m.group(1)), int(m.group(2)))
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> ShardSpec:
+    """The torchrun rank as a ShardSpec (``RANK`` of ``WORLD_SIZE``); whole run when not under torchrun."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env:
+        return ShardSpec()
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank = int(env.get("RANK", "0"))
+    except ValueError as exc:
+        raise ValueError(
+            f"RANK/WORLD_SIZE must be integers, got {env.get('RANK')!r}/{env['WORLD_SIZE']!r}"
+        ) from exc
+    return ShardSpec(rank, world)
+
+
+def local_rank_from_env(env: Mapping[str, str] | None = None) -> int | None:
+    env = os.environ if env is None else env
+    v = env.get("LOCAL_RANK")
+    return int(v) if v is not None and v != "" else None
+
+
+# ------------------------------------------------------------------------------------------------ atomic files
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types: tuples -> lists, numpy/torch scalars -> Python, non-finite floats -> None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    if hasattr(obj, "tolist"):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"cannot store a {type(obj).__name__} in a results record")
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """One record as one compact JSON line (``\\n``-terminated, no embedded newlines)."""
+    line = json.dumps(_jsonable(record), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return (line + "\n").encode("utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+@dataclasses.dataclass(frozen=True)
+class ReadResult:
+    """Records of one JSONL file; ``valid_bytes`` is the length of its intact prefix (torn tail dropped)."""
+
+    records: list[dict[str, Any]]
+    valid_bytes: int
+    torn_tail: bool
+
+
+def read_records(path: str | os.PathLike) -> ReadResult:
+    """Parse a results JSONL file, dropping a torn final line (the trace of a kill -9 during a write).
+
+    A malformed line that is *not* the last one cannot come from memcore's writer: it is reported as
+    corruption (ValueError naming the file and line) instead of being skipped silently.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ReadResult([], 0, False)
+    records: list[dict[str, Any]] = []
+    pos = 0
+    lineno = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        lineno += 1
+        if nl < 0:  # unterminated final line: torn write
+            return ReadResult(records, pos, True)
+        raw = data[pos:nl]
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict) or "condition_id" not in rec:
+                raise ValueError("not a condition record")
+        except (UnicodeDecodeError, ValueError) as exc:
+            if nl + 1 >= len(data):  # a garbled last line is also a torn write
+                return ReadResult(records, pos, True)
+            raise ValueError(
+                f"{path}: line {lineno} is not a valid results record ({exc}); "
+                "the file was modified by something other than memcore"
+            ) from exc
+        records.append(rec)
+        pos = nl + 1
+    return ReadResult(records, pos, False)
+
+
+# ---------------------------------------------------------------------------------------------------- writer
+class RecordWriter:
+    """Appends records to one JSONL file: one ``os.write`` per record, then ``fsync``.
+
+    Holds an exclusive advisory lock on the file, so two processes configured with the same part cannot
+    interleave records. Truncates a torn tail left by an earlier crash before the first append.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(self._fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RuntimeError(
+                        f"{self.path} is being written by another memcore process (same --out and shard); "
+                        "give each process its own --shard or torchrun rank"
+                    ) from exc
+                raise
+        info = read_records(self.path)
+        if info.torn_tail:
+            os.ftruncate(self._fd, info.valid_bytes)
+            os.fsync(self._fd)
+        self.existing = info.records
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = encode_record(record)
+        n = os.write(self._fd, line)
+        if n != len(line):  # only on a full disk or similar; leave a torn tail that resume will drop
+            raise OSError(f"short write to {self.path} ({n} of {len(line)} bytes)")
+        if self._fsync:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+# ----------------------------------------------------------------------------------------------- params file
+def fingerprint(params: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``params`` (sorted keys)."""
+    canon = json.dumps(_jsonable(params), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def diff_params(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences, one entry per differing key."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: directory has {_short(a)}, this run has {_short(b)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- results dir
+class ResultsDir:
+    """A results directory for one run (see the module docstring for the layout and guarantees).
+
+    Args:
+        path: the directory (created if missing).
+        params: the parameters that decide the records; JSON-serialisable.
+        shard: which part of the run this process writes.
+        resume: when False and the directory already holds records, refuse instead of resuming.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        params: Mapping[str, Any],
+        *,
+        shard: ShardSpec | None = None,
+        resume: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} exists and is not a directory")
+        self.shard = shard or ShardSpec()
+        self.params = _jsonable(dict(params))
+        self.fingerprint = fingerprint(self.params)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._check_or_write_params()
+        done = self.completed_ids()
+        if done and not resume:
+            raise ValueError(
+                f"{self.path} already holds {len(done)} finished conditions; pass resume=True (the CLI "
+                "resumes by default) or choose another --out"
+            )
+        self._writer: RecordWriter | None = None
+
+    # params -------------------------------------------------------------------------------------------
+    def _check_or_write_params(self) -> None:
+        pfile = self.path / PARAMS_FILE
+        if pfile.exists():
+            try:
+                stored = json.loads(pfile.read_text("utf-8"))
+                old = stored["params"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{pfile} is corrupt ({exc}); remove it or choose another --out") from exc
+            if stored.get("fingerprint") != self.fingerprint:
+                diffs = diff_params(old, self.params)
+                raise ValueError(
+                    f"{self.path} was started with different parameters; refusing to mix results. "
+                    + "; ".join(diffs or ["parameter encoding changed"])
+                    + ". Use another --out or the original parameters."
+                )
+            return
+        if any(self.path.glob("results*.jsonl")) or (self.path / PARTS_DIR).exists():
+            raise ValueError(f"{self.path} holds results but no {PARAMS_FILE}; refusing to append to it")
+        atomic_write_json(
+            pfile, {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
+        )
+
+    # files --------------------------------------------------------------------------------------------
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    @property
+    def part_path(self) -> Path:
+        return self.results_path if self.shard.is_whole else self.path / PARTS_DIR / self.shard.filename
+
+    def result_files(self) -> list[Path]:
+        files = [self.results_path] if self.results_path.exists() else []
+        parts = self.path / PARTS_DIR
+        if parts.is_dir():
+            files += sorted(p for p in parts.iterdir() if _PART_RE.match(p.name))
+        return files
+
+    def iter_records(self) -> Iterator[dict[str, Any]]:
+        """Every intact record of every results file, the first per condition id only."""
+        seen: set[int] = set()
+        for f in self.result_files():
+            for rec in read_records(f).records:
+                cid = int(rec["condition_id"])
+                if cid not in seen:
+                    seen.add(cid)
+                    yield rec
+
+    def completed_ids(self) -> set[int]:
+        return {int(r["condition_id"]) for r in self.iter_records()}
+
+    # writing ------------------------------------------------------------------------------------------
+    def writer(self) -> RecordWriter:
+        if self._writer is None:
+            self._writer = RecordWriter(self.part_path)
+        return self._writer
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        if "condition_id" not in record:
+            raise ValueError("a results record needs a 'condition_id'")
+        self.writer().append(record)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        path = self.path / SUMMARY_FILE
+        atomic_write_json(path, summary)
+        return path
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> ResultsDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def merge(self) -> list[dict[str, Any]]:
+        return merge_parts(self.path)
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path) -> Iterator[None]:
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(path / ".merge.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def merge_parts(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Merge ``results.jsonl`` and every ``parts/*.jsonl`` into ``results.jsonl`` (sorted by condition id,
+    first record per id kept), atomically. Part files are left in place (a merge is idempotent), so a rank
+    still writing is never disturbed; its later records are picked up by the next merge.
+
+    Returns the merged records.
+    """
+    path = Path(path)
+    if not (path / PARAMS_FILE).exists():
+        raise ValueError(f"{path} is not a memcore results directory (no {PARAMS_FILE})")
+    with _dir_lock(path):
+        seen = _collect(path)
+        merged = [seen[k] for k in sorted(seen)]
+        atomic_write_bytes(path / RESULTS_FILE, b"".join(encode_record(r) for r in merged))
+    return merged
+
+
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a results directory (every file, deduplicated by condition id, sorted by id)."""
+    seen = _collect(Path(path))
+    return [seen[k] for k in sorted(seen)]
+
+
+def _collect(path: Path) -> dict[int, dict[str, Any]]:
+    seen: dict[int, dict[str, Any]] = {}
+    files = [path / RESULTS_FILE] if (path / RESULTS_FILE).exists() else []
+    if (path / PARTS_DIR).is_dir():
+        files += sorted(p for p in (path / PARTS_DIR).iterdir() if _PART_RE.match(p.name))
+    for f in files:
+        for rec in read_records(f).records:
+            seen.setdefault(int(rec["condition_id"]), rec)
+    return seen
+
+
+def load_params(path: str | os.PathLike) -> dict[str, Any]:
+    pfile = Path(path) / PARAMS_FILE
+    if not pfile.exists():
+        raise ValueError(f"{path} is not a memcore results directory (no {PARAMS_FILE})")
+    return json.loads(pfile.read_text("utf-8"))["params"]

@@ -1,0 +1,342 @@
+"""Carlini extraction end to end on tiny random models: memcore's engine path against the reference path
+(diffusers loop + naive torch distances + networkx), resume, shards, NN extraction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from memcore.attacks import carlini
+from memcore.attacks.reference import (
+    load_reference_model,
+    reference_condition,
+    reference_generate,
+    reference_nn_extraction,
+)
+from memcore.io import results as R
+
+GRID = (2, 2)
+
+
+def tiny_unet(num_classes: int | None, seed: int = 0):
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_classes,
+    ).eval()
+    # predict x0 directly and damp the output layer: candidates land close to each other, so the threshold
+    # graphs hold non-trivial cliques at the alphas below (a random eps-model gives only isolated vertices)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.2)
+    return unet, DDIMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample=False)
+
+
+@pytest.fixture(scope="module")
+def class_model():
+    return tiny_unet(3)
+
+
+def cfg(**kw) -> carlini.ExtractConfig:
+    base = dict(
+        num_per_condition=12, num_inference_steps=3, alpha=0.02, grid=GRID, min_clique=4, batch_size=5
+    )
+    base.update(kw)
+    return carlini.ExtractConfig(**base)
+
+
+def reference_run(model, conditions, config, train):
+    rm = load_reference_model(model)
+    recs = []
+    for g, c in enumerate(conditions):
+        seeds = [config.seed_of(g, i) for i in range(config.num_per_condition)]
+        imgs = torch.cat(
+            [
+                reference_generate(
+                    rm,
+                    seeds[i : i + config.micro_batch],
+                    [c] * len(seeds[i : i + config.micro_batch]),
+                    num_inference_steps=config.num_inference_steps,
+                )
+                for i in range(0, len(seeds), config.micro_batch)
+            ]
+        )
+        recs.append(
+            reference_condition(
+                imgs,
+                alpha=config.alpha,
+                grid=config.grid,
+                min_clique=config.min_clique,
+                train=train,
+                delta=config.delta,
+                condition_id=g,
+            )
+        )
+    return recs
+
+
+def test_engine_agrees_with_reference_path(class_model, tmp_path):
+    conditions = [0, 1, 2]
+    config = cfg()
+    # training set: random digits-like noise plus one generated image, so that a verification hits
+    rm = load_reference_model(class_model)
+    planted = reference_generate(rm, [config.seed_of(1, 3)], [1], num_inference_steps=3)
+    train = torch.cat([torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8), planted])
+    res = carlini.extract(
+        class_model, conditions, config=config, train=train, out=tmp_path / "run", device="cpu"
+    )
+    ref = reference_run(class_model, conditions, config, train)
+    assert [r.flagged for r in res.conditions] == [r.flagged for r in ref]
+    assert any(r.flagged for r in ref) and not all(r.clique_size == config.num_per_condition for r in ref)
+    for a, b in zip(res.conditions, ref):
+        assert a.clique_size == b.clique_size
+        assert a.clique_members == b.members
+        assert a.medoid_index == b.medoid_index
+        assert a.medoid_seed == config.seed_of(a.condition_id, b.medoid_index)
+        assert a.nearest_train_index == b.nearest_train_index
+        assert a.extracted == b.extracted and a.eidetic_count == b.eidetic_count
+        if b.mean_clique_distance is None:
+            assert a.mean_clique_distance is None
+        else:
+            assert a.mean_clique_distance == pytest.approx(b.mean_clique_distance, rel=1e-5, abs=1e-6)
+    # SPEC §7 record fields and summary
+    rec = R.load_results(tmp_path / "run")[0]
+    for k in (
+        "condition",
+        "flagged",
+        "clique_size",
+        "medoid_seed",
+        "mean_clique_distance",
+        "nearest_train_index",
+        "nearest_train_distance",
+        "extracted",
+        "eidetic_count",
+    ):
+        assert k in rec
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["counts"]["conditions_done"] == 3
+    assert summary["params"]["alpha"] == config.alpha
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "<svg" in html and "Ranked conditions" in html
+
+
+def test_reference_sampler_equals_engine_sampler(class_model, tmp_path):
+    a = carlini.extract(class_model, [0, 2], config=cfg(sampler="reference"), device="cpu")
+    b = carlini.extract(class_model, [0, 2], config=cfg(sampler="memcore"), device="cpu")
+    assert [r.to_record() for r in a.conditions] == [r.to_record() for r in b.conditions]
+
+
+def test_resume_after_interruption_equals_uninterrupted(class_model, tmp_path):
+    config = cfg()
+    full = carlini.extract(class_model, [0, 1, 2], config=config, out=tmp_path / "full", device="cpu")
+    # interrupted: stop after the first finished condition (what a kill between conditions leaves) ...
+    it = carlini.iter_extract(class_model, [0, 1, 2], config=config, out=tmp_path / "cut", device="cpu")
+    next(it)
+    it.close()
+    # ... and a kill -9 in the middle of writing the next record (a torn line)
+    path = tmp_path / "cut" / "results.jsonl"
+    torn = R.encode_record(full.conditions[1].to_record())
+    with open(path, "ab") as f:
+        f.write(torn[: len(torn) // 3])
+    assert len(R.load_results(tmp_path / "cut")) == 1
+    resumed = carlini.extract(class_model, [0, 1, 2], config=config, out=tmp_path / "cut", device="cpu")
+    assert R.load_results(tmp_path / "cut") == R.load_results(tmp_path / "full")
+    assert [r.to_record() for r in resumed.conditions] == [r.to_record() for r in full.conditions]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and len({json.loads(x)["condition_id"] for x in lines}) == 3
+
+
+def test_changed_parameters_are_refused(class_model, tmp_path):
+    carlini.extract(class_model, [0], config=cfg(), out=tmp_path, device="cpu")
+    with pytest.raises(ValueError, match=r"alpha: directory has 0.02, this run has 0.07"):
+        carlini.extract(class_model, [0], config=cfg(alpha=0.07), out=tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="conditions_sha256"):
+        carlini.extract(class_model, [1], config=cfg(), out=tmp_path, device="cpu")
+
+
+def test_shards_merge_to_the_single_run(class_model, tmp_path):
+    config = cfg()
+    single = carlini.extract(class_model, [0, 1, 2], config=config, out=tmp_path / "one", device="cpu")
+    for i in range(2):
+        carlini.extract(
+            class_model, [0, 1, 2], config=config, out=tmp_path / "sh", device="cpu", shard=R.ShardSpec(i, 2)
+        )
+    merged = R.load_results(tmp_path / "sh")
+    assert merged == R.load_results(tmp_path / "one")
+    assert (tmp_path / "sh" / "results.jsonl").read_text().count("\n") == 3
+    s = carlini.summarize_dir(tmp_path / "sh")
+    assert s["counts"]["flagged"] == single.summary["counts"]["flagged"]
+
+
+def test_nn_extraction_matches_brute_force(tmp_path):
+    model = tiny_unet(None, seed=1)
+    config = cfg(num_per_condition=8, nn_candidates=23, nn_k=5, batch_size=6)
+    rm = load_reference_model(model)
+    seeds = [config.seed + i for i in range(23)]
+    cands = torch.cat(
+        [reference_generate(rm, seeds[i : i + 6], None, num_inference_steps=3) for i in range(0, 23, 6)]
+    )
+    # plant two generated images in a random training set: they must be extracted with their seeds
+    train = torch.cat([torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8), cands[[4, 17]]])
+    res = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    ref = reference_nn_extraction(cands, seeds, train, k=5, alpha=0.5)
+    nn = res.nn
+    assert nn is not None and nn.num_candidates == 23
+    assert {30, 31} <= set(nn.extracted_train_indices)
+    assert dict(zip(nn.extracted_train_indices, nn.seeds)) == {j: s for j, (s, _) in ref.items()}
+    for j, r in zip(nn.extracted_train_indices, nn.ratios):
+        assert r == pytest.approx(ref[j][1], rel=1e-5, abs=1e-6)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["extracted_train_indices"] == list(nn.extracted_train_indices)
+    assert summary["extracted_seeds"] == list(nn.seeds)
+    assert (tmp_path / "images").is_dir()
+    # the one unconditional condition also went through generate-and-filter, on the first N candidates
+    assert len(res.conditions) == 1 and res.conditions[0].num_candidates == 8
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="num_per_condition"):
+        carlini.ExtractConfig(num_per_condition=0)
+    with pytest.raises(ValueError, match="grid"):
+        carlini.ExtractConfig(grid=(0, 4))
+    with pytest.raises(ValueError, match="alpha"):
+        carlini.ExtractConfig(alpha=float("nan"))
+    with pytest.raises(ValueError, match="sampler"):
+        carlini.ExtractConfig(sampler="x")
+    c = carlini.ExtractConfig(num_per_condition=10, seed=5)
+    assert c.seed_of(2, 3) == 28 and c.micro_batch == 10
+
+
+def test_bad_inputs_write_nothing(class_model, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="does not divide"):
+        carlini.extract(class_model, [0], config=cfg(grid=(3, 3)), out=out, device="cpu")
+    with pytest.raises(ValueError, match="shape"):
+        carlini.extract(
+            class_model,
+            [0],
+            config=cfg(),
+            train=torch.zeros(3, 1, 4, 4, dtype=torch.uint8),
+            out=out,
+            device="cpu",
+        )
+    with pytest.raises(ValueError, match="class id"):
+        carlini.extract(class_model, [7], config=cfg(), out=out, device="cpu")
+    with pytest.raises(ValueError, match="needs conditions"):
+        carlini.extract(class_model, [], config=cfg(), out=out, device="cpu")
+    assert not out.exists()
+
+
+def test_streaming_iterator_yields_records(class_model):
+    got = list(carlini.iter_extract(class_model, [2, 0], config=cfg(), device="cpu"))
+    assert [r.condition_id for r in got] == [0, 1] and [r.condition for r in got] == [2, 0]
+    assert all(isinstance(r, carlini.ConditionResult) for r in got)
+    assert dataclasses.asdict(got[0]) == got[0].to_record()
+
+
+def tiny_sd_pipeline():
+    """A tiny random Stable-Diffusion-layout pipeline (same recipe as tests/test_sampling.py)."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_sampling import _tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=515, eos_token_id=516, pad_token_id=516, hidden_size=16, intermediate_size=24,
+            num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=12, vocab_size=517,
+        )
+    )  # fmt: skip
+    sched = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=te, tokenizer=_tiny_tokenizer(12), scheduler=sched, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def test_text_model_with_cfg_engine_equals_reference_path(tmp_path):
+    pipe = tiny_sd_pipeline()
+    prompts = ["abc", "ca ab"]
+    config = cfg(
+        num_per_condition=6, num_inference_steps=2, batch_size=3, grid=(4, 4), alpha=0.1, min_clique=2
+    )
+    a = carlini.extract(pipe, prompts, config=config, out=tmp_path, device="cpu")
+    b = carlini.extract(pipe, prompts, config=dataclasses.replace(config, sampler="reference"), device="cpu")
+    assert [r.to_record() for r in a.conditions] == [r.to_record() for r in b.conditions]
+    assert a.summary["params"]["guidance_scale"] == 7.5 and a.conditions[1].condition == "ca ab"
+    with pytest.raises(ValueError, match="not a prompt"):
+        carlini.extract(pipe, [3], config=config, device="cpu")
+
+
+@pytest.mark.parametrize("n, step", [(130, 37), (64, 64), (5, 2), (1, 1)])
+def test_incremental_graph_equals_pairwise_bitset(n, step):
+    """Row blocks of new batches against all earlier candidates, mirrored from the lower triangle, give the
+    bitset of the whole pairwise graph (batch boundaries off the 64-bit word boundaries included)."""
+    from memcore.distance import tiled_l2_graph
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randint(0, 256, (3, 1, 8, 8), generator=g, dtype=torch.uint8)
+    # near-copies of three images plus noise: a graph with structure
+    imgs = base[torch.randint(0, 3, (n,), generator=g)].int() + torch.randint(
+        -6, 7, (n, 1, 8, 8), generator=g
+    )
+    imgs = imgs.clamp(0, 255).to(torch.uint8)
+    config = cfg(alpha=0.03, grid=(2, 2))
+    rows = torch.zeros((n, -(-n // 64)), dtype=torch.uint64)
+    for s0 in range(0, n, step):
+        s1 = min(n, s0 + step)
+        words = carlini._graph_rows(imgs[s0:s1], imgs[:s1], config)
+        rows[s0:s1, : words.shape[1]] = words
+    got = carlini._symmetrize(rows, n)
+    want = tiled_l2_graph(imgs, 0.03, grid=(2, 2))
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+    dense = carlini._unpack_bits(got, n)
+    assert torch.equal(carlini._pack_bits(dense).view(torch.int64), got.view(torch.int64))
+    assert dense.sum() > 0 or n == 1
+
+
+def test_nn_resume_recomputes_only_what_is_missing(tmp_path):
+    model = tiny_unet(None, seed=1)
+    config = cfg(num_per_condition=6, nn_candidates=14, nn_k=4, batch_size=5)
+    train = torch.randint(
+        0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    first = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    nn_file = tmp_path / "nn_extraction.json"
+    before = json.loads(nn_file.read_text())
+    nn_file.unlink()  # killed after the clique record, before the NN result was written
+    again = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    assert json.loads(nn_file.read_text()) == before
+    assert (tmp_path / "results.jsonl").read_text().count("\n") == 1
+    assert again.nn == first.nn
+    # both finished: a third run does nothing and returns the stored NN result
+    third = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    assert third.nn == first.nn
