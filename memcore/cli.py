@@ -315,7 +315,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- bench
 def _bench_dir() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    # The scripts ship with the source checkout, not the wheel: look in the working directory and its
+    # parents (e.g. run from tests/), then next to the package (an in-place or editable build).
+    cwd = Path.cwd().resolve()
+    for base in (cwd, *cwd.parents, Path(__file__).resolve().parents[1]):
         if (base / "benchmarks" / "_common.py").is_file():
             return base / "benchmarks"
     raise _CliError("benchmarks/ not found: run `memcore bench` from a memcore source checkout")
