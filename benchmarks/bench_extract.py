@@ -66,21 +66,10 @@ def cifar_unet(small: bool = False):
     return unet.eval(), DDIMScheduler(num_train_timesteps=1000)
 
 
-def _bytes_alphabet() -> list[str]:
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def sd_pipeline():
     """SD-1.x layout with random weights (FLOPs do not depend on weights)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -88,18 +77,14 @@ def sd_pipeline():
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
     )  # fmt: skip
-    chars = _bytes_alphabet()
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    from memcore.models.offline import offline_clip_tokenizer
+
+    tok = offline_clip_tokenizer(77)
     te = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-            num_hidden_layers=12, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
-            eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1,
+            vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+            num_hidden_layers=12, max_position_embeddings=77, bos_token_id=len(tok) - 2,
+            eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
         )
     )  # fmt: skip
     sched = DDIMScheduler(

@@ -96,33 +96,11 @@ def _time_pair(fa, fb, device: torch.device, repeats: int) -> tuple[dict[str, fl
     )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def _offline_tokenizer(max_len: int):
     """A byte-level CLIP tokenizer built offline (no vocabulary download); token ids < 517."""
-    from transformers import CLIPTokenizer
+    from memcore.models.offline import offline_clip_tokenizer
 
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+    return offline_clip_tokenizer(max_len)
 
 
 def build_unet_pipeline(cfg: dict, device: torch.device, dtype: torch.dtype):

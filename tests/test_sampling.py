@@ -36,37 +36,11 @@ def _unet(**kw):
     )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level alphabet: the tiny vocabulary must contain every byte symbol.
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def _tiny_tokenizer(max_len: int):
     """An offline CLIP tokenizer: byte alphabet (+ end-of-word forms), three merges, the two specials."""
-    from transformers import CLIPTokenizer
+    from memcore.models.offline import offline_clip_tokenizer
 
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = [("a", "b"), ("ab", "c</w>"), ("c", "a</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_len)
+    return offline_clip_tokenizer(max_len, merges=[("a", "b"), ("ab", "c</w>"), ("c", "a</w>")])
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ if [ -z "${MEMCORE_CUDA:-}" ]; then
 fi
 echo "== build (MEMCORE_CUDA=$MEMCORE_CUDA)"
 $PY -m pip install -q --no-build-isolation --no-deps .
-$PY -c "import memcore, json; print(json.dumps(memcore.build_info()))"
+# From tests/ so the installed package (with its compiled core) is imported, not the source tree.
+(cd tests && $PY -c "import memcore, json; print(json.dumps(memcore.build_info()))")
 
 # One torch process at a time on 2 cores; OpenMP spin-waits make parallel workers slow each other down.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
