@@ -225,9 +225,11 @@ def load_reference_model(model: Any, *, device: torch.device | str = "cpu") -> R
         if not os.path.isdir(path):
             raise ValueError(f"model {path!r} is not a local directory; memcore never downloads models")
         if os.path.exists(os.path.join(path, "model_index.json")):
-            model = DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+            model = DiffusionPipeline.from_pretrained(
+                path, local_files_only=True, low_cpu_mem_usage=False, safety_checker=None
+            )
         else:
-            unet = UNet2DModel.from_pretrained(path, local_files_only=True)
+            unet = UNet2DModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
             sc = os.path.join(path, "scheduler_config.json")
             sched = DDIMScheduler.from_pretrained(path) if os.path.exists(sc) else DDIMScheduler()
             model = (unet, sched)

@@ -306,6 +306,8 @@ def load_demo(
     d = Path(model_dir) if model_dir is not None else demo_model_dir(variant)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"no diffusers model in {d} (config.json missing)")
-    unet = UNet2DModel.from_pretrained(d, torch_dtype=torch.float32).to(device).eval()
+    unet = (
+        UNet2DModel.from_pretrained(d, torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
+    )
     scheduler = DDIMScheduler.from_pretrained(d)
     return unet, scheduler

@@ -131,6 +131,11 @@ def _check_weights_dir(d: Path, what: str) -> None:
         _check_safetensors(f)
 
 
+# Every diffusers model load: local files only (never a download), and the plain loading path explicitly
+# (diffusers otherwise warns on every load that `accelerate` is missing for low_cpu_mem_usage).
+_DIFFUSERS_KW: dict[str, Any] = {"local_files_only": True, "low_cpu_mem_usage": False}
+
+
 def _diffusers_cls(name: str) -> Any:
     import diffusers
 
@@ -242,7 +247,7 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
         raise ValueError(f"{root}/model_index.json names no 'unet' component; memcore samples UNet pipelines")
     unet_cls = _diffusers_cls(index["unet"][1])
     _check_weights_dir(root / "unet", "unet")
-    unet = unet_cls.from_pretrained(str(root), subfolder="unet", local_files_only=True, torch_dtype=dtype)
+    unet = unet_cls.from_pretrained(str(root), subfolder="unet", **_DIFFUSERS_KW, torch_dtype=dtype)
     unet = _finish_unet(unet, device, dtype)
     scheduler = None
     if "scheduler" in index and (root / "scheduler").is_dir():
@@ -253,7 +258,7 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
     if index.get("vae") and index["vae"][0] is not None:
         _check_weights_dir(root / "vae", "vae")
         vae = _diffusers_cls(index["vae"][1]).from_pretrained(
-            str(root), subfolder="vae", local_files_only=True, torch_dtype=dtype
+            str(root), subfolder="vae", **_DIFFUSERS_KW, torch_dtype=dtype
         )
         extra["vae"] = _finish_unet(vae, device, dtype)
     if index.get("text_encoder") and index["text_encoder"][0] is not None:
@@ -279,7 +284,7 @@ def _load_unet_dir(d: Path, device: torch.device, dtype: torch.dtype | None) -> 
     _check_weights_dir(d, "model")
     cfg = _read_json(d / "config.json")
     cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"))
-    unet = cls.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
+    unet = cls.from_pretrained(str(d), **_DIFFUSERS_KW, torch_dtype=dtype)
     unet = _finish_unet(unet, device, dtype)
     scheduler = _load_scheduler_from(d) or _default_scheduler()
     return _describe_unet(unet, scheduler, device, str(d))
