@@ -2,7 +2,8 @@
 
     python benchmarks/bench_clique.py [--quick] [--slow-baselines] [--nx-timeout S]
 
-Cases: G(n, p) with planted cliques (the test matrix) and realistic threshold graphs at N = 500: tiled-L2
+Cases: G(n, p) with planted cliques (the test matrix), real threshold graphs of 500 generations of the bundled
+demo model (a digit with a memorized training image, and one without), and realistic threshold graphs at N = 500: tiled-L2
 (4 x 4 grid) graphs, alpha = 0.1, of synthetic "generations" - a prompt whose samples are all different
 (templates with large variation, so the graph holds many small near-cliques), a memorized prompt (300 noisy
 copies of one image among them: a planted 300-clique) and a partly memorized one (a 12-copy cluster).
@@ -86,6 +87,22 @@ def generations(kind: str, seed: int, n: int = 500) -> torch.Tensor:
     return mg.threshold_graph(tiled_l2(x).float(), ALPHA)
 
 
+def demo_generations(digit: int, n: int) -> torch.Tensor:
+    """Threshold graph of ``n`` real generations of the bundled demo model for one digit (DDIM 50 steps):
+    digit 0 has a planted, memorized training image (a large clique), digit 1 none."""
+    import memcore
+    from memcore.models.demo import demo_model_dir
+
+    imgs = memcore.sample(
+        str(demo_model_dir("cond")),
+        seeds=list(range(n)),
+        conditions=[digit] * n,
+        batch_size=100,
+        device="cpu",
+    )
+    return memcore.distance.tiled_l2_graph(imgs, ALPHA, grid=(4, 4))
+
+
 # ------------------------------------------------------------------------------------------------ timing
 def times_of(fn, reps: int) -> list[float]:
     fn()  # warm-up
@@ -149,6 +166,10 @@ def main() -> int:
     cases: list[tuple[str, list[torch.Tensor]]] = []
     for kind in ("clean", "partial", "memorized"):
         cases.append((f"realistic-{kind}-500", [generations(kind, s) for s in range(graphs_per_case)]))
+    if args.only is None or "demo" in args.only:
+        # real threshold graphs: generations of the bundled demo model (one graph per digit; ~20 s each on CPU)
+        for digit, what in ((0, "memorized"), (1, "clean")):
+            cases.append((f"demo-{what}-digit{digit}-500", [demo_generations(digit, 500)]))
     synth = [(500, 0.01, 300), (500, 0.1, 10), (500, 0.1, 300), (500, 0.3, 0), (500, 0.3, 300)]
     if not args.quick:
         synth += [(1000, 0.1, 64), (1000, 0.3, 300), (1000, 0.3, 10)]
