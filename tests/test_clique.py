@@ -95,7 +95,7 @@ def test_fuzz_against_networkx(backend, n, p, k):
     elif k == 300:
         assert planted_is_unique_maximum(dense, s)
         assert members == sorted(s.tolist())
-    else:  # dense G(1000, 0.3) with a small plant: no affordable oracle; the decision path must agree
+    else:  # dense G(n, 0.3) with a small plant: networkx decides these in the slow test below (minutes)
         assert mg.has_clique(bits, res.size + 1, backend=backend).decided_at_least is False
     # The decision path agrees with the exact path around the answer and at the flagging threshold.
     for q in {1, res.size - 1, res.size, res.size + 1, 10, n + 1} - {0}:
@@ -111,6 +111,32 @@ def test_fuzz_against_networkx(backend, n, p, k):
         assert m.exact
         assert m.members.tolist() == (members if res.size >= q else [])
         assert m.decided_at_least == (res.size >= q)
+
+
+def _nx_max_clique_by_enumeration(dense: torch.Tensor) -> list[int]:
+    """networkx's maximum clique with the tie rule: enumerate every maximal clique (Bron-Kerbosch with
+    pivoting), keep the largest, and among those the lexicographically smallest sorted member list."""
+    g = nx.from_numpy_array(dense.numpy().astype("uint8"))
+    best: list[int] = []
+    for c in nx.find_cliques(g):
+        c = sorted(c)
+        if len(c) > len(best) or (len(c) == len(best) and c < best):
+            best = c
+    return best
+
+
+DENSE_UNPLANTED = [(n, 0.3, k) for n in (500, 1000) for k in (0, 10, 11, 64)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "p", "k"), DENSE_UNPLANTED)
+def test_dense_fuzz_against_networkx_enumeration(n, p, k):
+    """The fuzz cases too dense for the fast test's oracle (G(n, 0.3) with small plants): networkx's full
+    enumeration decides them (about 2-3 minutes for n = 1000 on one core), size and tie rule both."""
+    dense, _ = gnp(n, p, k, seed=1000 * n + int(100 * p) + k)
+    res = mg.max_clique(mg.to_bitset(dense))
+    assert res.exact
+    assert res.members.tolist() == _nx_max_clique_by_enumeration(dense)
 
 
 @pytest.mark.parametrize("seed", range(60))
