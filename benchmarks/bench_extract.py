@@ -9,8 +9,8 @@ Cases:
 - ``sd``: a Stable-Diffusion-1.x-layout pipeline with random weights (SD-1.x UNet and VAE configurations, a
   CLIP-L-sized text encoder with a tiny offline tokenizer), text prompts with CFG 7.5, fp16 (GPU only).
 - ``memory``: peak host RSS and peak device memory of the unconditional NN extraction at 10^4, 10^5, 10^6
-  candidates (``--quick``: 10^3, 10^4) with a fixed training set, each in a fresh process; the target is
-  flat memory (the model is a small 32x32 UNet run for one step: memory does not depend on the UNet).
+  candidates (``--quick`` and CPU: 10^3, 10^4, or ``--memory-sizes``) with a fixed training set, each in a
+  fresh process; the target is flat memory (the model is a small 32x32 UNet run for one step: memory does not depend on the UNet).
 
 For each e2e case: images/s of memcore and of the reference path, their ratio, and the share of wall time
 outside sampling, ``(T_extract - T_sampling_only) / T_extract`` where ``T_sampling_only`` is memcore's
@@ -197,8 +197,8 @@ def _tiny_uncond():
     return unet.eval(), DDIMScheduler(num_train_timesteps=100)
 
 
-def memory_case(device: torch.device, quick: bool) -> list[dict]:
-    sizes = (1_000, 10_000) if quick else (10_000, 100_000, 1_000_000)
+def memory_case(device: torch.device, quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
+    sizes = sizes or ((1_000, 10_000) if quick else (10_000, 100_000, 1_000_000))
     rows = []
     for n in sizes:
         cmd = [sys.executable, __file__, "--child-memory", str(n), "--device", str(device)] + (
@@ -230,6 +230,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small CPU sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", default=None, help="comma list of demo,cifar,sd,memory")
+    ap.add_argument(
+        "--memory-sizes",
+        default=None,
+        help="comma list of candidate counts for the memory case (e.g. 10000,100000,1000000 with the small "
+        "CPU shapes); default 10^3,10^4 on CPU/--quick, 10^4..10^6 on the GPU",
+    )
+    ap.add_argument("--tag", default=None, help="CSV name suffix: extract_<tag>_<device>.csv")
     ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -285,9 +292,10 @@ def main() -> int:
             )
             rows += e2e("sd", pipe, ["a photo of a cat", "an astronaut"], cfg, None, device, reference=True)
     if "memory" in cases:
-        rows += memory_case(device, args.quick or not gpu)
+        sizes = tuple(int(x) for x in args.memory_sizes.split(",")) if args.memory_sizes else None
+        rows += memory_case(device, args.quick or not gpu, sizes)
     if rows:
-        write_csv("extract", rows, device)
+        write_csv("extract" + (f"_{args.tag}" if args.tag else ""), rows, device)
     return 0
 
 
