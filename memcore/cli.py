@@ -119,6 +119,12 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
     )
     p.add_argument("--max-nn-images", type=int, default=d.max_nn_images, help="PNG pairs of NN extractions")
     p.add_argument("--slots", type=int, default=d.slots, help="condition buffers on the device (default 3)")
+    p.add_argument(
+        "--nn-checkpoint-s",
+        type=float,
+        default=d.nn_checkpoint_s,
+        help="NN extraction: checkpoint its state at most every this many seconds (default 60)",
+    )
 
 
 def _config_from(args: argparse.Namespace, **over):
@@ -146,6 +152,7 @@ def _config_from(args: argparse.Namespace, **over):
         save_images=args.save_images,
         max_nn_images=args.max_nn_images,
         slots=args.slots,
+        nn_checkpoint_s=args.nn_checkpoint_s,
     )
     kw.update(over)
     return ExtractConfig(**kw)

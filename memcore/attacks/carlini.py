@@ -19,14 +19,15 @@ queue never drains. Slots are recycled, so device memory is ``slots × N`` image
 conditions.
 
 Limitations: the training set is held on the device whole (CIFAR-10: 150 MB; use a smaller reference set or
-shards for much larger ones); the NN extraction of an unconditional model runs in the process that owns
-condition 0 (it is not split over shards/ranks).
+shards for much larger ones).
 
 Unconditional models with training data also run SPEC §3: every candidate batch is matched against the whole
 training set with the streamed k-NN (k = 50), ``ratio = d_1 / (alpha · mean(d_1..d_k))``, and an O(train)
 state keeps, per training image, the best ratio and the seed of the candidate that achieved it (ties: smaller
 seed, so the result does not depend on batch composition). Memory stays flat as candidates grow; extracted
-candidates are regenerated from their seeds for the PNG pairs.
+candidates are regenerated from their seeds for the PNG pairs. The NN candidates are split over shards/ranks
+(``memcore.attacks.nn.assignment``), each part's state is checkpointed in the results directory, and the parts
+merge exactly into ``nn_extraction.json`` once they cover every candidate (see :mod:`memcore.attacks.nn`).
 
 Seeds: candidate ``i`` of condition ``g`` has seed ``seed + g · N + i`` (N = ``num_per_condition``); the
 unconditional NN candidates are seeds ``seed + i`` (the first N are also the clique candidates). A candidate
@@ -50,6 +51,8 @@ from typing import Any
 
 import torch
 
+from memcore.attacks import nn as _nn
+from memcore.attacks.nn import NNExtraction, NNState
 from memcore.io import results as _results
 from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
 from memcore.utils.profiling import stage
@@ -89,6 +92,9 @@ class ExtractConfig:
         max_nn_images: PNG pairs written for NN extractions (regenerated from their seeds).
         slots: condition buffers on the device (≥ 2 lets cliques overlap sampling).
         sync_timing: synchronize the device around each stage so per-stage timings are exact (profile).
+        nn_checkpoint_s: with a results directory, the NN extraction state is checkpointed at most this often
+            (seconds; each checkpoint waits for the device once), so an interrupted run loses at most this much
+            NN work. 0 checkpoints after every batch.
     """
 
     num_per_condition: int = 500
@@ -113,6 +119,7 @@ class ExtractConfig:
     max_nn_images: int = 64
     slots: int = 3
     sync_timing: bool = False
+    nn_checkpoint_s: float = 60.0
 
     def __post_init__(self) -> None:
         def pos_int(name: str, v: Any, lo: int = 1) -> None:
@@ -132,7 +139,7 @@ class ExtractConfig:
             pos_int("nn_candidates", self.nn_candidates)
         if self.clique_budget is not None:
             pos_int("clique_budget", self.clique_budget)
-        for name in ("alpha", "delta", "nn_alpha", "eta"):
+        for name in ("alpha", "delta", "nn_alpha", "eta", "nn_checkpoint_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -208,42 +215,6 @@ class ConditionResult:
         kw["clique_members"] = tuple(kw.get("clique_members", ()))
         kw["clique_seeds"] = tuple(kw.get("clique_seeds", ()))
         return cls(**kw)
-
-
-@dataclasses.dataclass(frozen=True)
-class NNExtraction:
-    """Unconditional nearest-neighbour extraction (SPEC §3).
-
-    Attributes:
-        extracted_train_indices: unique training images extracted (ratio <= 1), ascending.
-        seeds: the seed of the best candidate for each of them.
-        ratios / distances: that candidate's ratio and normalized L2 to the training image.
-        num_candidates, num_train, k, alpha: what was run.
-    """
-
-    extracted_train_indices: tuple[int, ...]
-    seeds: tuple[int, ...]
-    ratios: tuple[float, ...]
-    distances: tuple[float, ...]
-    num_candidates: int
-    num_train: int
-    k: int
-    alpha: float
-    images: tuple[str | None, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["extracted"] = [
-            {"train_index": i, "seed": s, "ratio": r, "distance": dd, "image": im}
-            for i, s, r, dd, im in zip(
-                self.extracted_train_indices,
-                self.seeds,
-                self.ratios,
-                self.distances,
-                self.images or (None,) * len(self.seeds),
-            )
-        ]
-        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,51 +404,6 @@ class _Train:
         return knn(q, self.images, min(k, len(self)), backend=self.backend, check_finite=False)
 
 
-class _NNState:
-    """O(train) state of SPEC §3: per training image the best ratio, its seed and distance."""
-
-    def __init__(self, num_train: int, device: torch.device) -> None:
-        self.ratio = torch.full((num_train,), math.inf, dtype=torch.float32, device=device)
-        self.seed = torch.full((num_train,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
-        self.dist = torch.full((num_train,), math.inf, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def update(self, train: _Train, imgs: torch.Tensor, seeds: torch.Tensor, k: int, alpha: float) -> None:
-        d, idx = train.knn(imgs, k)
-        ratio = d[:, 0] / (alpha * d.mean(1))
-        ratio = torch.where(torch.isnan(ratio), torch.zeros_like(ratio), ratio)  # 0/0: an exact copy
-        j = idx[:, 0]
-        big = torch.iinfo(torch.int64).max
-        old = self.ratio.clone()
-        self.ratio.scatter_reduce_(0, j, ratio, "amin")
-        # the smallest seed among the candidates that reach the (new) best ratio of their training image;
-        # masked with torch.where, not boolean indexing, so that nothing here waits for the device
-        hit = ratio == self.ratio[j]
-        cand = torch.full_like(self.seed, big)
-        cand.scatter_reduce_(0, j, torch.where(hit, seeds, big), "amin")
-        take = (self.ratio < old) | ((self.ratio == old) & (cand < self.seed))
-        chosen = hit & (seeds == cand[j])  # same ratio and seed: the candidate that was taken
-        cdist = torch.full_like(self.dist, math.inf)
-        cdist.scatter_reduce_(0, j, torch.where(chosen, d[:, 0], math.inf), "amin")
-        self.seed = torch.where(take, cand, self.seed)
-        self.dist = torch.where(take, cdist, self.dist)
-        self.count += imgs.shape[0]
-
-    def result(self, num_train: int, k: int, alpha: float) -> NNExtraction:
-        ok = self.ratio <= 1
-        ii = torch.nonzero(ok).reshape(-1)
-        return NNExtraction(
-            tuple(ii.tolist()),
-            tuple(self.seed[ii].tolist()),
-            tuple(self.ratio[ii].tolist()),
-            tuple(self.dist[ii].tolist()),
-            self.count,
-            num_train,
-            k,
-            alpha,
-        )
-
-
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor -> device without a host sync (pinned staging + non_blocking on CUDA)."""
     if device.type == "cuda":
@@ -626,7 +552,7 @@ def _run_params(
     model: _Model, conds: list[Any], config: ExtractConfig, train_info: dict | None, device
 ) -> dict:
     cfg = dataclasses.asdict(config)
-    for k in ("slots", "sync_timing", "max_nn_images"):  # do not change records
+    for k in ("slots", "sync_timing", "max_nn_images", "nn_checkpoint_s"):  # do not change records
         cfg.pop(k)
     return {
         "model": model.identity,
@@ -701,20 +627,37 @@ def iter_extract(
     tr = _Train(train_t, device, config.backend) if train_t is not None else None
     n = config.num_per_condition
     todo = [g for g in shard.select(range(len(conds))) if g not in done]
-    run_nn = m.kind == "unet" and tr is not None and shard.owns(0)
-    if run_nn and rd is not None and (Path(out) / "nn_extraction.json").exists() and 0 in done:
-        run_nn = False  # finished earlier
-    if run_nn and 0 not in todo:
-        todo = [0]  # regenerate the candidates for the NN pass; the clique record is not written twice
-    n_nn = max(n, config.nn_candidates or n) if run_nn else 0
-    nn_state = _NNState(len(tr), device) if run_nn else None
+    # SPEC §3 on unconditional models: NN candidate indices [0, n_nn) (seeds seed + i). This process runs its
+    # assignment minus what any checkpoint part already covers; [0, N) is fed from condition 0's own
+    # candidates when condition 0 runs here, the rest are NN-only jobs (condition id -1).
+    n_nn = max(n, config.nn_candidates or n)
+    nn_state: NNState | None = None
+    nn_todo: list[tuple[int, int]] = []
+    nn_file = None
+    if m.kind == "unet" and tr is not None:
+        nn_todo = _nn.assignment(n_nn, n, shard)
+        nn_state = NNState(len(tr), device)
+        if out is not None:
+            nn_file = _nn.part_path(out, shard)
+            nn_todo = _nn.subtract(nn_todo, _nn.covered(out))
+            if nn_file.exists():  # this part's own earlier progress: continue from it
+                nn_state, _ = NNState.load(nn_file, device)
+    feed0 = {i for lo, hi in nn_todo for i in range(lo, min(hi, n))} if 0 in todo else set()
+    nn_only = _nn.subtract(nn_todo, [(0, n)]) if 0 in todo else nn_todo
     images_dir = Path(out) / "images" if out is not None else None
 
     def jobs() -> Iterator[Job]:
         for g in todo:
-            total = n_nn if (run_nn and g == 0) else n
-            for i in range(total):
+            for i in range(n):
                 yield (g, None if m.kind == "unet" else conds[g], config.seed_of(g, i))
+            if g == todo[0]:
+                for lo, hi in nn_only:
+                    for i in range(lo, hi):
+                        yield (-1, None, config.seed + i)
+        if not todo:
+            for lo, hi in nn_only:
+                for i in range(lo, hi):
+                    yield (-1, None, config.seed + i)
 
     sampler = _make_sampler(m, config, device)
     slots = [_Slot(n, m.image_shape, device) for _ in range(config.slots)]
@@ -723,8 +666,9 @@ def iter_extract(
     pending: OrderedDict[int, int] = OrderedDict()  # condition id -> slot, clique running
     filled: set[int] = set()  # conditions whose N clique candidates are all in
     pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-clique")
-    n_jobs = sum(n_nn if (run_nn and g == 0) else n for g in todo)
+    n_jobs = n * len(todo) + _nn.length(nn_only)
     bar = _progress(n_jobs, progress)
+    t_ckpt = time.perf_counter()
     n_flagged = 0
 
     def clique_job(host_adj: torch.Tensor, event: Any) -> tuple[list[int], bool, float]:
@@ -847,18 +791,33 @@ def iter_extract(
             if bar is not None:
                 bar.update(b)
             if nn_state is not None:
-                sel = [r for r, (g, _, _) in enumerate(batch_jobs) if g == 0]
+                sel = [
+                    r
+                    for r, (g, _, s) in enumerate(batch_jobs)
+                    if g == -1 or (g == 0 and s - config.seed in feed0)
+                ]
                 if sel:
                     with timer.span("nn"):
+                        idx = [batch_jobs[r][2] - config.seed for r in sel]
                         seeds = _to_device(torch.tensor([batch_jobs[r][2] for r in sel]), device)
                         q = imgs if len(sel) == b else imgs[_to_device(torch.tensor(sel), device)]
-                        nn_state.update(tr, q, seeds, config.nn_k, config.nn_alpha)
+                        d, j = tr.knn(q, config.nn_k)
+                        nn_state.update(d, j, seeds, config.nn_alpha)
+                        for lo, hi in _nn.normalize((i, i + 1) for i in idx):
+                            nn_state.mark(lo, hi)
+                    if nn_file is not None and time.perf_counter() - t_ckpt >= config.nn_checkpoint_s:
+                        with timer.span("nn_checkpoint"):
+                            nn_state.save(nn_file)
+                        t_ckpt = time.perf_counter()
             r = 0
             while r < b:  # contiguous runs of one condition
                 g = batch_jobs[r][0]
                 e = r
                 while e < b and batch_jobs[e][0] == g:
                     e += 1
+                if g < 0:  # NN-only candidates
+                    r = e
+                    continue
                 if g not in active and g not in filled:
                     if not free:
                         if not pending:  # cannot happen with slots >= 2 (see the module docstring)
@@ -891,11 +850,21 @@ def iter_extract(
             yield from drain(block_one=False)
         yield from flush()
         if nn_state is not None:
-            nn = nn_state.result(len(tr), min(config.nn_k, len(tr)), config.nn_alpha)
-            nn = _nn_images(nn, m, config, device, sampler, tr, images_dir, timer)
-            state["nn"] = nn
-            if out is not None:
-                _results.atomic_write_json(Path(out) / "nn_extraction.json", nn.to_dict())
+            k_eff = min(config.nn_k, len(tr))
+            if nn_file is None:
+                nn = nn_state.result(n_nn, k_eff, config.nn_alpha)
+            else:
+                with timer.span("nn_checkpoint"):
+                    if nn_todo:  # else this part is unchanged (or this process had nothing to fold in)
+                        nn_state.save(nn_file)
+                    nn = _nn.finalize(out, n_nn, k_eff, config.nn_alpha)
+                if nn is None:  # other parts still running: the last one to finish merges
+                    state["nn_progress"] = _nn.progress(out, n_nn)
+            if nn is not None:
+                nn = _nn_images(nn, m, config, device, sampler, tr, images_dir, timer)
+                state["nn"] = nn
+                if out is not None:
+                    _results.atomic_write_json(Path(out) / "nn_extraction.json", nn.to_dict())
     finally:
         pool.shutdown(wait=True)
         reader.shutdown(wait=True)
@@ -915,20 +884,21 @@ def _progress(total: int, enabled: bool):
 
 
 def _nn_images(nn, m, config, device, sampler, tr, images_dir, timer) -> NNExtraction:
-    """Regenerate the best candidates of the first ``max_nn_images`` NN extractions and write PNG pairs."""
+    """Write the PNG pairs of the first ``max_nn_images`` NN extractions that have none yet, regenerating
+    their best candidates from the seeds (bit-identical at the run's micro-batch size)."""
     if images_dir is None or config.save_images == "none" or not nn.seeds or config.max_nn_images == 0:
         return nn
     from memcore.report.images import save_pair
 
-    sel = list(range(min(len(nn.seeds), config.max_nn_images)))
+    paths = list(nn.images or (None,) * len(nn.seeds))
+    sel = [i for i in range(min(len(nn.seeds), config.max_nn_images)) if paths[i] is None]
     jobs = [(0, None, nn.seeds[i]) for i in sel]
-    paths: list[str | None] = [None] * len(nn.seeds)
     with timer.span("regenerate"):
         k = 0
         for imgs in sampler(iter(jobs)):
             for img in imgs:
                 i = sel[k]
-                rel = f"images/nn_train{nn.extracted_train_indices[i]:06d}_seed{nn.seeds[i]}.png"
+                rel = _nn.image_name(nn.extracted_train_indices[i], nn.seeds[i])
                 save_pair(images_dir.parent / rel, img, tr.images[nn.extracted_train_indices[i]])
                 paths[i] = rel
                 k += 1
@@ -1065,6 +1035,8 @@ def _summary(
         "timings": timings,
         "environment": env,
     }
+    if nn is None and state.get("nn_progress") is not None:
+        summary["nn_progress"] = state["nn_progress"]  # a sharded NN extraction still running elsewhere
     if nn is not None:
         d = nn.to_dict()
         summary["nn_extraction"] = d
@@ -1092,7 +1064,14 @@ def summarize_dir(out: str | os.PathLike, *, merge: bool = True, report: bool = 
     if kw.get("guidance_scale") is not None and params.get("model_kind") != "sd_pipeline":
         kw["guidance_scale"] = None
     config = ExtractConfig(**kw)
-    state = {"conditions": [None] * int(params.get("num_conditions", len(results)))}
+    state: dict[str, Any] = {"conditions": [None] * int(params.get("num_conditions", len(results)))}
+    if nn is None and _nn.part_files(out):  # a sharded NN extraction: merge its parts if all are in
+        n_nn = max(config.num_per_condition, config.nn_candidates or config.num_per_condition)
+        num_train = (params.get("train") or {}).get("num")
+        k_eff = min(config.nn_k, int(num_train)) if num_train else config.nn_k
+        nn = _nn.finalize(out, n_nn, k_eff, config.nn_alpha)
+        if nn is None:
+            state["nn_progress"] = _nn.progress(out, n_nn)
     summary = _summary(results, nn, config, state)
     summary["params"] = params
     summary["timings"] = old.get("timings", {})
@@ -1109,6 +1088,4 @@ def _read_nn(out: Path) -> NNExtraction | None:
     f = out / "nn_extraction.json"
     if not f.exists():
         return None
-    d = json.loads(f.read_text("utf-8"))
-    d.pop("extracted", None)
-    return NNExtraction(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return NNExtraction.from_dict(json.loads(f.read_text("utf-8")))

@@ -1,0 +1,294 @@
+"""Unconditional nearest-neighbour extraction (SPEC §3): the O(train) state, its checkpoints and its merge.
+
+The NN candidates of a run are the indices ``i`` in ``[0, nn_candidates)`` with seeds ``seed + i``; the first
+``num_per_condition`` of them are also condition 0's generate-and-filter candidates. Per training image the
+state keeps the best ratio, the seed of the candidate that reached it (ties: the smaller seed) and that
+candidate's distance. Folding a candidate in is an elementwise minimum with a deterministic tie rule, so the
+state does not depend on the order, the batching or the process in which candidates were folded: parts of
+the candidate range can be run by different shards/ranks, or in several sittings, and merged exactly.
+
+Persistence. Each process owns one part file ``nn/state.part<i>-of-<n>.safetensors`` in the results
+directory: the three state arrays plus, in the safetensors metadata, the index intervals already folded in.
+It is rewritten atomically (temp file, fsync, rename) every ``checkpoint_s`` seconds and at the end, so a
+``kill -9`` loses at most the candidates since the last checkpoint, never corrupts a file, and a rerun folds
+in only the intervals no part covers yet (whatever the shard count was before). When the parts together cover
+the whole range, they are merged into ``nn_extraction.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memcore.io import results as _results
+
+NN_DIR = "nn"
+_PART_RE = re.compile(r"^state\.part(\d+)-of-(\d+)\.safetensors$")
+_BIG = torch.iinfo(torch.int64).max
+
+Interval = tuple[int, int]  # [lo, hi)
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+def normalize(iv: Iterable[Sequence[int]]) -> list[Interval]:
+    """Sorted, disjoint, non-empty, merged intervals."""
+    out: list[Interval] = []
+    for lo, hi in sorted((int(a), int(b)) for a, b in iv if int(b) > int(a)):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def subtract(a: Iterable[Sequence[int]], b: Iterable[Sequence[int]]) -> list[Interval]:
+    """``a`` minus ``b`` (both normalized on the way in)."""
+    out: list[Interval] = []
+    bs = normalize(b)
+    for lo, hi in normalize(a):
+        cur = lo
+        for blo, bhi in bs:
+            if bhi <= cur or blo >= hi:
+                continue
+            if blo > cur:
+                out.append((cur, blo))
+            cur = max(cur, bhi)
+            if cur >= hi:
+                break
+        if cur < hi:
+            out.append((cur, hi))
+    return out
+
+
+def length(iv: Iterable[Sequence[int]]) -> int:
+    return sum(hi - lo for lo, hi in normalize(iv))
+
+
+def assignment(num_candidates: int, num_per_condition: int, shard: _results.ShardSpec) -> list[Interval]:
+    """The NN candidate indices a shard runs: ``[0, N)`` goes with condition 0 (its owner generates them
+    anyway), the rest is split into ``shard.count`` contiguous ranges."""
+    n0 = min(num_candidates, num_per_condition)
+    out: list[Interval] = [(0, n0)] if shard.owns(0) else []
+    extra = num_candidates - n0
+    lo = n0 + extra * shard.index // shard.count
+    hi = n0 + extra * (shard.index + 1) // shard.count
+    return normalize([*out, (lo, hi)])
+
+
+# ---------------------------------------------------------------------------------------------------- result
+@dataclasses.dataclass(frozen=True)
+class NNExtraction:
+    """Unconditional nearest-neighbour extraction (SPEC §3).
+
+    Attributes:
+        extracted_train_indices: unique training images extracted (ratio <= 1), ascending.
+        seeds: the seed of the best candidate for each of them.
+        ratios / distances: that candidate's ratio and normalized L2 to the training image.
+        num_candidates, num_train, k, alpha: what was run.
+        images: PNG pair paths relative to the results directory (None where not written).
+    """
+
+    extracted_train_indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+    ratios: tuple[float, ...]
+    distances: tuple[float, ...]
+    num_candidates: int
+    num_train: int
+    k: int
+    alpha: float
+    images: tuple[str | None, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extracted"] = [
+            {"train_index": i, "seed": s, "ratio": r, "distance": dd, "image": im}
+            for i, s, r, dd, im in zip(
+                self.extracted_train_indices,
+                self.seeds,
+                self.ratios,
+                self.distances,
+                self.images or (None,) * len(self.seeds),
+            )
+        ]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NNExtraction:
+        d = {k: v for k, v in d.items() if k != "extracted"}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def image_name(train_index: int, seed: int) -> str:
+    """Path of an NN extraction's PNG pair, relative to the results directory."""
+    return f"images/nn_train{train_index:06d}_seed{seed}.png"
+
+
+# ----------------------------------------------------------------------------------------------------- state
+class NNState:
+    """Per training image: best ratio [T] float32, its seed [T] int64, its distance [T] float32.
+
+    ``done`` lists the candidate index intervals folded in. Device-resident while running; no method but
+    :meth:`save` and :meth:`result` waits for the device.
+    """
+
+    def __init__(self, num_train: int, device: torch.device | str = "cpu") -> None:
+        self.ratio = torch.full((num_train,), math.inf, dtype=torch.float32, device=device)
+        self.seed = torch.full((num_train,), _BIG, dtype=torch.int64, device=device)
+        self.dist = torch.full((num_train,), math.inf, dtype=torch.float32, device=device)
+        self.done: list[Interval] = []
+
+    @property
+    def num_train(self) -> int:
+        return self.ratio.shape[0]
+
+    @property
+    def count(self) -> int:
+        return length(self.done)
+
+    def update(self, dists: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, alpha: float) -> None:
+        """Fold in candidates from their k-NN against the training set.
+
+        Args:
+            dists: [B, k] ascending normalized L2 distances to the k nearest training images.
+            idx: [B, k] their training indices.
+            seeds: [B] int64 seeds of the candidates.
+            alpha: the ratio's alpha (SPEC §3).
+        """
+        ratio = dists[:, 0] / (alpha * dists.mean(1))
+        ratio = torch.where(torch.isnan(ratio), torch.zeros_like(ratio), ratio)  # 0/0: an exact copy
+        j = idx[:, 0]
+        old = self.ratio.clone()
+        self.ratio.scatter_reduce_(0, j, ratio, "amin")
+        # the smallest seed among the candidates that reach the (new) best ratio of their training image;
+        # masked with torch.where, not boolean indexing, so that nothing here waits for the device
+        hit = ratio == self.ratio[j]
+        cand = torch.full_like(self.seed, _BIG)
+        cand.scatter_reduce_(0, j, torch.where(hit, seeds, _BIG), "amin")
+        take = (self.ratio < old) | ((self.ratio == old) & (cand < self.seed))
+        chosen = hit & (seeds == cand[j])  # same ratio and seed: the candidate that was taken
+        cdist = torch.full_like(self.dist, math.inf)
+        cdist.scatter_reduce_(0, j, torch.where(chosen, dists[:, 0], math.inf), "amin")
+        self.seed = torch.where(take, cand, self.seed)
+        self.dist = torch.where(take, cdist, self.dist)
+
+    def mark(self, lo: int, hi: int) -> None:
+        """Record that candidate indices [lo, hi) are folded in."""
+        self.done = normalize([*self.done, (lo, hi)])
+
+    def merge_(self, other: NNState) -> NNState:
+        """Fold another state in (same tie rule as :meth:`update`); returns self."""
+        if other.num_train != self.num_train:
+            raise ValueError(f"NN states over {self.num_train} and {other.num_train} training images")
+        o_ratio, o_seed, o_dist = (t.to(self.ratio.device) for t in (other.ratio, other.seed, other.dist))
+        take = (o_ratio < self.ratio) | ((o_ratio == self.ratio) & (o_seed < self.seed))
+        self.ratio = torch.where(take, o_ratio, self.ratio)
+        self.seed = torch.where(take, o_seed, self.seed)
+        self.dist = torch.where(take, o_dist, self.dist)
+        self.done = normalize([*self.done, *other.done])
+        return self
+
+    def result(self, num_candidates: int, k: int, alpha: float) -> NNExtraction:
+        ii = torch.nonzero(self.ratio <= 1).reshape(-1)
+        return NNExtraction(
+            tuple(ii.tolist()),
+            tuple(self.seed[ii].tolist()),
+            tuple(self.ratio[ii].tolist()),
+            tuple(self.dist[ii].tolist()),
+            num_candidates,
+            self.num_train,
+            k,
+            alpha,
+        )
+
+    # persistence --------------------------------------------------------------------------------------
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+        """Atomically write the state (host copy; waits for the device) and its intervals."""
+        from safetensors.torch import save
+
+        tensors = {"ratio": self.ratio.cpu(), "seed": self.seed.cpu(), "dist": self.dist.cpu()}
+        info = {"done": [list(x) for x in self.done], **(meta or {})}
+        _results.atomic_write_bytes(path, save(tensors, metadata={"memcore_nn": json.dumps(info)}))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple[NNState, dict[str, Any]]:
+        """Read a part file; a damaged one is a clear error naming it."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {})["memcore_nn"])
+                t = {k: f.get_tensor(k) for k in ("ratio", "seed", "dist")}
+            done = normalize(info.pop("done"))
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise ValueError(
+                f"NN checkpoint {path} is damaged ({type(exc).__name__}: {exc}); delete it to recompute its "
+                "candidates"
+            ) from exc
+        st = cls(t["ratio"].shape[0], "cpu")
+        st.ratio, st.seed, st.dist = (x.to(device) for x in (t["ratio"], t["seed"], t["dist"]))
+        st.done = done
+        return st, info
+
+
+# ---------------------------------------------------------------------------------------- results directory
+def part_path(out: str | Path, shard: _results.ShardSpec) -> Path:
+    return Path(out) / NN_DIR / f"state.part{shard.index}-of-{shard.count}.safetensors"
+
+
+def part_files(out: str | Path) -> list[Path]:
+    d = Path(out) / NN_DIR
+    return sorted(p for p in d.iterdir() if _PART_RE.match(p.name)) if d.is_dir() else []
+
+
+def load_parts(out: str | Path, num_train: int | None = None) -> tuple[NNState | None, list[Path]]:
+    """Every part of a results directory merged into one host state (None when there is none)."""
+    files = part_files(out)
+    merged: NNState | None = None
+    for f in files:
+        st, _ = NNState.load(f)
+        if num_train is not None and st.num_train != num_train:
+            raise ValueError(
+                f"NN checkpoint {f} covers {st.num_train} training images, this run has {num_train}; it belongs "
+                "to another run (the results directory's parameters should have caught this: was it copied?)"
+            )
+        merged = st if merged is None else merged.merge_(st)
+    return merged, files
+
+
+def covered(out: str | Path) -> list[Interval]:
+    """Candidate intervals folded in by any part file."""
+    st, _ = load_parts(out)
+    return [] if st is None else st.done
+
+
+def finalize(out: str | Path, num_candidates: int, k: int, alpha: float) -> NNExtraction | None:
+    """Merge the parts; when they cover ``[0, num_candidates)`` write ``nn_extraction.json`` and return it.
+
+    PNG pairs already present (written by the process that ran the winning candidate, or by an earlier
+    finalize that could regenerate them) are referenced; missing ones stay None.
+    """
+    out = Path(out)
+    st, _ = load_parts(out)
+    if st is None or subtract([(0, num_candidates)], st.done):
+        return None
+    nn = st.result(num_candidates, k, alpha)
+    imgs = tuple(
+        image_name(j, s) if (out / image_name(j, s)).exists() else None
+        for j, s in zip(nn.extracted_train_indices, nn.seeds)
+    )
+    nn = dataclasses.replace(nn, images=imgs)
+    _results.atomic_write_json(out / "nn_extraction.json", nn.to_dict())
+    return nn
+
+
+def progress(out: str | Path, num_candidates: int) -> dict[str, Any]:
+    """How much of the NN range the part files cover (for summaries of unfinished runs)."""
+    done = covered(out)
+    return {"candidates_done": length(done), "candidates_total": num_candidates, "done_intervals": done}

@@ -1,0 +1,173 @@
+"""NN extraction (SPEC §3) split over shards, checkpointed, interrupted and resumed: always the same result
+as one uninterrupted process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_extract import cfg, tiny_unet
+
+from memcore.attacks import carlini
+from memcore.attacks import nn as NN
+from memcore.io import results as R
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_unet(None, seed=1)
+    g = torch.Generator().manual_seed(3)
+    train = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
+    config = cfg(num_per_condition=6, nn_candidates=29, nn_k=4, batch_size=5, nn_checkpoint_s=0.0)
+    # plant two of the run's own candidates so that something is extracted for sure
+    from memcore.attacks.reference import load_reference_model, reference_generate
+
+    rm = load_reference_model(model)
+    planted = torch.cat(
+        [reference_generate(rm, [config.seed + i], None, num_inference_steps=3) for i in (2, 17)]
+    )
+    train = torch.cat([train, planted])
+    return model, config, train
+
+
+@pytest.fixture(scope="module")
+def single(setup, tmp_path_factory):
+    model, config, train = setup
+    out = tmp_path_factory.mktemp("single")
+    return carlini.extract(model, None, config=config, train=train, out=out, device="cpu"), out
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+def test_interval_helpers():
+    assert NN.normalize([(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]) == [(0, 3), (5, 9)]
+    assert NN.subtract([(0, 10)], [(2, 3), (5, 7), (9, 12)]) == [(0, 2), (3, 5), (7, 9)]
+    assert NN.subtract([(0, 4)], [(0, 4)]) == []
+    assert NN.length([(0, 3), (2, 5)]) == 5
+    # the assignment partitions [0, n_nn): [0, N) with condition 0's owner, the rest split evenly
+    for count in (1, 2, 3, 7, 40):
+        parts = [NN.assignment(29, 6, R.ShardSpec(i, count)) for i in range(count)]
+        assert NN.length([iv for p in parts for iv in p]) == 29
+        assert sum(NN.length(p) for p in parts) == 29
+    assert NN.assignment(29, 6, R.ShardSpec(1, 3))[0][0] >= 6
+
+
+# -------------------------------------------------------------------------------------------------- shards
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_equal_single_process(setup, single, tmp_path, count):
+    model, config, train = setup
+    ref, _ = single
+    assert ref.nn is not None and {40, 41} <= set(ref.nn.extracted_train_indices)
+    for i in range(count):
+        res = carlini.extract(
+            model, None, config=config, train=train, out=tmp_path, device="cpu", shard=R.ShardSpec(i, count)
+        )
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        if i < count - 1:  # not all parts in yet: no result, a progress line instead
+            assert res.nn is None and not (tmp_path / "nn_extraction.json").exists()
+            assert summary["nn_progress"]["candidates_done"] < 29
+        else:
+            assert res.nn == ref.nn  # bit-identical ratios, seeds, distances; PNG names too
+            assert summary["extracted_seeds"] == list(ref.nn.seeds)
+    assert len(NN.part_files(tmp_path)) == count
+    for rel in ref.nn.images:
+        assert rel is None or (tmp_path / rel).is_file()
+
+
+def test_merge_command_finalizes_nn(setup, single, tmp_path):
+    """`memcore merge` (summarize_dir) merges NN parts into nn_extraction.json without the model."""
+    model, config, train = setup
+    ref, _ = single
+    for i in range(2):
+        carlini.extract(
+            model, None, config=config, train=train, out=tmp_path, device="cpu", shard=R.ShardSpec(i, 2)
+        )
+    (tmp_path / "nn_extraction.json").unlink()
+    s = carlini.summarize_dir(tmp_path)
+    assert s["extracted_train_indices"] == list(ref.nn.extracted_train_indices)
+    assert json.loads((tmp_path / "nn_extraction.json").read_text())["seeds"] == list(ref.nn.seeds)
+
+
+# ---------------------------------------------------------------------------------------- interrupt/resume
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_nn_resumes_from_checkpoint(setup, single, tmp_path, monkeypatch):
+    model, config, train = setup
+    ref, _ = single
+    real = carlini._make_sampler
+    seen = []
+
+    def dying(*a, **kw):
+        inner = real(*a, **kw)
+
+        def gen(jobs):
+            for k, imgs in enumerate(inner(jobs)):
+                if k == 3:
+                    raise _Killed
+                seen.append(imgs.shape[0])
+                yield imgs
+
+        return gen
+
+    monkeypatch.setattr(carlini, "_make_sampler", dying)
+    with pytest.raises(_Killed):
+        carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    monkeypatch.setattr(carlini, "_make_sampler", real)
+    part = NN.part_path(tmp_path, R.ShardSpec())
+    st, _ = NN.NNState.load(part)
+    done_before = st.count
+    assert 0 < done_before < 29  # checkpointed progress, not the whole range
+
+    counted = []
+    orig_update = NN.NNState.update
+
+    def counting(self, d, idx, seeds, alpha):
+        counted.append(seeds.numel())
+        return orig_update(self, d, idx, seeds, alpha)
+
+    monkeypatch.setattr(NN.NNState, "update", counting)
+    res = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    assert sum(counted) == 29 - done_before  # only the missing candidates were folded in
+    assert res.nn == ref.nn
+    assert (tmp_path / "results.jsonl").read_text().count("\n") == 1
+
+
+def test_reshard_after_partial_run(setup, single, tmp_path):
+    """Parts written with one shard count are honoured by a rerun with another (here: one process)."""
+    model, config, train = setup
+    ref, _ = single
+    carlini.extract(
+        model, None, config=config, train=train, out=tmp_path, device="cpu", shard=R.ShardSpec(1, 3)
+    )
+    res = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    assert res.nn == ref.nn
+
+
+def test_damaged_checkpoint_is_a_clear_error(setup, tmp_path):
+    model, config, train = setup
+    part = NN.part_path(tmp_path, R.ShardSpec())
+    carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    part.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="damaged"):
+        carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+
+
+def test_nn_state_merge_is_order_free():
+    g = torch.Generator().manual_seed(0)
+    T = 16
+    parts = []
+    d = torch.rand(10, 4, generator=g).sort(1).values
+    d[:3] = d[0]  # equal ratios for different seeds (in every part): the tie rule decides
+    idx = torch.randint(6, T, (10, 4), generator=g)
+    idx[:3, 0] = 5
+    for p in range(3):
+        st = NN.NNState(T)
+        st.update(d, idx, torch.arange(10) + 100 * (2 - p), 0.5)
+        st.mark(10 * p, 10 * p + 10)
+        parts.append(st)
+    a = NN.NNState(T).merge_(parts[0]).merge_(parts[1]).merge_(parts[2])
+    b = NN.NNState(T).merge_(parts[2]).merge_(parts[0]).merge_(parts[1])
+    assert torch.equal(a.ratio, b.ratio) and torch.equal(a.seed, b.seed) and torch.equal(a.dist, b.dist)
+    assert a.done == [(0, 30)] and int(a.seed[5]) == 0  # the smallest seed among the tied
