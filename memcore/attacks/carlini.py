@@ -560,12 +560,16 @@ def _run_params(
         "image_shape": list(model.image_shape),
         "num_conditions": len(conds),
         "conditions_sha256": _conditions_digest(conds),
-        "train": train_info,
+        "train": None if train_info is None else {k: _resolve(v) for k, v in train_info.items()},
         "device_type": device.type,
         **cfg,
         "grid": list(config.grid),
         "guidance_scale": _guidance(model, config),
     }
+
+
+def _resolve(v: Any) -> Any:
+    return v.result() if isinstance(v, cf.Future) else v
 
 
 def _guidance(model: _Model, config: ExtractConfig) -> float | None:
@@ -616,7 +620,9 @@ def iter_extract(
     gh, gw = config.grid
     if h % gh or w % gw:
         raise ValueError(f"grid {gh}x{gw} does not divide the model's image size {h}x{w}")
-    train_t, train_info = _load_train(train, m.image_shape)
+    # without a results directory nothing needs the training set's digest before the summary: hash it on a
+    # thread (hashlib releases the GIL) while the device samples, instead of in front of the first batch
+    train_t, train_info = _load_train(train, m.image_shape, lazy_digest=out is None)
     shard = shard or _results.shard_from_env()
     rd = None
     done: set[int] = set()
@@ -905,7 +911,19 @@ def _nn_images(nn, m, config, device, sampler, tr, images_dir, timer) -> NNExtra
     return dataclasses.replace(nn, images=tuple(paths))
 
 
-def _load_train(train: Any, shape: tuple[int, int, int]) -> tuple[torch.Tensor | None, dict | None]:
+def _digest(t: torch.Tensor) -> str:
+    """sha256 of a uint8 tensor's bytes, read in place (no copy on the host)."""
+    a = t.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(memoryview(a).cast("B")).hexdigest()
+
+
+def _load_train(
+    train: Any, shape: tuple[int, int, int], *, lazy_digest: bool = False
+) -> tuple[torch.Tensor | None, dict | None]:
+    """Training images as uint8 [T, C, H, W] and their description for the run parameters.
+
+    With ``lazy_digest`` a tensor's sha256 is a ``Future`` computed on a background thread (resolved by
+    ``_run_params``)."""
     if train is None:
         return None, None
     if isinstance(train, torch.Tensor):
@@ -917,7 +935,12 @@ def _load_train(train: Any, shape: tuple[int, int, int]) -> tuple[torch.Tensor |
         elif t.dtype != torch.uint8:
             raise TypeError(f"training images must be uint8 or float in [0, 1], got {t.dtype}")
         _train_shape_check(t, shape, "(tensor)")
-        digest = hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
+        if lazy_digest:
+            pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-digest")
+            digest: Any = pool.submit(_digest, t)
+            pool.shutdown(wait=False)
+        else:
+            digest = _digest(t)
         return t, {"source": "<tensor>", "num": int(t.shape[0]), "sha256": digest}
     from memcore.io.data import open_training_set
 
