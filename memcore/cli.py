@@ -120,6 +120,13 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
     p.add_argument("--max-nn-images", type=int, default=d.max_nn_images, help="PNG pairs of NN extractions")
     p.add_argument("--slots", type=int, default=d.slots, help="condition buffers on the device (default 3)")
     p.add_argument(
+        "--train-chunk",
+        type=int,
+        default=None,
+        help="training images on the device at once (default: the whole set when it fits 8 GiB and a quarter "
+        "of the free device memory, else streamed in chunks)",
+    )
+    p.add_argument(
         "--nn-checkpoint-s",
         type=float,
         default=d.nn_checkpoint_s,
@@ -153,6 +160,7 @@ def _config_from(args: argparse.Namespace, **over):
         max_nn_images=args.max_nn_images,
         slots=args.slots,
         nn_checkpoint_s=args.nn_checkpoint_s,
+        train_chunk=args.train_chunk,
     )
     kw.update(over)
     return ExtractConfig(**kw)

@@ -171,3 +171,43 @@ def test_nn_state_merge_is_order_free():
     b = NN.NNState(T).merge_(parts[2]).merge_(parts[0]).merge_(parts[1])
     assert torch.equal(a.ratio, b.ratio) and torch.equal(a.seed, b.seed) and torch.equal(a.dist, b.dist)
     assert a.done == [(0, 30)] and int(a.seed[5]) == 0  # the smallest seed among the tied
+
+
+# ------------------------------------------------------------------------------------ streamed training set
+def test_streamed_training_set_equals_whole(setup, single, tmp_path):
+    """train_chunk streams the training set through the device in pieces: same NN result and records."""
+    model, config, train = setup
+    ref, ref_dir = single
+    import dataclasses
+
+    res = carlini.extract(
+        model,
+        None,
+        config=dataclasses.replace(config, train_chunk=7),
+        train=train,
+        out=tmp_path,
+        device="cpu",
+    )
+    assert res.nn == ref.nn
+    want = R.load_results(ref_dir)
+    assert R.load_results(tmp_path) == want and want[0]["nearest_train_index"] is not None
+
+
+def test_streamed_verification_ties_and_counts():
+    """Nearest image across chunks: ties go to the smallest index, the eidetic count adds up over chunks."""
+    g = torch.Generator().manual_seed(5)
+    train = torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8, generator=g)
+    img = train[4:5].clone()
+    train[11] = img[0]
+    train[19] = img[0]  # three exact copies in three different chunks of 5
+    for chunk in (None, 5, 1, 100):
+        tr = carlini._Train(train, torch.device("cpu"), "auto", chunk)
+        j, d, c, match = tr.nearest(img, 0.0)
+        assert (int(j), float(d), int(c)) == (4, 0.0, 3)
+        assert torch.equal(match, img)
+        dd, ii = tr.knn(train[[4, 0, 22]], 6)
+        from memcore.distance import knn
+
+        wd, wi = knn(train[[4, 0, 22]], train, 6)
+        assert torch.equal(dd, wd) and torch.equal(ii, wi)
+        assert ii[0, :3].tolist() == [4, 11, 19]

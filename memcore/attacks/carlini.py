@@ -18,8 +18,8 @@ directory, in condition order. So the host waits for the device only in the work
 queue never drains. Slots are recycled, so device memory is ``slots × N`` images whatever the number of
 conditions.
 
-Limitations: the training set is held on the device whole (CIFAR-10: 150 MB; use a smaller reference set or
-shards for much larger ones).
+The training set is held on the device whole when it fits (``train_chunk``), else streamed through it in
+chunks from the host for every verification and NN batch (same results, more transfer).
 
 Unconditional models with training data also run SPEC §3: every candidate batch is matched against the whole
 training set with the streamed k-NN (k = 50), ``ratio = d_1 / (alpha · mean(d_1..d_k))``, and an O(train)
@@ -92,6 +92,9 @@ class ExtractConfig:
         max_nn_images: PNG pairs written for NN extractions (regenerated from their seeds).
         slots: condition buffers on the device (≥ 2 lets cliques overlap sampling).
         sync_timing: synchronize the device around each stage so per-stage timings are exact (profile).
+        train_chunk: training images on the device at once (None: the whole set when it takes at most 8 GiB
+            and a quarter of the free device memory, else chunks of half that, streamed from the host for every
+            k-NN / verification). Results do not depend on it.
         nn_checkpoint_s: with a results directory, the NN extraction state is checkpointed at most this often
             (seconds; each checkpoint waits for the device once), so an interrupted run loses at most this much
             NN work. 0 checkpoints after every batch.
@@ -120,6 +123,7 @@ class ExtractConfig:
     slots: int = 3
     sync_timing: bool = False
     nn_checkpoint_s: float = 60.0
+    train_chunk: int | None = None
 
     def __post_init__(self) -> None:
         def pos_int(name: str, v: Any, lo: int = 1) -> None:
@@ -139,6 +143,8 @@ class ExtractConfig:
             pos_int("nn_candidates", self.nn_candidates)
         if self.clique_budget is not None:
             pos_int("clique_budget", self.clique_budget)
+        if self.train_chunk is not None:
+            pos_int("train_chunk", self.train_chunk)
         for name in ("alpha", "delta", "nn_alpha", "eta", "nn_checkpoint_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
@@ -389,19 +395,83 @@ def _max_clique(adj_cpu: torch.Tensor, config: ExtractConfig) -> tuple[list[int]
 
 # ------------------------------------------------------------------------------------------ training data
 class _Train:
-    """Training images on the device, with verification (SPEC §2.5) and the k-NN of SPEC §3."""
+    """Training images for verification (SPEC §2.5) and the k-NN of SPEC §3.
 
-    def __init__(self, images: torch.Tensor, device: torch.device, backend: str) -> None:
-        self.images = images.to(device).contiguous()
+    Held on the device whole when they fit the budget (``train_chunk`` None: at most 8 GiB and a quarter of
+    the free device memory), else kept on the host and streamed through the device ``chunk`` images at a
+    time, so device memory is O(chunk) whatever the size of the training set. Results are identical either
+    way: uint8 distances are exact, nearest images keep the first (smallest) index on ties and the k-NN merges
+    chunks in (distance, index) order.
+    """
+
+    def __init__(self, images: torch.Tensor, device: torch.device, backend: str, chunk: int | None) -> None:
+        self.host = images
         self.backend = backend
+        self.device = device
+        n = images.shape[0]
+        self.chunk = min(n, chunk or _auto_train_chunk(images, device))
+        self.whole = images.to(device).contiguous() if self.chunk >= n else None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.host.shape[0]
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, [c, C, H, W] device images) covering the training set in order."""
+        if self.whole is not None:
+            yield 0, self.whole
+            return
+        for s in range(0, len(self), self.chunk):
+            yield s, _to_device(self.host[s : s + self.chunk].contiguous(), self.device)
 
     def knn(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, k] ascending distances of each query to its k nearest training images and their indices."""
         from memcore.distance import knn
+        from memcore.ops.distance import merge_topk
 
-        return knn(q, self.images, min(k, len(self)), backend=self.backend, check_finite=False)
+        k = min(k, len(self))
+        best: tuple[torch.Tensor, torch.Tensor] | None = None
+        for s, part in self.chunks():
+            d, i = knn(q, part, min(k, part.shape[0]), backend=self.backend, check_finite=False)
+            best = (d, i + s) if best is None else merge_topk(best, (d, i + s), k)
+        assert best is not None
+        return best
+
+    def nearest(self, img: torch.Tensor, delta: float) -> tuple[torch.Tensor, ...]:
+        """Nearest training image of ``img`` [1, C, H, W] by normalized L2, with no host sync.
+
+        Returns:
+            (index int64 [], distance float32 [], count within ``delta`` int64 [], the image [1, C, H, W]);
+            ties go to the smallest index, as ``argmin`` over the whole set.
+        """
+        from memcore.distance import l2
+
+        best_j = best_d = cnt = match = None
+        for s, part in self.chunks():
+            d = l2(img, part, backend=self.backend, check_finite=False)[0]
+            j = torch.argmin(d)
+            dj = d.gather(0, j.view(1))[0]
+            c = (d <= delta).sum()  # in float32, as on the distance matrix: extracted and count agree
+            im = part.index_select(0, j.view(1))
+            if best_d is None:
+                best_j, best_d, cnt, match = j + s, dj, c, im
+                continue
+            better = dj < best_d  # strict: an earlier chunk (smaller index) wins a tie
+            best_j = torch.where(better, j + s, best_j)
+            best_d = torch.where(better, dj, best_d)
+            match = torch.where(better, im, match)
+            cnt = cnt + c
+        return best_j, best_d, cnt, match
+
+
+def _auto_train_chunk(images: torch.Tensor, device: torch.device) -> int:
+    """Whole set on the CPU or when it fits the budget; else chunks of half the budget (two in flight)."""
+    n = images.shape[0]
+    if device.type != "cuda" or n == 0:
+        return n
+    per = max(1, images[0].numel() * images.element_size())
+    free, _total = torch.cuda.mem_get_info(device)
+    budget = min(8 << 30, free // 4)
+    return n if n * per <= budget else max(1, budget // 2 // per)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -442,7 +512,7 @@ def _condition_stats(
         nearest training index, its normalized L2, eidetic count, extracted flag — the last four 0 without
         training data), the medoid image [1, C, H, W], the nearest training image [1, C, H, W] or None.
     """
-    from memcore.distance import l2, tiled_l2
+    from memcore.distance import tiled_l2
 
     k = len(members)
     idx = _to_device(torch.tensor(members, dtype=torch.int64), device)
@@ -458,13 +528,9 @@ def _condition_stats(
     j = dist = cnt = ext = zero
     match = None
     if tr is not None:
-        dtr = l2(med, tr.images, backend=tr.backend, check_finite=False)[0]
-        j = torch.argmin(dtr)
-        dj = dtr.gather(0, j.view(1))[0]
-        # the comparisons in float32, as on the distance matrix: extracted and eidetic count agree
-        ext, cnt, dist = (dj <= config.delta).double(), (dtr <= config.delta).sum().double(), dj.double()
-        match = tr.images.index_select(0, j.view(1))
-        j = j.double()
+        j, dj, c, match = tr.nearest(med, config.delta)
+        # the comparison in float32, as on the distance matrix: extracted and eidetic count agree
+        ext, cnt, dist, j = (dj <= config.delta).double(), c.double(), dj.double(), j.double()
     scal = torch.stack([pos.double(), mean.double(), j, dist, cnt, ext])
     return scal, med, match
 
@@ -552,7 +618,13 @@ def _run_params(
     model: _Model, conds: list[Any], config: ExtractConfig, train_info: dict | None, device
 ) -> dict:
     cfg = dataclasses.asdict(config)
-    for k in ("slots", "sync_timing", "max_nn_images", "nn_checkpoint_s"):  # do not change records
+    for k in (
+        "slots",
+        "sync_timing",
+        "max_nn_images",
+        "nn_checkpoint_s",
+        "train_chunk",
+    ):  # do not change records
         cfg.pop(k)
     return {
         "model": model.identity,
@@ -630,7 +702,7 @@ def iter_extract(
         rd = _results.ResultsDir(out, _run_params(m, conds, config, train_info, device), shard=shard)
         done = rd.completed_ids()
     state.update(model=m, conditions=conds, results_dir=rd, timer=timer, device=device, train_info=train_info)
-    tr = _Train(train_t, device, config.backend) if train_t is not None else None
+    tr = _Train(train_t, device, config.backend, config.train_chunk) if train_t is not None else None
     n = config.num_per_condition
     todo = [g for g in shard.select(range(len(conds))) if g not in done]
     # SPEC §3 on unconditional models: NN candidate indices [0, n_nn) (seeds seed + i). This process runs its
@@ -905,7 +977,7 @@ def _nn_images(nn, m, config, device, sampler, tr, images_dir, timer) -> NNExtra
             for img in imgs:
                 i = sel[k]
                 rel = _nn.image_name(nn.extracted_train_indices[i], nn.seeds[i])
-                save_pair(images_dir.parent / rel, img, tr.images[nn.extracted_train_indices[i]])
+                save_pair(images_dir.parent / rel, img, tr.host[nn.extracted_train_indices[i]])
                 paths[i] = rel
                 k += 1
     return dataclasses.replace(nn, images=tuple(paths))

@@ -111,11 +111,27 @@ def _knn_chunked(
         stop = min(m, start + chunk)
         d = matrix_fn(refs[start:stop])
         idx = torch.arange(start, stop, device=queries.device, dtype=torch.int64)
-        keys = (d.view(torch.int32).to(torch.int64) << 32) | idx
-        cat = torch.cat([best, keys], 1)
+        cat = torch.cat([best, _keys(d, idx)], 1)
         best = torch.topk(cat, min(k, cat.shape[1]), dim=1, largest=False, sorted=True).values
-    dist = (best >> 32).to(torch.int32).view(torch.float32)
-    return dist, best & 0xFFFFFFFF
+    return _unkey(best)
+
+
+def _keys(d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered by (distance, index): float32 distances >= 0 order like their bit patterns."""
+    return (d.view(torch.int32).to(torch.int64) << 32) | idx
+
+
+def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (keys >> 32).to(torch.int32).view(torch.float32), keys & 0xFFFFFFFF
+
+
+def merge_topk(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two k-NN results ([N, ka] / [N, kb] float32 distances >= 0 and int64 indices < 2^32) into the
+    ``k`` smallest in (distance, index) order, the order every k-NN backend returns."""
+    cat = torch.cat([_keys(*a), _keys(*b)], 1)
+    return _unkey(torch.topk(cat, min(k, cat.shape[1]), dim=1, largest=False, sorted=True).values)
 
 
 def _knn_impl(
