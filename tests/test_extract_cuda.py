@@ -53,3 +53,49 @@ def test_cuda_nn_extraction_and_regeneration(tmp_path):
     res = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cuda")
     got = dict(zip(res.nn.extracted_train_indices, res.nn.seeds))
     assert got.get(50) == 3 and got.get(51) == 33
+
+
+@pytest.mark.cuda
+def test_cuda_steady_state_loop_never_syncs():
+    """The per-batch work of the extraction loop on the GPU — sampling a micro-batch (CUDA graph replays), the
+    incremental bitset rows, the NN k-NN + state update — runs with ``torch.cuda.set_sync_debug_mode("error")``:
+    no operation in it waits for the device (SPEC: no host–device sync inside the loop)."""
+    from test_extract import cfg, tiny_unet
+
+    from memcore.attacks.nn import NNState
+    from memcore.models.loading import load_model
+    from memcore.sampling import Sampler, SamplerConfig
+
+    model = tiny_unet(None, seed=1)
+    s = Sampler(
+        load_model(model[0], device="cuda", scheduler=model[1]),
+        SamplerConfig(num_inference_steps=3, batch_size=8),
+    )
+    config = cfg(num_per_condition=16, batch_size=8)
+    train = carlini._Train(
+        torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8), torch.device("cuda"), "auto", None
+    )
+    state = NNState(len(train), "cuda")
+    buf = torch.empty((16, 1, 8, 8), dtype=torch.uint8, device="cuda")
+    rows = torch.zeros((16, 1), dtype=torch.int64, device="cuda")
+
+    def one_pass(seed0: int) -> None:
+        for k, b in enumerate(s.stream((0, None, seed0 + i) for i in range(16))):
+            imgs = b.images_u8[: b.valid]
+            s0, s1 = 8 * k, 8 * k + b.valid
+            buf[s0:s1] = imgs
+            words = carlini._graph_rows(buf[s0:s1], buf[:s1], config)
+            rows[s0:s1, : words.shape[1]] = words.view(torch.int64)
+            seeds = carlini._to_device(torch.arange(seed0 + s0, seed0 + s1), torch.device("cuda"))
+            d, j = train.knn(imgs, 5)
+            state.update(d, j, seeds, 0.5)
+
+    one_pass(0)  # warm-up: graph capture, lazy inits, caching allocators
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        one_pass(100)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(state.ratio).any()
