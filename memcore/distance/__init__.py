@@ -206,7 +206,8 @@ def knn(
         k: number of neighbours, 0 <= k <= M.
         grid: None for plain L2, or (rows, cols) for tiled L2.
         backend, value_range, check_finite: as in :func:`tiled_l2`.
-        chunk: references per streamed block (memory O(N·(k + chunk)) besides the inputs).
+        chunk: references per streamed block (memory O(N·(k + chunk)) besides the inputs). The Triton
+            backend selects inside its kernel for k <= 128 (memory O(N·k), no chunk).
 
     Returns:
         (distances [N, k] float32 ascending, indices [N, k] int64 into ``refs``); ties by smaller index.

@@ -165,6 +165,11 @@ def _knn_impl(
             _native.ptr(out_i),
         )
         return out_d, out_i
+    if backend == "triton":
+        from memcore.kernels.triton import distance as tk
+
+        if k <= tk.KNN_MAX_K:  # selection fused into the kernel; chunk is moot (memory O(N·k))
+            return tk.knn(queries, refs, k, grid, scale)
     if backend in ("cuda", "triton"):
         return _knn_chunked(
             lambda r: _matrix_impl(queries, r, grid_h, grid_w, scale, backend), queries, refs, k, chunk

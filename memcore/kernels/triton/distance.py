@@ -248,3 +248,209 @@ def distance_graph(
     smax, d = _smax(a, b, grid)
     m = a.shape[0] if b is None else b.shape[0]
     return _finish(smax, a.shape[0], m, d, a.dtype == torch.uint8, b is None, True, scale, alpha, a.device)
+
+
+# ------------------------------------------------------------------------------------------- fused k-NN
+# k-NN with the selection inside the kernel: the [N, M] distances never reach memory. One program owns BM
+# queries and a contiguous range of references (a "split"); per reference tile it computes the tiled S (max
+# over grid tiles), the float32 distance exactly as ``_finish_kernel`` does, and the int64 key
+# ``bits(d) << 32 | index`` (distances >= 0 order like their bits, so keys order by (distance, index): the
+# tie rule of every k-NN backend). It keeps each row's KP smallest keys in registers, merging a tile in (one
+# bitonic sort of 2·KP keys per row) only when some key of the tile beats some row's current KP-th key.
+# Each split writes its KP keys per row; one ``topk`` over splits·KP keys per row finishes. KP = BN is the
+# power of two >= k (k <= KNN_MAX_K).
+KNN_MAX_K = 128
+# uint8 tiles of at most this many values keep S and its partial sums in int32 (|S| <= D·2^15 < 2^31)
+ACC32_MAX_D = 32768
+_KEY_MAX: tl.constexpr = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+
+
+@triton.jit
+def _knn_kernel(
+    q_ptr,  # [T, N, D] uint8 or float32 (tile-major)
+    r_ptr,  # [T, M, D]
+    qn_ptr,  # [T, N] squared norms (int64 of x − 128 for uint8; float32 otherwise)
+    rn_ptr,  # [T, M]
+    out_ptr,  # [N, SPLITS, KP] int64 keys
+    N,
+    M,
+    D,
+    T,
+    per_split,  # references per split (a multiple of BN)
+    n_tile,  # int: values per tile
+    scale,  # float32 factor on float distances
+    SPLITS,
+    IS_INT: tl.constexpr,
+    ACC32: tl.constexpr,  # uint8 with D <= 2^15: S and every partial sum fit int32 (fewer registers)
+    SEGMENT: tl.constexpr,
+    BM: tl.constexpr,
+    KP: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < N
+    ks = tl.arange(0, BK)
+    best = tl.full((BM, KP), _KEY_MAX, dtype=tl.int64)
+    thr = tl.full((BM,), _KEY_MAX, dtype=tl.int64)  # each row's current KP-th smallest key
+    c_lo = split * per_split
+    c_hi = tl.minimum(M, c_lo + per_split)
+    for c0 in range(c_lo, c_hi, KP):
+        cols = c0 + tl.arange(0, KP)
+        cmask = cols < c_hi
+        if IS_INT:
+            if ACC32:
+                s = tl.zeros((BM, KP), dtype=tl.int32)
+            else:
+                s = tl.zeros((BM, KP), dtype=tl.int64)
+        else:
+            s = tl.zeros((BM, KP), dtype=tl.float32)
+        for t in range(0, T):
+            t64 = tl.zeros((), dtype=tl.int64) + t  # int64 offsets (a plain int in the interpreter)
+            a_base = q_ptr + t64 * N * D + rows.to(tl.int64)[:, None] * D
+            b_base = r_ptr + t64 * M * D + cols.to(tl.int64)[None, :] * D
+            na = tl.load(qn_ptr + t64 * N + rows, mask=rmask, other=0)
+            nb = tl.load(rn_ptr + t64 * M + cols, mask=cmask, other=0)
+            if IS_INT and ACC32:
+                g32 = tl.zeros((BM, KP), dtype=tl.int32)  # |g| <= D·2^14 < 2^29
+                for k0 in range(0, D, BK):
+                    kin = (k0 + ks) < D
+                    a = (
+                        tl.load(
+                            a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=128
+                        ).to(tl.int16)
+                        - 128
+                    ).to(tl.int8)
+                    b = (
+                        tl.load(
+                            b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=128
+                        ).to(tl.int16)
+                        - 128
+                    ).to(tl.int8)
+                    g32 = tl.dot(a, b, g32, out_dtype=tl.int32)
+                st = na.to(tl.int32)[:, None] + nb.to(tl.int32)[None, :] - 2 * g32
+            elif IS_INT:
+                g = tl.zeros((BM, KP), dtype=tl.int64)
+                for s0 in range(0, D, SEGMENT):
+                    part = tl.zeros((BM, KP), dtype=tl.int32)
+                    for k0 in range(s0, tl.minimum(s0 + SEGMENT, D), BK):
+                        kin = (k0 + ks) < D
+                        a = (
+                            tl.load(
+                                a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=128
+                            ).to(tl.int16)
+                            - 128
+                        ).to(tl.int8)
+                        b = (
+                            tl.load(
+                                b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=128
+                            ).to(tl.int16)
+                            - 128
+                        ).to(tl.int8)
+                        part = tl.dot(a, b, part, out_dtype=tl.int32)
+                    g += part.to(tl.int64)
+                st = na[:, None] + nb[None, :] - 2 * g
+            else:
+                g = tl.zeros((BM, KP), dtype=tl.float32)
+                for k0 in range(0, D, BK):
+                    kin = (k0 + ks) < D
+                    a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=0.0)
+                    b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=0.0)
+                    g = tl.dot(a, b, g, input_precision=PRECISION)
+                st = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
+            s = tl.maximum(s, st)
+        if IS_INT:
+            d = tl.sqrt(s.to(tl.float64) / (n_tile.to(tl.float64) * 65025.0)).to(tl.float32)
+        else:
+            d = tl.sqrt_rn(tl.div_rn(s, n_tile.to(tl.float32))) * scale
+        key = (d.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
+        key = tl.where(rmask[:, None] & cmask[None, :], key, _KEY_MAX)
+        if tl.sum((key < thr[:, None]).to(tl.int32)) > 0:
+            both = tl.reshape(tl.join(best, key), (BM, 2 * KP))
+            both = tl.sort(both, dim=1)
+            lo, _hi = tl.split(tl.permute(tl.reshape(both, (BM, 2, KP)), (0, 2, 1)))
+            best = lo
+            thr = tl.max(best, axis=1)
+    ps = tl.arange(0, KP)
+    tl.store(
+        out_ptr + (rows.to(tl.int64)[:, None] * SPLITS + split) * KP + ps[None, :], best, mask=rmask[:, None]
+    )
+
+
+def _tile_norms(p: torch.Tensor) -> torch.Tensor:
+    """[T, N, D] packed images -> [T, N] squared norms, as the kernel's products see them (uint8: x − 128)."""
+    if p.dtype == torch.uint8:
+        x = p.to(torch.int32) - 128
+        return (x * x).sum(-1, dtype=torch.int64)
+    return (p * p).sum(-1)
+
+
+def _knn_splits(n: int, m: int, kp: int, device: torch.device) -> int:
+    """Reference splits: enough programs to fill the device (about 4 per SM), each with >= 8 tiles."""
+    row_blocks = triton.cdiv(n, BLOCK_M)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = max(1, triton.cdiv(4 * sms, row_blocks))
+    return max(1, min(want, triton.cdiv(m, 8 * kp)))
+
+
+def knn(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    k: int,
+    grid: tuple[int, int],
+    scale: float = 1.0,
+    *,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused k-NN (selection in the kernel; memory O(N·splits·k), never [N, M]).
+
+    Args:
+        queries: [N, C, H, W] uint8 or float.
+        refs: [M, C, H, W], same dtype, M >= k.
+        k: neighbours, 1 <= k <= KNN_MAX_K.
+        splits: reference ranges run in parallel per row block (None: enough to fill the device).
+
+    Returns:
+        ([N, k] float32 ascending distances, [N, k] int64 indices); ties go to the smaller index.
+    """
+    if not 1 <= k <= KNN_MAX_K:
+        raise ValueError(f"the fused Triton k-NN takes 1 <= k <= {KNN_MAX_K}, got {k}")
+    n, c, h, w = queries.shape
+    m = refs.shape[0]
+    d = c * (h // grid[0]) * (w // grid[1])
+    is_int = queries.dtype == torch.uint8
+    kp = max(16, triton.next_power_of_2(k))  # tl.dot needs tiles of at least 16
+    pq, pr = _pack(queries, grid), _pack(refs, grid)
+    splits = splits or _knn_splits(n, m, kp, queries.device)
+    per_split = triton.cdiv(triton.cdiv(m, splits), kp) * kp
+    splits = triton.cdiv(m, per_split)
+    keys = torch.empty((n, splits, kp), dtype=torch.int64, device=queries.device)
+    if n:
+        _knn_kernel[(triton.cdiv(n, BLOCK_M), splits)](
+            pq,
+            pr,
+            _tile_norms(pq),
+            _tile_norms(pr),
+            keys,
+            n,
+            m,
+            d,
+            grid[0] * grid[1],
+            per_split,
+            d,
+            scale,
+            splits,
+            IS_INT=is_int,
+            ACC32=is_int and d <= ACC32_MAX_D,
+            SEGMENT=INT_SEGMENT,
+            BM=BLOCK_M,
+            KP=kp,
+            BK=BLOCK_K,
+            PRECISION="tf32x3",
+            # 8 warps hold the [BM, 2·KP] int64 sort without spilling for KP <= 64 (ptxas, sm_90)
+            num_warps=8 if kp <= 64 else 16,
+        )
+    best = torch.topk(keys.reshape(n, splits * kp), k, dim=1, largest=False, sorted=True).values
+    return (best >> 32).to(torch.int32).view(torch.float32), best & 0xFFFFFFFF
