@@ -74,24 +74,25 @@ class SamplerConfig:
         compile: ``torch.compile`` the UNet forward (``torch.compile(unet, mode=compile_mode, dynamic=False)``;
             the model object itself is not changed). Only the UNet is compiled: the fused step is already one
             opaque custom-op kernel, diffusers' ``scheduler.step`` is stateful Python, and the text encoder and
-            VAE run once per micro-batch. The graph is specialised to the fixed micro-batch (the engine pads
+            VAE run once per prompt / micro-batch, not per step. The graph is specialised to the fixed micro-batch (the engine pads
             the last batch, so every call has the same shapes); the timestep enters as a 0-d tensor, so the
             steps of a run, later micro-batches, :meth:`Sampler.regenerate` and other Samplers of the same
             architecture reuse one compiled graph (tested on CPU); another architecture, micro-batch, dtype,
-            device or memory format compiles again. The first UNet call pays a one-time compile: for the tiny
-            test UNets on 2 CPU cores ~10-50 s (inductor writes and builds C++; its on-disk cache makes repeats
-            faster); on a GPU, for SD-size UNets and with ``max-autotune*`` expect minutes (not measured yet).
+            device or memory format compiles again. The first UNet call pays a one-time compile: 10-50 s for
+            the tiny test UNets on 2 CPU cores (inductor writes and builds C++; its on-disk cache makes repeats
+            faster); not measured on a GPU yet (bigger UNets and ``max-autotune*`` autotuning take longer).
             With CUDA graphs the compile happens in the warm-up calls before the capture, never inside it.
-            Compiled kernels fuse and reorder float operations, so images differ
-            from the eager UNet's in their last bits (~1e-6 on [0, 1] images in float32 over a few steps on
-            CPU): ``mode="parity"`` is then no longer bit-identical with stock diffusers, though a candidate
-            still regenerates bit-identically in the same process (same compiled kernels). With
-            ``max-autotune*`` kernels are picked by timing, so like ``cudnn.benchmark`` they may differ in
-            another process.
+            Compiled kernels fuse and reorder float operations, so images differ from the eager UNet's in
+            their last bits (~1e-6 on [0, 1] images in float32 over a few steps on CPU): ``mode="parity"`` is
+            then no longer bit-identical with stock diffusers, though a candidate still regenerates
+            bit-identically in the same process (same compiled kernels). With ``max-autotune*`` kernels are
+            picked by timing, so like ``cudnn.benchmark`` they may differ in another process.
         compile_mode: ``torch.compile`` mode: ``"default"``, ``"max-autotune-no-cudagraphs"``, or
             ``"reduce-overhead"`` / ``"max-autotune"`` (these two make inductor record its own CUDA graphs, so
             on CUDA they are refused while the engine captures its own, ``cuda_graphs=True``).
-        fuse_norm: replace GroupNorm+SiLU pairs by the fused kernel (``memcore.ops.norm``; CUDA only).
+        fuse_norm: replace GroupNorm+SiLU pairs by the fused kernel (``memcore.ops.norm``; CUDA only). Under
+            ``compile`` the kernel is an opaque custom op to inductor, which fuses GroupNorm+SiLU itself
+            otherwise: measure both (``benchmarks/bench_sampling.py --compile [--fuse-norm]``).
         guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
     """
 
