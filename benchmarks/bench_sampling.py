@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sampling.py                 # GPU: cifar10, celeba64, sd15 (random weights)
     python benchmarks/bench_sampling.py --quick         # CPU: scaled-down configurations, few steps
+    python benchmarks/bench_sampling.py --compile       # the engine with torch.compile'd UNet (own CSV)
 
 Configurations (random weights; FLOPs and speed do not depend on the weights):
 
@@ -190,8 +191,10 @@ def count_flops(sampler: Sampler, seeds: list[int], conds, steps: int) -> float:
     b = sampler.config.batch_size
     x = torch.randn((b, *lm.sample_shape), device=sampler.device, dtype=lm.unet.dtype)
     kwargs = sampler._unet_kwargs(list(conds) if conds is not None else [None] * b)
+    x2 = torch.cat([x] * 2) if sampler.cfg_scale is not None else x
+    # The eager module, not sampler.unet_fn: with --compile that would compile under the counting mode.
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        sampler._unet(x, sampler.t_device[0], kwargs)
+        sampler.unet(x2, sampler.t_device[0], return_dict=False, **kwargs)
     total = fc.get_total_flops() * steps
     if lm.latent:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -237,6 +240,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         cuda_graphs=fast and not args.no_graphs,
         channels_last=fast,
         compile=args.compile,
+        compile_mode=args.compile_mode,
         fuse_norm=args.fuse_norm,
     )
     # The engine gets its own copy: its options (channels_last, fused norms) change a UNet in place, and the
@@ -247,7 +251,11 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         sampler.sample(seeds, prompts)
 
     flops = count_flops(sampler, seeds, prompts, steps)
-    memcore_run()  # warm-up: CUDA graph capture, caches
+    _sync(device)
+    t0 = time.perf_counter()
+    memcore_run()  # warm-up: CUDA graph capture, caches, and the one-time torch.compile with --compile
+    _sync(device)
+    t_warm = time.perf_counter() - t0
     # Alternate the two so that load from other processes (shared CPUs) hits both alike.
     t_ref, t_mc = _time_pair(reference, memcore_run, device, args.repeats)
     row = {
@@ -259,6 +267,9 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         "step_backend": sampler.step_backend,
         "kernel_backend": sampler.kernel_backend,
         "cuda_graphs": sampler.use_graphs,
+        "compile": cfg.compile,
+        "compile_mode": cfg.compile_mode if cfg.compile else "",
+        "memcore_first_run_s": round(t_warm, 3),  # includes the compile with --compile
         "model_tflop_per_image": round(flops / b / 1e12, 4),
         "ref_s": round(t_ref["median"], 4),
         "memcore_s": round(t_mc["median"], 4),
@@ -289,7 +300,15 @@ def main() -> int:
     ap.add_argument("--batch", default="", help="per-config batch, e.g. cifar10=256,sd15=8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="parity", choices=["parity", "fp32"])
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--compile", action="store_true", help="SamplerConfig(compile=True): torch.compile the UNet"
+    )
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode (the last two need --no-graphs on CUDA)",
+    )
     ap.add_argument("--fuse-norm", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -334,7 +353,8 @@ def main() -> int:
         print(
             f"{r['config']:>14}: memcore {r['memcore_images_per_s']:9.3f} img/s, reference {r['ref_images_per_s']:9.3f} img/s, x{r['speedup']:.2f}"
         )
-    write_csv("bench_sampling" + ("_quick" if args.quick else ""), rows, device)
+    tag = ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
+    write_csv("bench_sampling" + tag, rows, device)
     return 0
 
 

@@ -65,6 +65,11 @@ def class_unet_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny random Stable-Diffusion-layout pipeline built from small configs and saved to disk."""
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd_pipe"))
+
+
+def save_tiny_sd_pipeline(d):
+    """Build the tiny random SD-layout pipeline (seeded) and save it to ``d``; returns ``d``."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -123,7 +128,6 @@ def sd_dir(tmp_path_factory):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    d = tmp_path_factory.mktemp("sd_pipe")
     pipe.save_pretrained(d)
     return d
 

@@ -65,7 +65,7 @@ def sample(
         device: device for a model given by path (default CUDA when available).
         dtype: parameter dtype (e.g. ``torch.bfloat16``).
         **options: further ``SamplerConfig`` fields (``scheduler``, ``step_backend``, ``cuda_graphs``,
-            ``channels_last``, ``compile``, ``fuse_norm``, ``guidance_rescale``).
+            ``channels_last``, ``compile``, ``compile_mode``, ``fuse_norm``, ``guidance_rescale``).
 
     Returns:
         ``[N, C, H, W]`` uint8 images on the model's device, ``round(255 * clamp(x / 2 + 0.5, 0, 1))`` as the

@@ -44,6 +44,10 @@ MODES = ("parity", "fp32")
 STEP_BACKENDS = ("auto", "fused", "diffusers")
 DEFAULT_TEXT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default; [C23] does not confirm its value
 _FUSED_KINDS = ("DDIMScheduler", "DDPMScheduler")
+# torch.compile's modes (torch._inductor.list_mode_options; "default" is mode=None); the second two record
+# inductor's own CUDA graphs (cudagraph trees).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+_CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +71,28 @@ class SamplerConfig:
         cuda_graphs: capture UNet + fused step per step index in CUDA graphs (CUDA + fused step only).
         channels_last: NHWC UNet; None -> on for CUDA unless mode is ``"parity"`` (the stock pipelines run
             NCHW, and the layout changes conv algorithms, hence floats).
-        compile: ``torch.compile`` the UNet forward.
-        fuse_norm: replace GroupNorm+SiLU pairs by the fused kernel (``memcore.ops.norm``; CUDA only).
+        compile: ``torch.compile`` the UNet forward (``torch.compile(unet, mode=compile_mode, dynamic=False)``;
+            the model object itself is not changed). Only the UNet is compiled: the fused step is already one
+            opaque custom-op kernel, diffusers' ``scheduler.step`` is stateful Python, and the text encoder and
+            VAE run once per prompt / micro-batch, not per step. The graph is specialised to the fixed micro-batch (the engine pads
+            the last batch, so every call has the same shapes); the timestep enters as a 0-d tensor, so the
+            steps of a run, later micro-batches, :meth:`Sampler.regenerate` and other Samplers of the same
+            architecture reuse one compiled graph (tested on CPU); another architecture, micro-batch, dtype,
+            device or memory format compiles again. The first UNet call pays a one-time compile: 10-50 s for
+            the tiny test UNets on 2 CPU cores (inductor writes and builds C++; its on-disk cache makes repeats
+            faster); not measured on a GPU yet (bigger UNets and ``max-autotune*`` autotuning take longer).
+            With CUDA graphs the compile happens in the warm-up calls before the capture, never inside it.
+            Compiled kernels fuse and reorder float operations, so images differ from the eager UNet's in
+            their last bits (~1e-6 on [0, 1] images in float32 over a few steps on CPU): ``mode="parity"`` is
+            then no longer bit-identical with stock diffusers, though a candidate still regenerates
+            bit-identically in the same process (same compiled kernels). With ``max-autotune*`` kernels are
+            picked by timing, so like ``cudnn.benchmark`` they may differ in another process.
+        compile_mode: ``torch.compile`` mode: ``"default"``, ``"max-autotune-no-cudagraphs"``, or
+            ``"reduce-overhead"`` / ``"max-autotune"`` (these two make inductor record its own CUDA graphs, so
+            on CUDA they are refused while the engine captures its own, ``cuda_graphs=True``).
+        fuse_norm: replace GroupNorm+SiLU pairs by the fused kernel (``memcore.ops.norm``; CUDA only). Under
+            ``compile`` the kernel is an opaque custom op to inductor, which fuses GroupNorm+SiLU itself
+            otherwise: measure both (``benchmarks/bench_sampling.py --compile [--fuse-norm]``).
         guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
     """
 
@@ -83,6 +107,7 @@ class SamplerConfig:
     cuda_graphs: bool = True
     channels_last: bool | None = None
     compile: bool = False
+    compile_mode: str = "default"
     fuse_norm: bool = False
     guidance_rescale: float = 0.0
 
@@ -105,6 +130,10 @@ class SamplerConfig:
             raise ValueError('mode="fp32" exists only for the fused step; use step_backend="fused" or "auto"')
         if not isinstance(self.scheduler, str) or not self.scheduler:
             raise TypeError("scheduler must be 'ddim', 'ddpm', 'config' or a diffusers scheduler class name")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {self.compile!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.guidance_rescale < 0:
             raise ValueError("guidance_rescale must be >= 0")
 
@@ -336,13 +365,35 @@ class Sampler:
             if isinstance(fused, torch.nn.Module):
                 unet = fused
         self.unet = unet
-        self.unet_fn = torch.compile(unet, dynamic=False) if config.compile else unet
         self.use_graphs = (
             bool(config.cuda_graphs)
             and self.device.type == "cuda"
             and sb == "fused"
             and self.kernel_backend in ("cuda", "triton")
         )
+        self.unet_fn = unet
+        if config.compile:
+            if self.use_graphs and config.compile_mode in _CUDAGRAPH_COMPILE_MODES:
+                # Their cudagraph trees would record graphs of their own inside (or around) the engine's
+                # capture of UNet + step; one owner of CUDA graphs keeps replay and memory pools simple.
+                raise ValueError(
+                    f"compile_mode={config.compile_mode!r} makes torch.compile record its own CUDA graphs, "
+                    "but the engine already captures UNet + step in one (cuda_graphs=True): use "
+                    "compile_mode='default' or 'max-autotune-no-cudagraphs', or cuda_graphs=False"
+                )
+            # Only the UNet forward is compiled, not the whole step (UNet + CFG + step): the fused step is one
+            # opaque custom-op kernel already, so inductor has nothing to fuse into it (the CFG combine is
+            # inside it); around it only the Philox step noise would fuse. Compiling the whole step was tried
+            # (CPU, torch 2.13): it recompiled on the second step (the step's coefficient table is cached on
+            # the plan on first use, a side effect dynamo guards on), and the diffusers step path (stateful
+            # schedulers, the randn_tensor swap) cannot be traced without graph breaks. On CUDA the engine's
+            # own graph already removes the launch overhead between UNet and step. dynamic=False: the
+            # micro-batch is fixed by design (the last batch is padded), so one static graph serves a run.
+            self.unet_fn = torch.compile(
+                unet,
+                dynamic=False,
+                mode=None if config.compile_mode == "default" else config.compile_mode,
+            )
         self._graph: Any = None
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._uncond: torch.Tensor | None = None
@@ -513,7 +564,11 @@ class Sampler:
 
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: lazy inits, cuBLAS handles, cached step tables, compile
+        # Warm-up: lazy inits, cuBLAS handles, cached step tables and, with compile=True, the whole
+        # torch.compile (dynamo trace, inductor codegen, autotuning), which synchronises and so must not run
+        # under capture. The capture then calls the compiled UNet with the same buffers, so its guards pass
+        # and nothing recompiles inside torch.cuda.graph.
+        with torch.cuda.stream(side):
             for _ in range(2):
                 body()
         torch.cuda.current_stream(self.device).wait_stream(side)
