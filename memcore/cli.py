@@ -107,6 +107,14 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
     )
     p.add_argument("--backend", default=d.backend, choices=("auto", "reference", "cpu", "cuda", "triton"))
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (one-time compile cost)")
+    p.add_argument(
+        "--compile-mode",
+        default=d.compile_mode,
+        choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"),
+        help="torch.compile mode (the last two are refused with the engine's CUDA graphs)",
+    )
+    p.add_argument("--fuse-norm", action="store_true", help="fused GroupNorm+SiLU kernel in the UNet (CUDA)")
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK under torchrun)"
     )
@@ -155,6 +163,9 @@ def _config_from(args: argparse.Namespace, **over):
         mode=args.mode,
         backend=args.backend,
         dtype=args.dtype,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        fuse_norm=args.fuse_norm,
         clique_budget=args.clique_budget,
         save_images=args.save_images,
         max_nn_images=args.max_nn_images,

@@ -85,6 +85,9 @@ class ExtractConfig:
         mode: sampling mode of the engine ("parity" reproduces diffusers; "fp32" is fused-only).
         backend: backend of the distance/clique/sampling ops ("auto", "reference", "cpu", "cuda", "triton").
         dtype: model dtype name ("float32", "float16", "bfloat16").
+        compile / compile_mode: ``torch.compile`` the UNet (see ``memcore.sampling.SamplerConfig``; images then
+            differ from stock diffusers in their last bits, so it is part of the run parameters).
+        fuse_norm: fused GroupNorm+SiLU kernel in the UNet (CUDA only; also changes the last bits).
         clique_budget: node budget of the clique search (None: the engine's default); a condition whose
             search hit it has ``clique_exact = False``.
         save_images: "flagged" writes PNG pairs of flagged or extracted conditions, "all" of every condition,
@@ -117,6 +120,9 @@ class ExtractConfig:
     mode: str = "parity"
     backend: str = "auto"
     dtype: str = "float32"
+    compile: bool = False
+    compile_mode: str = "default"
+    fuse_norm: bool = False
     clique_budget: int | None = None
     save_images: str = "flagged"
     max_nn_images: int = 64
@@ -163,6 +169,13 @@ class ExtractConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.save_images not in SAVE_IMAGES:
             raise ValueError(f"save_images must be one of {SAVE_IMAGES}, got {self.save_images!r}")
+        for name in ("compile", "fuse_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        from memcore.sampling.engine import COMPILE_MODES
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -332,6 +345,9 @@ def _make_sampler(
             mode=config.mode,
             batch_size=config.micro_batch,
             backend=config.backend,
+            compile=config.compile,
+            compile_mode=config.compile_mode,
+            fuse_norm=config.fuse_norm,
         ),
         device=device,
     )
