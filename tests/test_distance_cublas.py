@@ -273,3 +273,34 @@ def test_opcheck(rng):
     torch.library.opcheck(ops.distance_knn, (a, b, 3, 2, 2, 1.0, 2, "cublas"))
     torch.library.opcheck(ops.distance_graph, (a, None, 0.3, 2, 2, 1.0, "cublas"))
     torch.library.opcheck(ops.distance_graph, (a, b, 0.3, 2, 2, 1.0, "cublas"))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "shape",
+    [*SHAPES, (33, 3, 128, 128, (4, 4)), (70, 3, 32, 32, (1, 1)), (3, 3, 160, 160, (1, 1))],
+)
+def test_cuda_cublas_bit_identical(shape, rng):
+    # On the GPU torch._int_mm is cuBLAS(Lt): the padding to its shape rules (rows > 16, K and N multiples of
+    # 8), the column-major second operand and the K split must all still give the exact integers.
+    n, c, h, w, grid = shape
+    a = images(rng, n, c, h, w)
+    b = images(rng, 5, c, h, w)
+    ac, bc = a.cuda(), b.cuda()
+    for bb, bbc in ((None, None), (b, bc)):
+        got = D.tiled_l2(ac, bbc, grid=grid, backend="cublas").cpu()
+        assert torch.equal(got, ref.distance_matrix(a, bb, grid))
+    d = ref.distance_matrix(a, None, grid)
+    for alpha in (0.0, d.median().item(), 0.4, 1.0):
+        assert torch.equal(
+            D.tiled_l2_graph(ac, alpha, grid=grid, backend="cublas").cpu(), ref.graph(a, None, alpha, grid)
+        )
+        assert torch.equal(
+            D.tiled_l2_graph(ac, alpha, b=bc, grid=grid, backend="cublas").cpu(), ref.graph(a, b, alpha, grid)
+        )
+    dk, ik_ = D.knn(ac, bc, 3, grid=grid, backend="cublas", chunk=2)
+    rk = ref.knn(a, b, 3, grid)
+    assert torch.equal(dk.cpu(), rk[0]) and torch.equal(ik_.cpu(), rk[1])
