@@ -139,7 +139,7 @@ def squared_tile_max(pa: Packed, pb: Packed) -> torch.Tensor:
 
     Args:
         pa: packed [N] set.
-        pb: packed [M] set (``pa`` itself for pairwise: one shared operand keeps S exactly symmetric).
+        pb: packed [M] set (``pa`` itself for pairwise: packed once; S is symmetric exactly either way).
 
     Returns:
         [N, M] int32 (int64 for tiles of 32768 values or more).
@@ -149,9 +149,10 @@ def squared_tile_max(pa: Packed, pb: Packed) -> torch.Tensor:
     smax = None
     for t in range(pa.data.shape[0]):
         g = _dot(pa.data[t], pb.data[t])[:n, :m]
-        if g.dtype != sdt:  # K was split (int64 sums) but S fits int32 (only when tests force the split)
+        if g.dtype == torch.int64 and sdt == torch.int32:  # split K sums of a short tile (tests force it)
             g = g.to(sdt)
-        # S = ‖a'‖² − 2 a'·b' + ‖b'‖²: two elementwise passes, the first one dropping the padding.
+        # S = ‖a'‖² − 2 a'·b' + ‖b'‖²: two elementwise passes, the first one dropping the padding and (for long
+        # tiles) widening the int32 GEMM output to int64 by type promotion.
         s = torch.add(pa.norms[t].to(sdt)[:, None], g, alpha=-2).add_(pb.norms[t].to(sdt)[None, :])
         smax = s if smax is None else torch.maximum(smax, s, out=smax)
     if smax is None:  # impossible with a valid grid
