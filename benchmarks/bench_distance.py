@@ -4,7 +4,8 @@ Cases (SPEC / issue 2):
 - ``sd``: 500 Stable-Diffusion images, uint8 3×512×512, 4×4 grid: pairwise tiled L2 matrix and the bitset
   graph (alpha 0.1), the per-condition work of generate-and-filter extraction.
 - ``cifar``: k = 50 nearest of 10,000 queries among 50,000 references, uint8 3×32×32, plain L2.
-``--quick`` runs small versions of both (CPU). Throughput is reported as tera-ops/s of the equivalent dense
+``--quick`` runs small versions of both (CPU). Backends: reference, cpu / cuda, triton, and cublas (the uint8
+int8-GEMM path through ``torch._int_mm``, not yet picked by ``auto``). Throughput is reported as tera-ops/s of the equivalent dense
 Gram product (2·N·M·D; pairwise calls do about half of it), against the dtype's tensor-core ceiling on GPU
 (uint8 runs int8 tensor cores: H100 SXM dense int8 ≈ 1979 TOPS).
 
@@ -37,7 +38,11 @@ def _peak(dev: str) -> float | None:
 
 
 def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
-    names = ["reference", "cpu"] if device.type == "cpu" else ["reference", "cuda", "triton"]
+    # cublas (int8 GEMMs through torch._int_mm) runs on both devices; on CPU it is torch's slow int8 GEMM, so
+    # its CPU numbers only show that it runs and is exact, the GPU run is the measurement.
+    names = (
+        ["reference", "cpu", "cublas"] if device.type == "cpu" else ["reference", "cuda", "triton", "cublas"]
+    )
     out = [b for b in names if _backend.available(b, device)[0]]
     return [b for b in out if wanted is None or b in wanted]
 

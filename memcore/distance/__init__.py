@@ -34,9 +34,12 @@ Functions (``grid=(rows, cols)`` must divide H and W; ``grid=(1, 1)`` is plain L
   bit with thresholding :func:`tiled_l2`. Every backend derives pairwise results from one value per
   unordered pair, so pairwise matrices and bitsets are exactly symmetric for every dtype.
 
-Backends: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++/OpenMP), ``"triton"``, ``"cuda"``; ``"auto"`` picks
-the fastest available for the tensors' device (CPU: cpu; CUDA: :data:`CUDA_ORDER` for uint8,
-:data:`CUDA_ORDER_FLOAT` for floats).
+Backends: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++/OpenMP), ``"triton"``, ``"cuda"``, ``"cublas"``;
+``"auto"`` picks the fastest available for the tensors' device (CPU: cpu; CUDA: :data:`CUDA_ORDER` for uint8,
+:data:`CUDA_ORDER_FLOAT` for floats). ``"cublas"`` takes uint8 images only (TypeError otherwise) and computes
+the exact path from int8 GEMMs (``torch._int_mm``: cuBLAS on CUDA tensors, torch's CPU int8 GEMM on CPU
+tensors), bit-identical to the other backends; it is used only when named, since it has not been measured on
+a GPU yet.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ __all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_
 #: (tf32x3 tensor cores), cuda 7.1 ms (fp32 direct differences).
 CUDA_ORDER: tuple[str, ...] = ("cuda", "triton")
 CUDA_ORDER_FLOAT: tuple[str, ...] = ("triton", "cuda")
+
+#: Family-specific backends this family implements (accepted by name, never picked by ``auto``).
+_EXTRA_BACKENDS = ("cublas",)
 
 _DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RANGES = {"unit": 1.0, "symmetric": 0.5}
@@ -120,7 +126,7 @@ def _check_finite(x: torch.Tensor | None, name: str, check: bool) -> None:
 
 def _backend_for(backend: str, x: torch.Tensor) -> str:
     order = CUDA_ORDER if x.dtype == torch.uint8 else CUDA_ORDER_FLOAT
-    name = _backend.resolve(backend, x.device, cuda_order=order)
+    name = _backend.resolve(backend, x.device, cuda_order=order, extra=_EXTRA_BACKENDS)
     if x.dtype == torch.float64 and name != "reference":
         if backend == "auto":
             return "reference"
@@ -155,7 +161,7 @@ def tiled_l2(
         a: [N, C, H, W] images.
         b: [M, C, H, W] images, or None for pairwise distances within ``a``.
         grid: (rows, cols) of tiles; must divide H and W.
-        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        backend: "auto", "reference", "cpu", "triton", "cuda" or "cublas" (uint8 only).
         value_range: "unit" for float images in [0, 1], "symmetric" for [-1, 1]; ignored for uint8.
         check_finite: raise ValueError on NaN/Inf in float inputs (forces a device->host sync).
 

@@ -1,1 +1,1 @@
-"""Private kernels (Triton); launched only from ``memcore/ops``."""
+"""Private kernels (Triton in ``triton/``, int8 GEMM compositions in ``intmm/``); launched only from ``memcore/ops``."""

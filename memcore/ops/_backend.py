@@ -4,10 +4,15 @@
 - ``cpu``: the C++ core (OpenMP), CPU tensors.
 - ``cuda``: the CUDA kernels of the core, CUDA tensors, when the CUDA part was built.
 - ``triton``: Triton kernels, CUDA tensors; CPU tensors only under the interpreter (``TRITON_INTERPRET=1``).
+- ``cublas``: exact int8 GEMMs through ``torch._int_mm`` (cuBLAS(Lt) on CUDA tensors, torch's CPU int8 GEMM on
+  CPU tensors); a family-specific backend (only the uint8 distance family offers it, see
+  :data:`FAMILY_BACKENDS`), accepted when named explicitly and never chosen by ``auto``: it has not been
+  measured on a GPU yet, so nothing says it is the fastest.
 
 ``auto`` picks, for the tensors' device, the fastest backend that is available: CUDA tensors -> ``cuda`` if
 built else ``triton`` else ``reference``; CPU tensors -> ``cpu`` if built else ``reference``. A family may pass
-its own preference order (e.g. when its Triton kernel beats its CUDA one) through ``cuda_order``.
+its own preference order (e.g. when its Triton kernel beats its CUDA one) through ``cuda_order``, and the
+family-specific backends it implements through ``extra`` (accepted by name only, never by ``auto``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import torch
 from memcore.ops import _native
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+#: Backends that only some families implement; a family passes the ones it has to resolve(extra=...), so the
+#: others keep rejecting them as unknown.
+FAMILY_BACKENDS = ("cublas",)
 
 
 # What this process can use is fixed for its lifetime, so it is probed once, at import. Keeping the probes
@@ -70,13 +78,28 @@ def available(backend: str, device: torch.device) -> tuple[bool, str]:
             False,
             f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}",
         )
+    if backend == "cublas":
+        # torch._int_mm exists on every torch this package supports, for CPU and CUDA tensors.
+        if device.type in ("cpu", "cuda"):
+            return True, ""
+        return False, f"backend 'cublas' needs CPU or CUDA tensors, got {device}"
     return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
 
 
-def resolve(backend: str, device: torch.device, *, cuda_order: tuple[str, ...] = ("cuda", "triton")) -> str:
-    """Turn a user's backend choice into a concrete one for ``device``; clear error when unavailable."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+def resolve(
+    backend: str,
+    device: torch.device,
+    *,
+    cuda_order: tuple[str, ...] = ("cuda", "triton"),
+    extra: tuple[str, ...] = (),
+) -> str:
+    """Turn a user's backend choice into a concrete one for ``device``; clear error when unavailable.
+
+    ``extra``: the :data:`FAMILY_BACKENDS` the calling family implements, valid only when named explicitly.
+    """
+    names = BACKENDS + tuple(e for e in extra if e in FAMILY_BACKENDS)
+    if not isinstance(backend, str) or backend not in names:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(names)}")
     if backend != "auto":
         ok, why = available(backend, device)
         if not ok:

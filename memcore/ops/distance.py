@@ -10,6 +10,10 @@ Three ``torch.library`` custom ops (each with a fake implementation, so they tra
 Plain L2 is the 1×1 grid. ``b=None`` means pairwise within ``a`` (symmetric, zero diagonal / clear
 diagonal bit). ``backend`` is already resolved (never "auto") and the inputs already validated by
 :mod:`memcore.distance`; the checks here only guard the native calls (contiguity, dtype, device).
+
+``backend="cublas"`` (uint8 only) runs :mod:`memcore.kernels.intmm.distance`: int8 GEMMs through
+``torch._int_mm``, bit-identical to the other backends; its k-NN streams the references through the same
+:func:`_knn_chunked` merge as the GPU backends, with the queries packed once.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ def _matrix_impl(
     grid = (grid_h, grid_w)
     if backend == "reference":
         return ref.distance_matrix(a, b, grid, scale)
+    if backend == "cublas":  # uint8 only (scale does not apply); its own TypeError names the dtype
+        from memcore.kernels.intmm import distance as ik
+
+        return ik.distance_matrix(a, b, grid)
     _check_native(a, backend)
     a = a.contiguous()
     other = a if b is None else b.contiguous()
@@ -147,6 +155,12 @@ def _knn_impl(
     grid = (grid_h, grid_w)
     if backend == "reference":
         return ref.knn(queries, refs, k, grid, scale, chunk)
+    if backend == "cublas":
+        from memcore.kernels.intmm import distance as ik
+
+        ik.check_dtype(queries)
+        packed = ik.pack(queries, grid)  # once, not per reference chunk
+        return _knn_chunked(lambda r: ik.cross_distances(packed, r, grid), queries, refs, k, chunk)
     _check_native(queries, backend)
     queries = queries.contiguous()
     refs = refs.contiguous()
@@ -217,6 +231,10 @@ def _graph_impl(
     grid = (grid_h, grid_w)
     if backend == "reference":
         return ref.graph(a, b, alpha, grid, scale)
+    if backend == "cublas":
+        from memcore.kernels.intmm import distance as ik
+
+        return ik.distance_graph(a, b, alpha, grid)
     _check_native(a, backend)
     a = a.contiguous()
     other = a if b is None else b.contiguous()
