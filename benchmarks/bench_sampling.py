@@ -353,7 +353,14 @@ def main() -> int:
         print(
             f"{r['config']:>14}: memcore {r['memcore_images_per_s']:9.3f} img/s, reference {r['ref_images_per_s']:9.3f} img/s, x{r['speedup']:.2f}"
         )
-    tag = ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
+    # one CSV per variant, so the runs of one GPU session do not overwrite each other
+    tag = (
+        ("_quick" if args.quick else "")
+        + ("" if args.configs == "cifar10,celeba64,sd15" else "_" + args.configs.replace(",", "-"))
+        + ("_fp32" if args.mode == "fp32" else "")
+        + ("_fusenorm" if args.fuse_norm else "")
+        + ("_compile" if args.compile else "")
+    )
     write_csv("bench_sampling" + tag, rows, device)
     return 0
 

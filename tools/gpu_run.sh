@@ -30,9 +30,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   # Priority order (what the open issues still need measured); override with BENCH_CMDS (one per line).
   default_cmds="benchmarks/bench_distance.py --device cuda
 benchmarks/bench_sampling.py --device cuda --configs cifar10 --compile
+benchmarks/bench_sampling.py --device cuda --configs cifar10 --mode fp32 --compile
 benchmarks/bench_extract.py --device cuda --cases cifar,memory
 benchmarks/bench_sampling.py --device cuda --configs cifar10,celeba64 --compile --fuse-norm
-benchmarks/bench_sampling.py --device cuda --configs sd15 --compile
+benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile
 benchmarks/bench_extract.py --device cuda --cases sd"
   while IFS= read -r cmd; do
     [ -z "$cmd" ] && continue
