@@ -42,3 +42,25 @@ def cpu_backends() -> list[str]:
 def rng() -> torch.Generator:
     """A seeded generator: every test draws fresh but reproducible random inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+# Saved tiny diffusers models shared by the sampling test modules (test_sampling's ``_unet`` builds them).
+@pytest.fixture(scope="module")
+def unet_pipe_dir(tmp_path_factory):
+    from diffusers import DDIMPipeline, DDPMScheduler
+    from test_sampling import _unet
+
+    d = tmp_path_factory.mktemp("ddim_pipe")
+    DDIMPipeline(_unet(), DDPMScheduler()).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def class_unet_dir(tmp_path_factory):
+    from diffusers import DDPMScheduler
+    from test_sampling import _unet
+
+    d = tmp_path_factory.mktemp("class_unet")
+    _unet(num_class_embeds=4).save_pretrained(d)
+    DDPMScheduler().save_pretrained(d)
+    return d

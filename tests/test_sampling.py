@@ -44,25 +44,6 @@ def _tiny_tokenizer(max_len: int):
 
 
 @pytest.fixture(scope="module")
-def unet_pipe_dir(tmp_path_factory):
-    from diffusers import DDIMPipeline, DDPMScheduler
-
-    d = tmp_path_factory.mktemp("ddim_pipe")
-    DDIMPipeline(_unet(), DDPMScheduler()).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def class_unet_dir(tmp_path_factory):
-    from diffusers import DDPMScheduler
-
-    d = tmp_path_factory.mktemp("class_unet")
-    _unet(num_class_embeds=4).save_pretrained(d)
-    DDPMScheduler().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny random Stable-Diffusion-layout pipeline built from small configs and saved to disk."""
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd_pipe"))

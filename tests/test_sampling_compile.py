@@ -36,27 +36,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module")
-def unet_pipe_dir(tmp_path_factory):
-    from diffusers import DDIMPipeline, DDPMScheduler
-    from test_sampling import _unet
-
-    d = tmp_path_factory.mktemp("ddim_pipe")
-    DDIMPipeline(_unet(), DDPMScheduler()).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def class_unet_dir(tmp_path_factory):
-    from diffusers import DDPMScheduler
-    from test_sampling import _unet
-
-    d = tmp_path_factory.mktemp("class_unet")
-    _unet(num_class_embeds=4).save_pretrained(d)
-    DDPMScheduler().save_pretrained(d)
-    return d
-
-
 def test_compile_config_checks():
     with pytest.raises(ValueError, match="compile_mode"):
         SamplerConfig(compile=True, compile_mode="fast")

@@ -34,6 +34,12 @@ INT_SEGMENT = 65536  # a multiple of BLOCK_K
 
 
 @triton.jit
+def _load_i8(ptrs, mask):
+    """uint8 -> int8 (x − 128) in registers; masked lanes load 128 -> 0, contributing nothing."""
+    return (tl.load(ptrs, mask=mask, other=128).to(tl.int16) - 128).to(tl.int8)
+
+
+@triton.jit
 def _tile_sq_kernel(
     a_ptr,  # [T, N, D] uint8 or float32 (tile-major)
     b_ptr,  # [T, M, D]
@@ -72,19 +78,8 @@ def _tile_sq_kernel(
             pb = tl.zeros((BN,), dtype=tl.int32)
             for k0 in range(s0, tl.minimum(s0 + SEGMENT, D), BK):
                 kin = (k0 + ks) < D
-                # uint8 -> int8 (x − 128); masked lanes load 128 -> 0, contributing nothing.
-                a = (
-                    tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=128).to(
-                        tl.int16
-                    )
-                    - 128
-                ).to(tl.int8)
-                b = (
-                    tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=128).to(
-                        tl.int16
-                    )
-                    - 128
-                ).to(tl.int8)
+                a = _load_i8(a_base + (k0 + ks)[None, :], rmask[:, None] & kin[None, :])
+                b = _load_i8(b_base + (k0 + ks)[:, None], cmask[None, :] & kin[:, None])
                 part = tl.dot(a, b, part, out_dtype=tl.int32)
                 a32 = a.to(tl.int32)
                 b32 = b.to(tl.int32)
@@ -317,18 +312,8 @@ def _knn_kernel(
                 g32 = tl.zeros((BM, KP), dtype=tl.int32)  # |g| <= D·2^14 < 2^29
                 for k0 in range(0, D, BK):
                     kin = (k0 + ks) < D
-                    a = (
-                        tl.load(
-                            a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=128
-                        ).to(tl.int16)
-                        - 128
-                    ).to(tl.int8)
-                    b = (
-                        tl.load(
-                            b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=128
-                        ).to(tl.int16)
-                        - 128
-                    ).to(tl.int8)
+                    a = _load_i8(a_base + (k0 + ks)[None, :], rmask[:, None] & kin[None, :])
+                    b = _load_i8(b_base + (k0 + ks)[:, None], cmask[None, :] & kin[:, None])
                     g32 = tl.dot(a, b, g32, out_dtype=tl.int32)
                 st = na.to(tl.int32)[:, None] + nb.to(tl.int32)[None, :] - 2 * g32
             elif IS_INT:
@@ -337,18 +322,8 @@ def _knn_kernel(
                     part = tl.zeros((BM, KP), dtype=tl.int32)
                     for k0 in range(s0, tl.minimum(s0 + SEGMENT, D), BK):
                         kin = (k0 + ks) < D
-                        a = (
-                            tl.load(
-                                a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=128
-                            ).to(tl.int16)
-                            - 128
-                        ).to(tl.int8)
-                        b = (
-                            tl.load(
-                                b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=128
-                            ).to(tl.int16)
-                            - 128
-                        ).to(tl.int8)
+                        a = _load_i8(a_base + (k0 + ks)[None, :], rmask[:, None] & kin[None, :])
+                        b = _load_i8(b_base + (k0 + ks)[:, None], cmask[None, :] & kin[:, None])
                         part = tl.dot(a, b, part, out_dtype=tl.int32)
                     g += part.to(tl.int64)
                 st = na[:, None] + nb[None, :] - 2 * g
