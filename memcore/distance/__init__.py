@@ -36,10 +36,13 @@ Functions (``grid=(rows, cols)`` must divide H and W; ``grid=(1, 1)`` is plain L
 
 Backends: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++/OpenMP), ``"triton"``, ``"cuda"``, ``"cublas"``;
 ``"auto"`` picks the fastest available for the tensors' device (CPU: cpu; CUDA: :data:`CUDA_ORDER` for uint8,
-:data:`CUDA_ORDER_FLOAT` for floats). ``"cublas"`` takes uint8 images only (TypeError otherwise) and computes
+:data:`CUDA_ORDER_FLOAT` for floats). For uint8 images on CUDA, where every backend gives bit-identical results,
+``auto`` is tuned instead: the first call of a shape class times the exact backends (``cuda``, ``triton``,
+``cublas``) on the caller's tensors, drops any that does not reproduce the first one's result bit for bit,
+and caches the fastest (:mod:`memcore.ops._tune`; ``MEMCORE_AUTOTUNE=0`` turns it off). ``"cublas"`` takes uint8 images only (TypeError otherwise) and computes
 the exact path from int8 GEMMs (``torch._int_mm``: cuBLAS on CUDA tensors, torch's CPU int8 GEMM on CPU
-tensors), bit-identical to the other backends; it is used only when named, since it has not been measured on
-a GPU yet.
+tensors), bit-identical to the other backends; the static order never names it (it has not been measured on a GPU
+yet), autotuning may pick it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from numbers import Integral, Real
 
 import torch
 
-from memcore.ops import _backend
+from memcore.ops import _backend, _tune
 from memcore.ops import distance as _ops
 
 __all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_graph"]
@@ -61,8 +64,12 @@ __all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_
 CUDA_ORDER: tuple[str, ...] = ("cuda", "triton")
 CUDA_ORDER_FLOAT: tuple[str, ...] = ("triton", "cuda")
 
-#: Family-specific backends this family implements (accepted by name, never picked by ``auto``).
+#: Family-specific backends this family implements (accepted by name; ``auto`` reaches them only through
+#: autotuning, after they reproduced the static choice's result bit for bit).
 _EXTRA_BACKENDS = ("cublas",)
+
+#: Device types on which ``auto`` is autotuned for uint8 inputs (on the CPU the C++ core is the fastest).
+TUNE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 _DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RANGES = {"unit": 1.0, "symmetric": 0.5}
@@ -134,6 +141,22 @@ def _backend_for(backend: str, x: torch.Tensor) -> str:
     return name
 
 
+def _tuned(backend: str, name: str, x: torch.Tensor, key: tuple, run) -> str:
+    """``auto`` on uint8 inputs: the fastest exact backend for this shape class (see :mod:`memcore.ops._tune`)."""
+    if (
+        backend != "auto"
+        or x.dtype != torch.uint8
+        or x.device.type not in TUNE_DEVICE_TYPES
+        or not _tune.ENABLED
+        or torch.compiler.is_compiling()
+    ):
+        return name
+    others = (CUDA_ORDER if x.device.type == "cuda" else ("cpu",)) + _EXTRA_BACKENDS
+    cands = [name] + [c for c in others if c != name and _backend.available(c, x.device)[0]]
+    dev = x.device.index if x.device.type == "cuda" else -1
+    return _tune.pick((*key, x.device.type, dev, tuple(x.shape[1:])), cands, run, x.device)
+
+
 def _prepare(a, b, grid, value_range, check_finite, backend, names=("a", "b")):
     a = _check_images(a, names[0])
     if b is not None:
@@ -169,6 +192,14 @@ def tiled_l2(
         [N, M] float32 ([N, N] symmetric with a zero diagonal when ``b`` is None).
     """
     a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
+    m = None if b is None else _tune.bucket(b.shape[0])
+    name = _tuned(
+        backend,
+        name,
+        a,
+        ("matrix", gh, gw, _tune.bucket(a.shape[0]), m),
+        lambda be: _ops.distance_matrix(a, b, gh, gw, scale, be),
+    )
     return _ops.distance_matrix(a, b, gh, gw, scale, name)
 
 
@@ -233,6 +264,13 @@ def knn(
     )
     if k < 0 or k > refs.shape[0]:
         raise ValueError(f"k must be in [0, M] = [0, {refs.shape[0]}], got {k}")
+    name = _tuned(
+        backend,
+        name,
+        queries,
+        ("knn", gh, gw, int(k), _tune.bucket(queries.shape[0]), _tune.bucket(refs.shape[0])),
+        lambda be: _ops.distance_knn(queries, refs, int(k), gh, gw, scale, int(chunk), be),
+    )
     return _ops.distance_knn(queries, refs, int(k), gh, gw, scale, int(chunk), name)
 
 
@@ -264,4 +302,12 @@ def tiled_l2_graph(
     if not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be finite, got {alpha!r}")
     a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
+    m = None if b is None else _tune.bucket(b.shape[0])
+    name = _tuned(
+        backend,
+        name,
+        a,
+        ("graph", gh, gw, _tune.bucket(a.shape[0]), m),
+        lambda be: _ops.distance_graph(a, b, float(alpha), gh, gw, scale, be),
+    )
     return _ops.distance_graph(a, b, float(alpha), gh, gw, scale, name)

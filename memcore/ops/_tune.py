@@ -1,0 +1,129 @@
+"""Autotuning of ``backend="auto"`` among backends that give bit-identical results.
+
+For uint8 images every distance backend computes the same integers and the same IEEE epilogue, so which one
+runs cannot change a result, only its speed. On the first ``auto`` call of a shape class (op, device, image
+shape, grid, k, and the set sizes rounded up to powers of two) the candidates run on the caller's own tensors:
+once to warm up (Triton compiles, cuBLAS picks its kernels) and to check that each reproduces the first
+candidate's output bit for bit — a candidate that differs, or raises, is dropped with a warning, so a kernel
+that is wrong on some device can slow ``auto`` down but never change its answer — then twice timed. The
+fastest is cached for the process. This is ``cudnn.benchmark`` for exact kernels: tuning synchronises the
+device, once per shape class; later calls of the class do not.
+
+Tuning is skipped (the static order of ``memcore.ops._backend`` decides) under ``torch.compile`` tracing,
+for float inputs (backends differ in their last bits there, so a timing-dependent choice would make results
+depend on the run), and when ``MEMCORE_AUTOTUNE=0``. ``choices()`` reports what was chosen and measured.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+ENABLED = os.environ.get("MEMCORE_AUTOTUNE", "1") not in ("0", "", "false", "False")
+
+_LOCK = threading.Lock()
+_CHOSEN: dict[tuple, str] = {}
+_TIMES: dict[tuple, dict[str, float]] = {}
+
+
+def bucket(n: int) -> int:
+    """Round a set size up to a power of two (shape classes for the cache)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def pick(
+    key: tuple,
+    candidates: Sequence[str],
+    run: Callable[[str], Any],
+    device: torch.device,
+    *,
+    repeats: int = 2,
+) -> str:
+    """The fastest of ``candidates`` for ``key`` (tuned on first use, then cached).
+
+    Args:
+        key: the shape class (hashable).
+        candidates: available backends in preference order; the first one is the reference for the
+            bit-identity check and the fallback when nothing else qualifies.
+        run: ``run(backend)`` computes the op's result with that backend.
+        device: where it runs (CUDA timings synchronise it).
+        repeats: timed runs per candidate (the minimum counts).
+
+    Returns:
+        A backend name from ``candidates``.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    hit = _CHOSEN.get(key)
+    if hit is not None:
+        return hit
+    with _LOCK:
+        hit = _CHOSEN.get(key)
+        if hit is not None:
+            return hit
+        times: dict[str, float] = {}
+        want = None
+        for be in candidates:
+            try:
+                out = run(be)
+                _sync(device)
+            except Exception as exc:  # a backend that cannot run this shape simply does not compete
+                warnings.warn(
+                    f"memcore autotune: backend {be!r} failed on {key} ({type(exc).__name__}: {exc}); skipped",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            if want is None:
+                want = out
+            elif not _same(out, want):
+                warnings.warn(
+                    f"memcore autotune: backend {be!r} disagrees with {candidates[0]!r} on {key}; never used "
+                    "for it. Please report this (with memcore.build_info()).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            best = float("inf")
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                run(be)
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            times[be] = best
+        chosen = min(times, key=times.__getitem__) if times else candidates[0]
+        _CHOSEN[key] = chosen
+        _TIMES[key] = times
+        return chosen
+
+
+def choices() -> dict[tuple, dict[str, Any]]:
+    """What autotuning chose per shape class, with the measured seconds per candidate."""
+    return {k: {"chosen": v, "seconds": dict(_TIMES.get(k, {}))} for k, v in _CHOSEN.items()}
+
+
+def reset() -> None:
+    """Forget every choice (tests; or after changing MEMCORE_AUTOTUNE-sensitive state)."""
+    with _LOCK:
+        _CHOSEN.clear()
+        _TIMES.clear()
