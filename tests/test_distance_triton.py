@@ -119,3 +119,17 @@ def test_triton_fused_knn_float(dtype, rng):
     torch.testing.assert_close(
         want.gather(1, i.cpu()), want.sort(1).values[:, :5], **tol("distance_triton", dtype)
     )
+
+
+def test_triton_knn_edge_sizes(rng):
+    """k = 0, empty queries, and k above the fused kernel's limit (the chunked path) all work."""
+    dev = _device()
+    q = images(rng, 3, 1, 4, 4, torch.uint8).to(dev)
+    r = images(rng, 130, 1, 4, 4, torch.uint8)
+    d, i = D.knn(q, r.to(dev), 0, backend="triton")
+    assert d.shape == (3, 0) and i.shape == (3, 0)
+    d, i = D.knn(q[:0], r.to(dev), 5, backend="triton")
+    assert d.shape == (0, 5)
+    d, i = D.knn(q, r.to(dev), 130, backend="triton")  # k > 128: streamed chunks + topk
+    want = torch.sort(ref.distance_matrix(q.cpu(), r, (1, 1)), dim=1, stable=True)
+    assert torch.equal(d.cpu(), want.values) and torch.equal(i.cpu(), want.indices)

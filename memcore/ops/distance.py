@@ -182,7 +182,7 @@ def _knn_impl(
     if backend == "triton":
         from memcore.kernels.triton import distance as tk
 
-        if k <= tk.KNN_MAX_K:  # selection fused into the kernel; chunk is moot (memory O(N·k))
+        if 1 <= k <= tk.KNN_MAX_K:  # selection fused into the kernel; chunk is moot (memory O(N·k))
             return tk.knn(queries, refs, k, grid, scale)
     if backend in ("cuda", "triton"):
         return _knn_chunked(

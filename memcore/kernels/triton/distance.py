@@ -394,6 +394,9 @@ def knn(
         raise ValueError(f"the fused Triton k-NN takes 1 <= k <= {KNN_MAX_K}, got {k}")
     n, c, h, w = queries.shape
     m = refs.shape[0]
+    if n == 0:
+        e = torch.empty((0, k), device=queries.device)
+        return e, e.to(torch.int64)
     d = c * (h // grid[0]) * (w // grid[1])
     is_int = queries.dtype == torch.uint8
     kp = max(16, triton.next_power_of_2(k))  # tl.dot needs tiles of at least 16
@@ -402,30 +405,30 @@ def knn(
     per_split = triton.cdiv(triton.cdiv(m, splits), kp) * kp
     splits = triton.cdiv(m, per_split)
     keys = torch.empty((n, splits, kp), dtype=torch.int64, device=queries.device)
-    if n:
-        _knn_kernel[(triton.cdiv(n, BLOCK_M), splits)](
-            pq,
-            pr,
-            _tile_norms(pq),
-            _tile_norms(pr),
-            keys,
-            n,
-            m,
-            d,
-            grid[0] * grid[1],
-            per_split,
-            d,
-            scale,
-            splits,
-            IS_INT=is_int,
-            ACC32=is_int and d <= ACC32_MAX_D,
-            SEGMENT=INT_SEGMENT,
-            BM=BLOCK_M,
-            KP=kp,
-            BK=BLOCK_K,
-            PRECISION="tf32x3",
-            # 8 warps hold the [BM, 2·KP] int64 sort without spilling for KP <= 64 (ptxas, sm_90)
-            num_warps=8 if kp <= 64 else 16,
-        )
+    _knn_kernel[(triton.cdiv(n, BLOCK_M), splits)](
+        pq,
+        pr,
+        _tile_norms(pq),
+        _tile_norms(pr),
+        keys,
+        n,
+        m,
+        d,
+        grid[0] * grid[1],
+        per_split,
+        d,
+        scale,
+        splits,
+        IS_INT=is_int,
+        ACC32=is_int and d <= ACC32_MAX_D,
+        SEGMENT=INT_SEGMENT,
+        BM=BLOCK_M,
+        KP=kp,
+        BK=BLOCK_K,
+        PRECISION="tf32x3",
+        # 8 warps hold the [BM, 2·KP] int64 sort in registers for KP <= 64 (ptxas, sm_90: 40 B of stack with
+        # int32 accumulators, 480 B with int64; 4 warps spill 1-2 KB)
+        num_warps=8 if kp <= 64 else 16,
+    )
     best = torch.topk(keys.reshape(n, splits * kp), k, dim=1, largest=False, sorted=True).values
     return (best >> 32).to(torch.int32).view(torch.float32), best & 0xFFFFFFFF
