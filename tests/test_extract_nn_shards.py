@@ -66,6 +66,7 @@ def test_shards_equal_single_process(setup, single, tmp_path, count):
         if i < count - 1:  # not all parts in yet: no result, a progress line instead
             assert res.nn is None and not (tmp_path / "nn_extraction.json").exists()
             assert summary["nn_progress"]["candidates_done"] < 29
+            assert "In progress" in (tmp_path / "report.html").read_text()
         else:
             assert res.nn == ref.nn  # bit-identical ratios, seeds, distances; PNG names too
             assert summary["extracted_seeds"] == list(ref.nn.seeds)

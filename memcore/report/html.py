@@ -138,6 +138,14 @@ def render_report(
                 f"<td>{_fmt(e.get('distance'))}</td><td>{img}</td></tr>"
             )
         body.append("</table>")
+    elif summary.get("nn_progress"):
+        prog = summary["nn_progress"]
+        body.append(
+            "<h2>Unconditional nearest-neighbour extraction (SPEC §3)</h2>"
+            f"<p>In progress: {prog.get('candidates_done')} of {prog.get('candidates_total')} candidates folded in "
+            "by the parts present (other shards/ranks still running); <code>memcore merge</code> finishes it "
+            "once every part is in.</p>"
+        )
     body.append("<h2>Precision–recall of flagged vs extracted over the ranking</h2>")
     body.append(pr_svg(curve))
     if curve is not None:
