@@ -367,3 +367,22 @@ def test_cuda_large_tile_int64_and_auto(rng):
     assert got[0, 1].item() == 1.0
     x = images(rng, 33, 3, 128, 128, torch.uint8)
     assert torch.equal(D.tiled_l2(x.cuda(), grid=(4, 4)).cpu(), ref.distance_matrix(x, None, (4, 4)))
+
+
+def test_long_cross_sets_are_split_across_kernel_calls(monkeypatch):
+    """Cross matrices / graphs with more columns than one CUDA/Triton launch grid holds are computed in
+    column blocks (multiples of 64 columns, so bitset words join exactly); pairwise sets that large are a
+    clear error."""
+    from memcore.ops import distance as ops
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (300, 1, 4, 4), dtype=torch.uint8, generator=g)
+    want_m = D.tiled_l2(a, b, grid=(2, 2), backend="cpu")
+    want_g = D.tiled_l2_graph(a, 0.3, b=b, grid=(2, 2), backend="cpu")
+    monkeypatch.setattr(ops, "MAX_COLS", 128)
+    assert torch.equal(D.tiled_l2(a, b, grid=(2, 2), backend="cpu"), want_m)
+    got = D.tiled_l2_graph(a, 0.3, b=b, grid=(2, 2), backend="cpu")
+    assert torch.equal(got.view(torch.int64), want_g.view(torch.int64))
+    with pytest.raises(ValueError, match="pairwise"):
+        D.tiled_l2(b, grid=(2, 2), backend="cpu")

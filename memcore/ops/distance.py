@@ -31,6 +31,28 @@ NATIVE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 
 #: References per streamed block in k-NN (memory O(N·chunk), independent of M).
 DEFAULT_CHUNK = 4096
+#: Most columns per kernel call of the cross matrix / graph: the CUDA and Triton kernels put column blocks of
+#: 64 on a launch-grid axis limited to 65535 blocks. Longer ``b`` sets are split into calls of this many
+#: columns (a multiple of 64, so bitset words never straddle two calls).
+MAX_COLS = 65535 * 64
+
+
+def _split_cols(fn, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Run ``fn(a, b_part)`` over column blocks of at most :data:`MAX_COLS` and join the outputs along dim 1
+    (bitset words join too: every block but the last fills whole words); None when no split is needed."""
+    if b is None:
+        if a.shape[0] > MAX_COLS:
+            raise ValueError(
+                f"pairwise distances among {a.shape[0]} images exceed one kernel call ({MAX_COLS} columns); "
+                "compute them as cross blocks (b=...)"
+            )
+        return None
+    if b.shape[0] <= MAX_COLS:
+        return None
+    parts = [fn(a, b[s : s + MAX_COLS]) for s in range(0, b.shape[0], MAX_COLS)]
+    if parts[0].dtype == torch.uint64:  # few kernels for uint64: join the words as int64
+        return torch.cat([p.view(torch.int64) for p in parts], 1).view(torch.uint64)
+    return torch.cat(parts, 1)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -61,6 +83,9 @@ def _matrix_impl(
 
         return ik.distance_matrix(a, b, grid)
     _check_native(a, backend)
+    split = _split_cols(lambda x, y: _matrix_impl(x, y, grid_h, grid_w, scale, backend), a, b)
+    if split is not None:
+        return split
     a = a.contiguous()
     other = a if b is None else b.contiguous()
     if backend == "cpu":
@@ -236,6 +261,9 @@ def _graph_impl(
 
         return ik.distance_graph(a, b, alpha, grid)
     _check_native(a, backend)
+    split = _split_cols(lambda x, y: _graph_impl(x, y, alpha, grid_h, grid_w, scale, backend), a, b)
+    if split is not None:
+        return split
     a = a.contiguous()
     other = a if b is None else b.contiguous()
     words = math.ceil(other.shape[0] / 64)
