@@ -242,6 +242,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         msg += f", {c['extracted']} extracted ({c['extractions_at_zero_fp']} at zero false positives)"
     if res.nn is not None:
         msg += f"; NN extraction: {len(res.nn.extracted_train_indices)} training images extracted"
+    elif res.summary.get("nn_progress"):
+        prog = res.summary["nn_progress"]
+        msg += (
+            f"; NN extraction: {prog['candidates_done']}/{prog['candidates_total']} candidates folded in so far "
+            "(the last part to finish, or `memcore merge`, completes it)"
+        )
     print(f"memcore extract: {msg} in {time.perf_counter() - t0:.1f}s -> {args.out}")
     return 0
 
