@@ -96,3 +96,13 @@ def test_floats_explicit_backends_and_disabled_do_not_tune(tune_on_cpu, monkeypa
         warnings.simplefilter("error")
         D.tiled_l2(x, grid=(2, 2))
     assert _tune.choices() == {}
+
+
+def test_extraction_summary_lists_the_choices(tune_on_cpu):
+    from test_extract import cfg, tiny_unet
+
+    from memcore.attacks import carlini
+
+    res = carlini.extract(tiny_unet(2), [0, 1], config=cfg(num_per_condition=6), device="cpu")
+    tuned = res.summary["environment"]["distance_autotune"]
+    assert tuned and all(v["chosen"] in ("cpu", "cublas") for v in tuned.values())

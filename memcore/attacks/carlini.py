@@ -1138,6 +1138,14 @@ def _summary(
         env["build"] = memcore.build_info()
     except Exception:  # build_info is informative only
         pass
+    from memcore.ops import _tune
+
+    tuned = _tune.choices()
+    if tuned:  # which distance backend `auto` picked per shape class in this process, and the timings
+        env["distance_autotune"] = {
+            "/".join(str(x) for x in key): {"chosen": v["chosen"], "seconds": v["seconds"]}
+            for key, v in tuned.items()
+        }
     summary: dict[str, Any] = {
         "params": params,
         "counts": counts,
