@@ -44,7 +44,21 @@ def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
         ["reference", "cpu", "cublas"] if device.type == "cpu" else ["reference", "cuda", "triton", "cublas"]
     )
     out = [b for b in names if _backend.available(b, device)[0]]
+    # "auto": what a user gets; on CUDA it is autotuned among the exact uint8 backends on first use (the
+    # warm-up runs of the timing absorb the tuning), so its row shows the tuned choice's speed
+    out.append("auto")
     return [b for b in out if wanted is None or b in wanted]
+
+
+def _auto_choice(op: str, be: str) -> str:
+    """For the "auto" rows: the backend autotuning chose for the latest shape class of ``op`` ("" if none:
+    the static order decided, e.g. on CPU)."""
+    if be != "auto":
+        return ""
+    from memcore.ops import _tune
+
+    picked = [v["chosen"] for k, v in _tune.choices().items() if k[0] == op]
+    return picked[-1] if picked else ""
 
 
 def _sync(device: torch.device) -> None:
@@ -98,6 +112,7 @@ def run(args) -> list[dict]:
                     "tops_dense_equiv": ops / t["median"] / 1e12,
                     "pct_int8_peak": (100 * ops / t["median"] / 1e12 / peak) if peak else "",
                     "exact_vs_reference": bool(torch.equal(results[(op, be)], results[(op, "reference")])),
+                    "auto_choice": _auto_choice(op, be),
                 }
             )
     edges = int(torch.ops.aten.bitwise_and(results[("graph", "reference")].view(torch.int64), -1).ne(0).sum())
@@ -141,6 +156,7 @@ def run(args) -> list[dict]:
                 "exact_vs_reference": bool(
                     torch.equal(out[0].cpu(), ref_knn[0]) and torch.equal(out[1].cpu(), ref_knn[1])
                 ),
+                "auto_choice": _auto_choice("knn", be),
                 "torch_peak_MiB_M_half": mem.get(2, ""),
                 "torch_peak_MiB_M_full": mem.get(1, ""),
             }
