@@ -33,7 +33,7 @@ benchmarks/bench_sampling.py --device cuda --configs cifar10 --compile
 benchmarks/bench_sampling.py --device cuda --configs cifar10 --mode fp32 --compile
 benchmarks/bench_extract.py --device cuda --cases cifar,memory
 benchmarks/bench_sampling.py --device cuda --configs cifar10,celeba64 --compile --fuse-norm
-benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile
+benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --batch sd15=32
 benchmarks/bench_extract.py --device cuda --cases sd"
   while IFS= read -r cmd; do
     [ -z "$cmd" ] && continue
