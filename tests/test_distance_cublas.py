@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_distance import SHAPES as BASE_SHAPES
 
 import memcore.distance as D
 from memcore.kernels.intmm import distance as ik
@@ -26,19 +27,9 @@ def images(gen, n, c, h, w, lo=0, hi=256):
     return torch.randint(lo, hi, (n, c, h, w), generator=gen, dtype=torch.uint8)
 
 
-# (N, C, H, W, grid): N = 1, 7, 127; non-square images; one-pixel-wide / one-row / one-pixel tiles; 1×1 grid;
-# C = 1 and 3; tile lengths that are and are not multiples of 8.
-SHAPES = [
-    (1, 3, 8, 8, (2, 2)),
-    (7, 1, 6, 10, (3, 5)),
-    (5, 3, 4, 6, (1, 6)),
-    (6, 3, 4, 6, (4, 1)),
-    (9, 3, 5, 7, (1, 1)),
-    (4, 1, 12, 4, (4, 4)),
-    (3, 1, 4, 4, (4, 4)),
-    (127, 3, 4, 8, (2, 2)),
-    (30, 1, 16, 8, (1, 1)),
-]
+# (N, C, H, W, grid): test_distance's shapes (N = 1, 7; non-square images; one-pixel-wide / one-row tiles;
+# 1×1 grid; C = 1 and 3) plus one-pixel tiles, N = 127, and tile lengths that are and are not multiples of 8.
+SHAPES = [*BASE_SHAPES, (3, 1, 4, 4, (4, 4)), (127, 3, 4, 8, (2, 2)), (30, 1, 16, 8, (1, 1))]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
