@@ -141,8 +141,9 @@ def _backend_for(backend: str, x: torch.Tensor) -> str:
     return name
 
 
-def _tuned(backend: str, name: str, x: torch.Tensor, key: tuple, run) -> str:
-    """``auto`` on uint8 inputs: the fastest exact backend for this shape class (see :mod:`memcore.ops._tune`)."""
+def _run(backend: str, name: str, x: torch.Tensor, key: tuple, op):
+    """``op(name)``; for ``auto`` on uint8 inputs ``op`` of the fastest exact backend of this shape class
+    instead (tuned on first use, see :mod:`memcore.ops._tune`)."""
     if (
         backend != "auto"
         or x.dtype != torch.uint8
@@ -150,11 +151,14 @@ def _tuned(backend: str, name: str, x: torch.Tensor, key: tuple, run) -> str:
         or not _tune.ENABLED
         or torch.compiler.is_compiling()
     ):
-        return name
-    others = (CUDA_ORDER if x.device.type == "cuda" else ("cpu",)) + _EXTRA_BACKENDS
-    cands = [name] + [c for c in others if c != name and _backend.available(c, x.device)[0]]
-    dev = x.device.index if x.device.type == "cuda" else -1
-    return _tune.pick((*key, x.device.type, dev, tuple(x.shape[1:])), cands, run, x.device)
+        return op(name)
+    key = (*key, x.device.type, x.device.index if x.device.type == "cuda" else -1, tuple(x.shape[1:]))
+    chosen = _tune.chosen(key)
+    if chosen is None:
+        others = (CUDA_ORDER if x.device.type == "cuda" else ("cpu",)) + _EXTRA_BACKENDS
+        cands = [name] + [c for c in others if c != name and _backend.available(c, x.device)[0]]
+        chosen = _tune.pick(key, cands, op, x.device)
+    return op(chosen)
 
 
 def _prepare(a, b, grid, value_range, check_finite, backend, names=("a", "b")):
@@ -193,14 +197,13 @@ def tiled_l2(
     """
     a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
     m = None if b is None else _tune.bucket(b.shape[0])
-    name = _tuned(
+    return _run(
         backend,
         name,
         a,
         ("matrix", gh, gw, _tune.bucket(a.shape[0]), m),
         lambda be: _ops.distance_matrix(a, b, gh, gw, scale, be),
     )
-    return _ops.distance_matrix(a, b, gh, gw, scale, name)
 
 
 def l2(
@@ -264,14 +267,13 @@ def knn(
     )
     if k < 0 or k > refs.shape[0]:
         raise ValueError(f"k must be in [0, M] = [0, {refs.shape[0]}], got {k}")
-    name = _tuned(
+    return _run(
         backend,
         name,
         queries,
         ("knn", gh, gw, int(k), _tune.bucket(queries.shape[0]), _tune.bucket(refs.shape[0])),
         lambda be: _ops.distance_knn(queries, refs, int(k), gh, gw, scale, int(chunk), be),
     )
-    return _ops.distance_knn(queries, refs, int(k), gh, gw, scale, int(chunk), name)
 
 
 def tiled_l2_graph(
@@ -303,11 +305,10 @@ def tiled_l2_graph(
         raise ValueError(f"alpha must be finite, got {alpha!r}")
     a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
     m = None if b is None else _tune.bucket(b.shape[0])
-    name = _tuned(
+    return _run(
         backend,
         name,
         a,
         ("graph", gh, gw, _tune.bucket(a.shape[0]), m),
         lambda be: _ops.distance_graph(a, b, float(alpha), gh, gw, scale, be),
     )
-    return _ops.distance_graph(a, b, float(alpha), gh, gw, scale, name)

@@ -117,6 +117,11 @@ def pick(
         return chosen
 
 
+def chosen(key: tuple) -> str | None:
+    """The cached choice for ``key``, None before it was tuned (no lock: a dict read)."""
+    return _CHOSEN.get(key)
+
+
 def choices() -> dict[tuple, dict[str, Any]]:
     """What autotuning chose per shape class, with the measured seconds per candidate."""
     return {k: {"chosen": v, "seconds": dict(_TIMES.get(k, {}))} for k, v in _CHOSEN.items()}
