@@ -158,13 +158,17 @@ def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (keys >> 32).to(torch.int32).view(torch.float32), keys & 0xFFFFFFFF
 
 
+def _smallest(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest of [N, K] keys per row, decoded to (distances, indices)."""
+    return _unkey(torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False, sorted=True).values)
+
+
 def merge_topk(
     a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two k-NN results ([N, ka] / [N, kb] float32 distances >= 0 and int64 indices < 2^32) into the
     ``k`` smallest in (distance, index) order, the order every k-NN backend returns."""
-    cat = torch.cat([_keys(*a), _keys(*b)], 1)
-    return _unkey(torch.topk(cat, min(k, cat.shape[1]), dim=1, largest=False, sorted=True).values)
+    return _smallest(torch.cat([_keys(*a), _keys(*b)], 1), k)
 
 
 def _knn_impl(
@@ -208,7 +212,7 @@ def _knn_impl(
         from memcore.kernels.triton import distance as tk
 
         if 1 <= k <= tk.KNN_MAX_K:  # selection fused into the kernel; chunk is moot (memory O(N·k))
-            return tk.knn(queries, refs, k, grid, scale)
+            return _smallest(tk.knn_keys(queries, refs, k, grid, scale), k)
     if backend in ("cuda", "triton"):
         return _knn_chunked(
             lambda r: _matrix_impl(queries, r, grid_h, grid_w, scale, backend), queries, refs, k, chunk

@@ -370,7 +370,7 @@ def _knn_splits(n: int, m: int, kp: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(m, 8 * kp)))
 
 
-def knn(
+def knn_keys(
     queries: torch.Tensor,
     refs: torch.Tensor,
     k: int,
@@ -378,7 +378,7 @@ def knn(
     scale: float = 1.0,
     *,
     splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Fused k-NN (selection in the kernel; memory O(N·splits·k), never [N, M]).
 
     Args:
@@ -388,15 +388,16 @@ def knn(
         splits: reference ranges run in parallel per row block (None: enough to fill the device).
 
     Returns:
-        ([N, k] float32 ascending distances, [N, k] int64 indices); ties go to the smaller index.
+        [N, splits·KP] int64 keys ``bits(d) << 32 | index``, each split's KP smallest (padding keys are
+        int64 max): the k smallest keys are the k nearest references, ties to the smaller index
+        (``memcore.ops.distance`` finishes with one ``topk`` and decodes them).
     """
     if not 1 <= k <= KNN_MAX_K:
         raise ValueError(f"the fused Triton k-NN takes 1 <= k <= {KNN_MAX_K}, got {k}")
     n, c, h, w = queries.shape
     m = refs.shape[0]
     if n == 0:
-        e = torch.empty((0, k), device=queries.device)
-        return e, e.to(torch.int64)
+        return torch.empty((0, k), dtype=torch.int64, device=queries.device)
     d = c * (h // grid[0]) * (w // grid[1])
     is_int = queries.dtype == torch.uint8
     kp = max(16, triton.next_power_of_2(k))  # tl.dot needs tiles of at least 16
@@ -430,5 +431,4 @@ def knn(
         # int32 accumulators, 480 B with int64; 4 warps spill 1-2 KB)
         num_warps=8 if kp <= 64 else 16,
     )
-    best = torch.topk(keys.reshape(n, splits * kp), k, dim=1, largest=False, sorted=True).values
-    return (best >> 32).to(torch.int32).view(torch.float32), best & 0xFFFFFFFF
+    return keys.reshape(n, splits * kp)
