@@ -741,17 +741,15 @@ def iter_extract(
     images_dir = Path(out) / "images" if out is not None else None
 
     def jobs() -> Iterator[Job]:
-        for g in todo:
-            for i in range(n):
-                yield (g, None if m.kind == "unet" else conds[g], config.seed_of(g, i))
-            if g == todo[0]:
+        # the NN-only candidates follow the first condition (condition 0, when this process runs it)
+        for g in [*todo[:1], None, *todo[1:]]:  # None: the NN-only block
+            if g is None:
                 for lo, hi in nn_only:
                     for i in range(lo, hi):
                         yield (-1, None, config.seed + i)
-        if not todo:
-            for lo, hi in nn_only:
-                for i in range(lo, hi):
-                    yield (-1, None, config.seed + i)
+                continue
+            for i in range(n):
+                yield (g, None if m.kind == "unet" else conds[g], config.seed_of(g, i))
 
     sampler = _make_sampler(m, config, device)
     slots = [_Slot(n, m.image_shape, device) for _ in range(config.slots)]
