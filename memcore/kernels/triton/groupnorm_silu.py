@@ -25,6 +25,38 @@ import triton.language as tl
 
 
 @triton.jit
+def _scale_shift(
+    w_ptr,
+    b_ptr,
+    ch,
+    mask,
+    mean,
+    rstd,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per-channel ``y = x * scale + shift`` folding the normalisation and the affine weight/bias."""
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + ch, mask=mask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros((BLOCK_C,), tl.float32)
+    scale = w * rstd
+    return scale, b - mean * scale
+
+
+@triton.jit
+def _silu_store(x_ptr, out_ptr, off, m, scale, shift):
+    """Load x, apply the folded normalisation and SiLU in float32, store in the output dtype."""
+    v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+    tl.store(out_ptr + off, (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _groupnorm_silu_kernel(
     x_ptr,
     w_ptr,
@@ -74,23 +106,12 @@ def _groupnorm_silu_kernel(
     rstd = 1.0 / tl.sqrt(var + eps)
 
     ch = g * CPG + offs_c
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros((BLOCK_C,), tl.float32)
-    scale = w * rstd
-    shift = b - mean * scale
+    scale, shift = _scale_shift(w_ptr, b_ptr, ch, mask_c, mean, rstd, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     for start in range(0, HW, BLOCK_HW):
         offs_hw = start + tl.arange(0, BLOCK_HW)
         m = (offs_hw[:, None] < HW) & mask_c[None, :]
         off = base + offs_hw[:, None].to(tl.int64) * stride_hw + offs_c[None, :].to(tl.int64) * stride_c
-        v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
-        y = v / (1.0 + tl.exp(-v))
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
+        _silu_store(x_ptr, out_ptr, off, m, scale, shift)
 
 
 @triton.jit
@@ -187,20 +208,9 @@ def _nhwc_apply_kernel(
     grp = n * G + cols // CPG
     mean = tl.load(mean_ptr + grp, mask=mcol, other=0.0)
     rstd = tl.load(rstd_ptr + grp, mask=mcol, other=0.0)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=mcol, other=1.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=mcol, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros((BLOCK_C,), tl.float32)
-    scale = w * rstd
-    shift = b - mean * scale
+    scale, shift = _scale_shift(w_ptr, b_ptr, cols, mcol, mean, rstd, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     off = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
-    v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
-    y = v / (1.0 + tl.exp(-v))
-    tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
+    _silu_store(x_ptr, out_ptr, off, m, scale, shift)
 
 
 def _groupnorm_silu_nhwc(x, num_groups, weight, bias, eps, out):
