@@ -107,6 +107,20 @@ def _tile_sq_kernel(
 
 
 @triton.jit
+def _distance(s, n_tile, scale, IS_INT: tl.constexpr):
+    """S (max over tiles of the summed squared differences) -> the float32 normalized distance.
+
+    uint8: exact, ``float32(sqrt(float64(S) / (255²·n)))`` — S is an integer below 2^53, one IEEE division and
+    one IEEE square root in float64 (div.rn.f64, sqrt.rn.f64 in PTX), bit-identical to the reference.
+    """
+    if IS_INT:
+        d = tl.sqrt(s.to(tl.float64) / (n_tile.to(tl.float64) * 65025.0)).to(tl.float32)
+    else:
+        d = tl.sqrt_rn(tl.div_rn(s, n_tile.to(tl.float32))) * scale
+    return d
+
+
+@triton.jit
 def _finish_kernel(
     smax_ptr,  # [N, M]
     out_ptr,  # [N, M] float32, or [N, ceil(M/64)] int64 words when GRAPH
@@ -137,12 +151,7 @@ def _finish_kernel(
         lo = r2
         hi = c2
     s = tl.load(smax_ptr + lo.to(tl.int64) * M + hi, mask=valid, other=0)
-    if IS_INT:
-        # Exact: S is an integer below 2^53, one IEEE division and one IEEE square root in float64.
-        # (float64 division and square root are IEEE round-to-nearest in PTX: div.rn.f64, sqrt.rn.f64)
-        d = tl.sqrt(s.to(tl.float64) / (n_tile.to(tl.float64) * 65025.0)).to(tl.float32)
-    else:
-        d = tl.sqrt_rn(tl.div_rn(s, n_tile.to(tl.float32))) * scale
+    d = _distance(s, n_tile, scale, IS_INT)
     if SYMMETRIC:
         d = tl.where(r2 == c2, 0.0, d)
     if GRAPH:
@@ -336,10 +345,7 @@ def _knn_kernel(
                     g = tl.dot(a, b, g, input_precision=PRECISION)
                 st = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
             s = tl.maximum(s, st)
-        if IS_INT:
-            d = tl.sqrt(s.to(tl.float64) / (n_tile.to(tl.float64) * 65025.0)).to(tl.float32)
-        else:
-            d = tl.sqrt_rn(tl.div_rn(s, n_tile.to(tl.float32))) * scale
+        d = _distance(s, n_tile, scale, IS_INT)
         key = (d.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
         key = tl.where(rmask[:, None] & cmask[None, :], key, _KEY_MAX)
         if tl.sum((key < thr[:, None]).to(tl.int32)) > 0:
