@@ -14,7 +14,7 @@ Cases:
 
 For each e2e case: images/s of memcore and of the reference path, their ratio, and the share of wall time
 outside sampling, ``(T_extract - T_sampling_only) / T_extract`` where ``T_sampling_only`` is memcore's
-sampler alone streaming the same jobs (target < 0.1 % on the GPU). CSV: benchmarks/results/extract_<device>.csv.
+sampler alone streaming the same jobs (target < 0.1 % on the GPU). CSV: benchmarks/results/extract[_<cases>]_<device>.csv.
 """
 
 from __future__ import annotations
@@ -243,7 +243,12 @@ def main() -> int:
         help="comma list of candidate counts for the memory case (e.g. 10000,100000,1000000 with the small "
         "CPU shapes); default 10^3,10^4 on CPU/--quick, 10^4..10^6 on the GPU",
     )
-    ap.add_argument("--tag", default=None, help="CSV name suffix: extract_<tag>_<device>.csv")
+    ap.add_argument(
+        "--tag",
+        default=None,
+        help="CSV name suffix: extract_<tag>_<device>.csv (default: the --cases list, so runs of different cases "
+        "do not overwrite each other)",
+    )
     ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -302,7 +307,8 @@ def main() -> int:
         sizes = tuple(int(x) for x in args.memory_sizes.split(",")) if args.memory_sizes else None
         rows += memory_case(device, args.quick or not gpu, sizes)
     if rows:
-        write_csv("extract" + (f"_{args.tag}" if args.tag else ""), rows, device)
+        tag = args.tag or (args.cases.replace(",", "-") if args.cases else None)
+        write_csv("extract" + (f"_{tag}" if tag else ""), rows, device)
     return 0
 
 
