@@ -50,6 +50,15 @@ def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
     return [b for b in out if wanted is None or b in wanted]
 
 
+def _knn(q: torch.Tensor, r: torch.Tensor, k: int, be: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if be == "triton-fused":
+        from memcore.kernels.triton import distance as tk
+        from memcore.ops.distance import _smallest
+
+        return _smallest(tk.knn_keys(q, r, k, (1, 1), method="fused"), k)
+    return D.knn(q, r, k, backend=be, check_finite=False)
+
+
 def _auto_choice(op: str, be: str) -> str:
     """For the "auto" rows: the backend autotuning chose for the latest shape class of ``op`` ("" if none:
     the static order decided, e.g. on CPU)."""
@@ -127,15 +136,18 @@ def run(args) -> list[dict]:
     )
     ops_knn = 2.0 * cf["n"] * cf["m"] * cf["c"] * cf["h"] * cf["w"]
     ref_knn = None
-    for be in backends:
-        fn = lambda be=be: D.knn(q, r, cf["k"], backend=be, check_finite=False)  # noqa: E731
+    # "triton-fused": the Triton k-NN forced to its fused kernel (selection in registers), beside "triton"
+    # (which picks the sampled-cut filter for this M), so the CSV shows both methods
+    knn_rows = backends + (["triton-fused"] if "triton" in backends else [])
+    for be in knn_rows:
+        fn = lambda be=be, r=r: _knn(q, r, cf["k"], be)  # noqa: E731
         mem = {}
         if device.type == "cuda":
             for frac in (2, 1):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base_mem = torch.cuda.memory_allocated()
-                D.knn(q, r[: cf["m"] // frac], cf["k"], backend=be, check_finite=False)
+                fn(r=r[: cf["m"] // frac])
                 torch.cuda.synchronize()
                 mem[frac] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
         out = fn()

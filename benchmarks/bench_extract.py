@@ -155,6 +155,13 @@ def e2e(name, model, conditions, config, train, device, *, reference: bool) -> l
             "images_per_s": round(n_images / times[label], 3), "flagged": res.summary["counts"]["flagged"],
             "steps": cfg.num_inference_steps, "batch_size": cfg.micro_batch,
         })  # fmt: skip
+    if device.type == "cuda":
+        # where the time outside sampling goes: one more run with the device synchronized around each stage
+        prof = dataclasses.replace(config, sync_timing=True)
+        res = carlini.extract(model, conditions, config=prof, train=train, device=device, report=False)
+        stages = {k: round(v, 4) for k, v in res.summary["timings"].items()}
+        rows[0]["stage_seconds_synced"] = json.dumps(stages, sort_keys=True)
+        print(f"[{name}] stages (synchronized run): {stages}", flush=True)
     t_s = min(sampling_only(model, conditions, config, device) for _ in range(REPEATS))
     outside = (times["memcore"] - t_s) / times["memcore"]
     rows[0]["sampling_only_s"] = round(t_s, 4)

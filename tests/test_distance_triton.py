@@ -134,3 +134,117 @@ def test_triton_knn_edge_sizes(rng):
     d, i = D.knn(q, r.to(dev), 130, backend="triton")  # k > 128: streamed chunks + topk
     want = torch.sort(ref.distance_matrix(q.cpu(), r, (1, 1)), dim=1, stable=True)
     assert torch.equal(d.cpu(), want.values) and torch.equal(i.cpu(), want.indices)
+
+
+@pytest.mark.parametrize(
+    "n,m,k,grid,hi,stride,cap",
+    [
+        (70, 200, 5, (2, 2), 256, 4, 64),  # cut from every 4th reference; nothing overflows
+        (9, 150, 16, (1, 1), 3, 3, 32),  # few distinct distances: rows overflow 32 slots -> fused fallback
+        (3, 40, 40, (2, 1), 256, 1, 64),  # k = M: the sample is every reference
+        (130, 97, 1, (1, 1), 256, 7, 16),  # three row blocks of the fallback, k = 1
+    ],
+)
+def test_triton_filter_knn_exact(n, m, k, grid, hi, stride, cap, rng):
+    """The filter k-NN (sampled cut, GEMM + append, overflow recomputed) equals the stable sort of the
+    reference matrix, ties included, for uint8."""
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops.distance import _smallest
+
+    dev = _device()
+    q = images(rng, n, 1, 4, 4, torch.uint8, hi=hi)
+    r = images(rng, m, 1, 4, 4, torch.uint8, hi=hi)
+    keys = tk.knn_keys(q.to(dev), r.to(dev), k, grid, method="filter", stride=stride, cap=cap)
+    d, i = _smallest(keys, k)
+    want = torch.sort(ref.distance_matrix(q, r, grid), dim=1, stable=True)
+    assert torch.equal(d.cpu(), want.values[:, :k]) and torch.equal(i.cpu(), want.indices[:, :k])
+    assert len(set(i[0].tolist())) == k  # no reference twice (an overflowed row drops its partial buffer)
+
+
+def test_triton_filter_knn_overflow_and_duplicates(rng):
+    """A training set holding many copies of one image: every copy ties at the cut, the row overflows, and
+    the fallback still returns the copies in index order."""
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops.distance import _smallest
+
+    dev = _device()
+    base = images(rng, 1, 3, 4, 4, torch.uint8)
+    r = torch.cat(
+        [
+            images(rng, 40, 3, 4, 4, torch.uint8),
+            base.expand(60, -1, -1, -1),
+            images(rng, 40, 3, 4, 4, torch.uint8),
+        ]
+    )
+    q = torch.cat([base, images(rng, 4, 3, 4, 4, torch.uint8)])
+    d, i = _smallest(tk.knn_keys(q.to(dev), r.to(dev), 8, (2, 2), method="filter", stride=5, cap=16), 8)
+    want = torch.sort(ref.distance_matrix(q, r, (2, 2)), dim=1, stable=True)
+    assert torch.equal(d.cpu(), want.values[:, :8]) and torch.equal(i.cpu(), want.indices[:, :8])
+    assert i[0].tolist() == list(range(40, 48)) and bool((d[0] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_filter_knn_float(dtype, rng):
+    """Floats compare the float32 distance against the cut; same candidates as the fused kernel."""
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops.distance import _smallest
+
+    dev = _device()
+    q = images(rng, 6, 3, 4, 4, dtype).to(dev)
+    r = images(rng, 120, 3, 4, 4, dtype).to(dev)
+    got = _smallest(tk.knn_keys(q, r, 7, (2, 2), method="filter", stride=4, cap=64), 7)
+    fused = _smallest(tk.knn_keys(q, r, 7, (2, 2), method="fused"), 7)
+    assert torch.equal(got[0], fused[0]) and torch.equal(got[1], fused[1])
+    want = ref.distance_matrix(q.cpu().double(), r.cpu().double(), (2, 2))
+    torch.testing.assert_close(
+        got[0].double().cpu(), want.sort(1).values[:, :7], **tol("distance_triton", dtype)
+    )
+
+
+def test_triton_knn_method_choice_and_errors(rng, monkeypatch):
+    """``auto`` filters large reference sets only; bad methods, too-large tiles and too-sparse samples are
+    clear errors."""
+    from memcore.kernels.triton import distance as tk
+
+    dev = _device()
+    q = images(rng, 4, 1, 4, 4, torch.uint8).to(dev)
+    r = images(rng, 64, 1, 4, 4, torch.uint8).to(dev)
+    calls = []
+    orig = tk._filter_keys
+    monkeypatch.setattr(tk, "_filter_keys", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    tk.knn_keys(q, r, 3, (1, 1))
+    assert not calls  # 64 references: fused
+    monkeypatch.setattr(tk, "FILTER_MIN_REFS_PER_CAP", 0)
+    monkeypatch.setattr(tk, "FILTER_TARGET", 32)  # stride 2, cap 128
+    monkeypatch.setattr(tk, "FILTER_MIN_STRIDE", 1)
+    d, i = D.knn(q, r, 3, backend="triton")
+    assert calls
+    want = torch.sort(ref.distance_matrix(q.cpu(), r.cpu(), (1, 1)), dim=1, stable=True)
+    assert torch.equal(d.cpu(), want.values[:, :3]) and torch.equal(i.cpu(), want.indices[:, :3])
+    with pytest.raises(ValueError, match="method"):
+        tk.knn_keys(q, r, 3, (1, 1), method="bogus")
+    with pytest.raises(ValueError, match="fewer than k"):
+        tk.knn_keys(q, r, 10, (1, 1), method="filter", stride=16)
+    monkeypatch.setattr(tk, "ACC32_MAX_D", 8)
+    with pytest.raises(ValueError, match="at most 8 values"):
+        tk.knn_keys(q, r, 3, (1, 1), method="filter")
+
+
+def test_triton_knn_reuses_packed_refs_until_they_change(rng):
+    """The reference set is packed once across k-NN calls (NN extraction's batches), repacked after an
+    in-place change, and the packed copy is freed with the tensor."""
+    from memcore.kernels.triton import distance as tk
+
+    dev = _device()
+    q = images(rng, 3, 1, 4, 4, torch.uint8).to(dev)
+    r = images(rng, 20, 1, 4, 4, torch.uint8).to(dev)
+    tk.knn_keys(q, r, 2, (1, 1))
+    first = tk._PACK_CACHE["refs"][2]
+    tk.knn_keys(q[:2], r, 2, (1, 1))
+    assert tk._PACK_CACHE["refs"][2] is first
+    r[0] = q[0]  # in place: the version counter moves
+    d, i = D.knn(q, r, 2, backend="triton")
+    assert tk._PACK_CACHE["refs"][2] is not first
+    assert int(i[0, 0]) == 0 and float(d[0, 0]) == 0.0
+    del r
+    assert "refs" not in tk._PACK_CACHE

@@ -30,9 +30,16 @@ def _compiles() -> tuple[int, int]:
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test starts without compiled code, so its own compiles are counted (and nothing leaks)."""
+    """Each test starts without compiled code, so its own compiles are counted (and nothing leaks).
+
+    On the GPU, cuDNN runs float32 convolutions in TF32 by default, and eager and compiled UNets may pick
+    different algorithms: their images then differ by ~3e-3 after 10 steps (seen on the H100), which says
+    nothing about compile. Full-precision convolutions make the comparison about the compiled graph."""
     torch._dynamo.reset()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     yield
+    torch.backends.cudnn.allow_tf32 = tf32
     torch._dynamo.reset()
 
 
@@ -132,9 +139,11 @@ def test_compile_triton_groupnorm_silu_unet(class_unet_dir):
         calls[0] += 1
         return orig(*a, **k)
 
+    # The interpreter lane runs it on CPU tensors; a GPU machine's Triton lane (no interpreter) on CUDA ones.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(num_inference_steps=2, batch_size=2)
-    ref = Sampler(class_unet_dir, SamplerConfig(**kw)).run_batch([1, 2], [0, 2])
-    lm = load_model(class_unet_dir)
+    ref = Sampler(class_unet_dir, SamplerConfig(**kw), device=dev).run_batch([1, 2], [0, 2])
+    lm = load_model(class_unet_dir, device=dev)
     assert fuse_groupnorm_silu(lm.unet, backend="triton") > 0
     kernel_mod.groupnorm_silu_triton = counting
     f0, g0 = _compiles()
@@ -173,13 +182,21 @@ def test_cuda_compile_with_graphs_equals_eager(class_unet_dir):
     kw = dict(num_inference_steps=10, batch_size=3, eta=0.3, step_backend="fused")
     seeds, labels = [1, 2, 3], [0, 1, 3]
     refs = {}
-    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+    for dtype in (torch.float32, torch.bfloat16):
         e = Sampler(class_unet_dir, SamplerConfig(cuda_graphs=False, **kw), device="cuda", dtype=dtype)
         g = Sampler(class_unet_dir, SamplerConfig(compile=True, **kw), device="cuda", dtype=dtype)
         assert g.use_graphs
         refs[dtype] = ref = e.run_batch(seeds, labels)
         a = g.run_batch(seeds, labels)
-        torch.testing.assert_close(a, ref, rtol=0, atol=atol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, ref, rtol=0, atol=1e-4)
+        else:
+            # bf16: inductor keeps fused intermediates in float32 where eager rounds each op to bf16, and over
+            # 10 steps of this random UNet single pixels of the two differ by up to 0.15 (H100). Judge the
+            # compiled images by the float32 ones: no further from them than eager bf16 is.
+            err_compiled = (a - refs[torch.float32]).abs().max()
+            err_eager = (ref - refs[torch.float32]).abs().max()
+            assert err_compiled <= 1.5 * err_eager + 1e-3, (float(err_compiled), float(err_eager))
         with torch._dynamo.config.patch(error_on_recompile=True):
             b = g.regenerate(2, 1, slot=1)  # replays with new inputs, no recompile
         assert torch.equal(b, a[1])

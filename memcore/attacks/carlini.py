@@ -58,6 +58,10 @@ from memcore.metrics.pr import flagged_precision_recall, pr_from_records, rankin
 from memcore.utils.profiling import stage
 
 SAMPLERS = ("memcore", "reference")
+#: NN extraction runs its k-NN on blocks of candidates of at most this many bytes of images ...
+NN_BLOCK_BYTES = 64 << 20
+#: ... and at most this many candidates (at least one sampled batch either way).
+NN_BLOCK_MAX = 4096
 SAVE_IMAGES = ("none", "flagged", "all")
 
 
@@ -762,6 +766,24 @@ def iter_extract(
     bar = _progress(n_jobs, progress)
     t_ckpt = time.perf_counter()
     n_flagged = 0
+    # NN candidates wait on the device until a block is full, then meet the training set in one k-NN: a
+    # k-NN call has fixed costs (the Triton filter's sampled cut, launches) worth paying per block, not per
+    # micro-batch. A block holds at most NN_BLOCK_BYTES of images (and >= one batch); candidates count as
+    # folded in (``NNState.mark``) only once their block has run, so a checkpoint never claims them early.
+    nn_buf: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+    nn_rows = max(1, min(NN_BLOCK_MAX, NN_BLOCK_BYTES // max(1, math.prod(m.image_shape))))
+
+    def nn_flush() -> None:
+        if not nn_buf:
+            return
+        with timer.span("nn"):
+            q = torch.cat([x[0] for x in nn_buf]) if len(nn_buf) > 1 else nn_buf[0][0]
+            seeds = torch.cat([x[1] for x in nn_buf]) if len(nn_buf) > 1 else nn_buf[0][1]
+            d, j = tr.knn(q, config.nn_k)
+            nn_state.update(d, j, seeds, config.nn_alpha)
+            for lo, hi in _nn.normalize((i, i + 1) for x in nn_buf for i in x[2]):
+                nn_state.mark(lo, hi)
+        nn_buf.clear()
 
     def clique_job(host_adj: torch.Tensor, event: Any) -> tuple[list[int], bool, float]:
         t0 = time.perf_counter()
@@ -892,12 +914,13 @@ def iter_extract(
                     with timer.span("nn"):
                         idx = [batch_jobs[r][2] - config.seed for r in sel]
                         seeds = _to_device(torch.tensor([batch_jobs[r][2] for r in sel]), device)
-                        q = imgs if len(sel) == b else imgs[_to_device(torch.tensor(sel), device)]
-                        d, j = tr.knn(q, config.nn_k)
-                        nn_state.update(d, j, seeds, config.nn_alpha)
-                        for lo, hi in _nn.normalize((i, i + 1) for i in idx):
-                            nn_state.mark(lo, hi)
+                        # a copy: the sampler may reuse its output buffer for the next batch
+                        q = imgs.clone() if len(sel) == b else imgs[_to_device(torch.tensor(sel), device)]
+                        nn_buf.append((q, seeds, idx))
+                    if sum(x[0].shape[0] for x in nn_buf) >= nn_rows:
+                        nn_flush()
                     if nn_file is not None and time.perf_counter() - t_ckpt >= config.nn_checkpoint_s:
+                        nn_flush()
                         with timer.span("nn_checkpoint"):
                             nn_state.save(nn_file)
                         t_ckpt = time.perf_counter()
@@ -942,6 +965,7 @@ def iter_extract(
             yield from drain(block_one=False)
         yield from flush()
         if nn_state is not None:
+            nn_flush()
             k_eff = min(config.nn_k, len(tr))
             if nn_file is None:
                 nn = nn_state.result(n_nn, k_eff, config.nn_alpha)
