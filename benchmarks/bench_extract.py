@@ -130,10 +130,10 @@ def e2e(name, model, conditions, config, train, device, *, reference: bool) -> l
         paths.append(("reference", dataclasses.replace(config, sampler="reference", backend="reference")))
     times = {}
     for label, cfg in paths:
-        # warm-up (kernels, allocator, cuDNN and memcore's distance autotuning, which tunes once per shape
-        # class): one whole condition at the run's shapes (graph rows up to N, the NN k-NN against the
-        # training set), sampled with one step so that it costs little
-        warm = dataclasses.replace(cfg, num_inference_steps=1, nn_candidates=None)
+        # warm-up (kernels, allocator, cuDNN, Triton's JIT and memcore's distance autotuning, which tunes
+        # once per shape class): the whole run at its shapes (graph rows up to N, the NN k-NN blocks against
+        # the training set), sampled with one step so that it costs little
+        warm = dataclasses.replace(cfg, num_inference_steps=1)
         carlini.extract(
             model,
             conditions[:1] if conditions else None,

@@ -3,6 +3,7 @@ as one uninterrupted process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -212,3 +213,28 @@ def test_streamed_verification_ties_and_counts():
         wd, wi = knn(train[[4, 0, 22]], train, 6)
         assert torch.equal(dd, wd) and torch.equal(ii, wi)
         assert ii[0, :3].tolist() == [4, 11, 19]
+
+
+@pytest.mark.parametrize("block", [1, 7, None])
+def test_nn_blocks_do_not_change_the_result(setup, single, monkeypatch, block):
+    """Candidates meet the training set in blocks (one k-NN per block, not per micro-batch): any block size
+    gives the uninterrupted run's result, and the default folds this small run in with one k-NN."""
+    model, config, train = setup
+    ref, _ = single
+    if block is not None:
+        monkeypatch.setattr(carlini, "NN_BLOCK_MAX", block)
+    sizes = []
+    orig_update = NN.NNState.update
+
+    def counting(self, d, idx, seeds, alpha):
+        sizes.append(seeds.numel())
+        return orig_update(self, d, idx, seeds, alpha)
+
+    monkeypatch.setattr(NN.NNState, "update", counting)
+    res = carlini.extract(model, None, config=config, train=train, device="cpu")
+    assert res.nn == dataclasses.replace(ref.nn, images=())  # no results directory: no PNGs
+    assert sum(sizes) == 29
+    if block is None:
+        assert sizes == [29]
+    else:  # flushed once the block holds >= `block` candidates: after every batch of 5 or every other one
+        assert len(sizes) == (6 if block == 1 else 3), sizes
