@@ -248,3 +248,30 @@ def test_triton_knn_reuses_packed_refs_until_they_change(rng):
     assert int(i[0, 0]) == 0 and float(d[0, 0]) == 0.0
     del r
     assert "refs" not in tk._PACK_CACHE
+
+
+def test_triton_filter_configs_are_tuned_and_agree(rng, monkeypatch):
+    """uint8 filter launches are tuned among FILTER_CONFIGS (here on the CPU too): every configuration must
+    give the first one's candidates (a disagreement would warn, an error here), the choice is cached and the
+    result stays exact."""
+    import warnings
+
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops import _tune
+    from memcore.ops.distance import _smallest
+
+    dev = _device()
+    monkeypatch.setattr(tk, "FILTER_TUNE_DEVICE_TYPES", (dev,))
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    _tune.reset()
+    q = images(rng, 130, 1, 4, 4, torch.uint8, hi=6).to(dev)
+    r = images(rng, 300, 1, 4, 4, torch.uint8, hi=6).to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d, i = _smallest(tk.knn_keys(q, r, 9, (2, 2), method="filter", stride=5, cap=256), 9)
+    key = ("knn_filter", str(q.device), 4, 4)
+    got = _tune.choices()[key]
+    assert set(got["seconds"]) == set(tk.FILTER_CONFIGS) and got["chosen"] in tk.FILTER_CONFIGS
+    want = torch.sort(ref.distance_matrix(q.cpu(), r.cpu(), (2, 2)), dim=1, stable=True)
+    assert torch.equal(d.cpu(), want.values[:, :9]) and torch.equal(i.cpu(), want.indices[:, :9])
+    _tune.reset()

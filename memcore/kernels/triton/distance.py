@@ -619,7 +619,7 @@ def _filter_keys(
 ) -> torch.Tensor:
     """The filter path for one block of queries -> [N, cap + fallback] candidate keys (see the module
     comment): cut from the sampled references, GEMM + append, overflowed rows recomputed by the fused kernel."""
-    n, m = q.count, r.count
+    n = q.count
     dev = q.data.device
     kk = min(max(k, FILTER_MIN_KK), sample.count)
     near = _fused_keys(q, sample, kk, d, tiles, scale, is_int, None)
@@ -630,9 +630,53 @@ def _filter_keys(
         _s_cut_kernel[(triton.cdiv(n, 1024),)](d_cut, cut, n, d, BLOCK=1024)
     else:
         cut = d_cut
+    config = _filter_config(q, r, cut, d, tiles, scale, is_int, cap)
+    counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, config)
+    overflow = counts > cap
+    filled = torch.arange(cap, device=dev)[None, :] < counts[:, None]
+    if is_int:  # S -> the float32 distance, exactly as ``_distance`` computes it (IEEE div and sqrt)
+        dist = torch.sqrt((buf >> 32).to(torch.float64) / (d * 65025.0)).to(torch.float32)
+        buf = (dist.view(torch.int32).to(torch.int64) << 32) | (buf & 0xFFFFFFFF)
+    buf = torch.where(filled & ~overflow[:, None], buf, torch.iinfo(torch.int64).max)
+    # Overflowed rows: the fused kernel over all references (blocks without one write only padding; the
+    # other rows of a block with one keep their buffer, so their fused keys are dropped: no key twice).
+    fallback = _fused_keys(q, r, k, d, tiles, scale, is_int, None, flags=overflow.to(torch.int32))
+    fallback = torch.where(overflow[:, None], fallback, torch.iinfo(torch.int64).max)
+    return torch.cat([buf, fallback], 1)
+
+
+#: Filter kernel configurations, name -> (BM queries, BN references, BK for int8, num_warps, num_stages); the
+#: first is the default. For uint8 on CUDA the fastest is chosen on first use per image shape (every one gives
+#: the same candidates: integer S, same cut); floats keep the first (BK 32), so their last bits never depend
+#: on timings.
+FILTER_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
+    "128x128x128/w8s3": (128, 128, 128, 8, 3),
+    "128x256x128/w8s3": (128, 256, 128, 8, 3),
+    "256x128x128/w8s3": (256, 128, 128, 8, 3),
+    "128x128x128/w4s4": (128, 128, 128, 4, 4),
+    "128x128x64/w8s4": (128, 128, 64, 8, 4),
+}
+#: Device types whose uint8 filter launches are tuned among FILTER_CONFIGS (tests add "cpu").
+FILTER_TUNE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+def _filter_pass(
+    q: _Packed,
+    r: _Packed,
+    cut: torch.Tensor,
+    d: int,
+    tiles: int,
+    scale: float,
+    is_int: bool,
+    cap: int,
+    config: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the filter kernel -> (counts [N] int32, candidate buffer [N, cap] int64)."""
+    n, m = q.count, r.count
+    dev = q.data.device
+    bm, bn, bk, warps, stages = FILTER_CONFIGS[config]
     counts = torch.zeros(n, dtype=torch.int32, device=dev)
     buf = torch.empty((n, cap), dtype=torch.int64, device=dev)
-    bm, bn = FILTER_BLOCK
     _knn_filter_kernel[(triton.cdiv(n, bm) * triton.cdiv(m, bn),)](
         q.data,
         r.data,
@@ -652,26 +696,36 @@ def _filter_keys(
         SEGMENT=INT_SEGMENT,
         BM=bm,
         BN=bn,
-        BK=128 if is_int else 32,
+        BK=bk if is_int else 32,
         PRECISION="tf32x3",
-        num_warps=8,
-        num_stages=3,
+        num_warps=warps,
+        num_stages=stages,
     )
-    overflow = counts > cap
-    filled = torch.arange(cap, device=dev)[None, :] < counts[:, None]
-    if is_int:  # S -> the float32 distance, exactly as ``_distance`` computes it (IEEE div and sqrt)
-        dist = torch.sqrt((buf >> 32).to(torch.float64) / (d * 65025.0)).to(torch.float32)
-        buf = (dist.view(torch.int32).to(torch.int64) << 32) | (buf & 0xFFFFFFFF)
-    buf = torch.where(filled & ~overflow[:, None], buf, torch.iinfo(torch.int64).max)
-    # Overflowed rows: the fused kernel over all references (blocks without one write only padding; the
-    # other rows of a block with one keep their buffer, so their fused keys are dropped: no key twice).
-    fallback = _fused_keys(q, r, k, d, tiles, scale, is_int, None, flags=overflow.to(torch.int32))
-    fallback = torch.where(overflow[:, None], fallback, torch.iinfo(torch.int64).max)
-    return torch.cat([buf, fallback], 1)
+    return counts, buf
 
 
-#: (queries, references) per filter program: 128×128 tiles keep the int8 tensor cores busy.
-FILTER_BLOCK = (128, 128)
+def _filter_config(
+    q: _Packed, r: _Packed, cut: torch.Tensor, d: int, tiles: int, scale: float, is_int: bool, cap: int
+) -> str:
+    """The filter launch configuration: tuned once per (device, tile size, grid) for uint8 on CUDA with the
+    same machinery as ``backend="auto"`` (``memcore.ops._tune``: each configuration must reproduce the first
+    one's candidates exactly, the fastest is cached); otherwise the first of FILTER_CONFIGS."""
+    from memcore.ops import _tune
+
+    names = list(FILTER_CONFIGS)
+    dev = q.data.device
+    if not is_int or dev.type not in FILTER_TUNE_DEVICE_TYPES or not _tune.ENABLED:
+        return names[0]
+    if torch.compiler.is_compiling():
+        return _tune.chosen(("knn_filter", str(dev), d, tiles)) or names[0]
+
+    def run(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, name)
+        filled = torch.arange(cap, device=dev)[None, :] < counts[:, None]
+        # appends land in atomic order: compare the sorted candidates
+        return counts, torch.sort(torch.where(filled, buf, torch.iinfo(torch.int64).max), dim=1).values
+
+    return _tune.pick(("knn_filter", str(dev), d, tiles), names, run, dev)
 
 
 def knn_keys(
