@@ -242,6 +242,8 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         compile=args.compile,
         compile_mode=args.compile_mode,
         fuse_norm=args.fuse_norm,
+        # fused Q/K/V projections: the text-to-image UNet only (the pixel-space UNets have no such method)
+        fuse_qkv=args.fuse_qkv and name.startswith("sd"),
     )
     # The engine gets its own copy: its options (channels_last, fused norms) change a UNet in place, and the
     # reference must stay the stock pipeline.
@@ -269,6 +271,8 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         "cuda_graphs": sampler.use_graphs,
         "compile": cfg.compile,
         "compile_mode": cfg.compile_mode if cfg.compile else "",
+        "fuse_norm": cfg.fuse_norm,
+        "fuse_qkv": cfg.fuse_qkv,
         "memcore_first_run_s": round(t_warm, 3),  # includes the compile with --compile
         "model_tflop_per_image": round(flops / b / 1e12, 4),
         "ref_s": round(t_ref["median"], 4),
@@ -310,6 +314,7 @@ def main() -> int:
         help="torch.compile mode (the last two need --no-graphs on CUDA)",
     )
     ap.add_argument("--fuse-norm", action="store_true")
+    ap.add_argument("--fuse-qkv", action="store_true", help="fused Q/K/V projections (SD configuration)")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument(
@@ -359,6 +364,7 @@ def main() -> int:
         + ("" if args.configs == "cifar10,celeba64,sd15" else "_" + args.configs.replace(",", "-"))
         + ("_fp32" if args.mode == "fp32" else "")
         + ("_fusenorm" if args.fuse_norm else "")
+        + ("_fuseqkv" if args.fuse_qkv else "")
         + ("_compile" if args.compile else "")
     )
     write_csv("bench_sampling" + tag, rows, device)

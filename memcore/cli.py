@@ -116,6 +116,11 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
     )
     p.add_argument("--fuse-norm", action="store_true", help="fused GroupNorm+SiLU kernel in the UNet (CUDA)")
     p.add_argument(
+        "--fuse-qkv",
+        action="store_true",
+        help="one GEMM for each attention's Q/K/V projections (text-to-image pipelines; may change last bits)",
+    )
+    p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK under torchrun)"
     )
     p.add_argument("--clique-budget", type=int, default=None, help="clique search node budget")
@@ -166,6 +171,7 @@ def _config_from(args: argparse.Namespace, **over):
         compile=args.compile,
         compile_mode=args.compile_mode,
         fuse_norm=args.fuse_norm,
+        fuse_qkv=args.fuse_qkv,
         clique_budget=args.clique_budget,
         save_images=args.save_images,
         max_nn_images=args.max_nn_images,

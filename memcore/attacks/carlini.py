@@ -92,6 +92,8 @@ class ExtractConfig:
         compile / compile_mode: ``torch.compile`` the UNet (see ``memcore.sampling.SamplerConfig``; images then
             differ from stock diffusers in their last bits, so it is part of the run parameters).
         fuse_norm: fused GroupNorm+SiLU kernel in the UNet (CUDA only; also changes the last bits).
+        fuse_qkv: fused Q/K/V projections in the attention layers (text-to-image pipelines; may change the
+            last bits; see ``memcore.sampling.SamplerConfig``).
         clique_budget: node budget of the clique search (None: the engine's default); a condition whose
             search hit it has ``clique_exact = False``.
         save_images: "flagged" writes PNG pairs of flagged or extracted conditions, "all" of every condition,
@@ -127,6 +129,7 @@ class ExtractConfig:
     compile: bool = False
     compile_mode: str = "default"
     fuse_norm: bool = False
+    fuse_qkv: bool = False
     clique_budget: int | None = None
     save_images: str = "flagged"
     max_nn_images: int = 64
@@ -173,7 +176,7 @@ class ExtractConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.save_images not in SAVE_IMAGES:
             raise ValueError(f"save_images must be one of {SAVE_IMAGES}, got {self.save_images!r}")
-        for name in ("compile", "fuse_norm"):
+        for name in ("compile", "fuse_norm", "fuse_qkv"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         from memcore.sampling.engine import COMPILE_MODES
@@ -352,6 +355,7 @@ def _make_sampler(
             compile=config.compile,
             compile_mode=config.compile_mode,
             fuse_norm=config.fuse_norm,
+            fuse_qkv=config.fuse_qkv,
         ),
         device=device,
     )

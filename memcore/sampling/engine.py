@@ -50,6 +50,11 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 _CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def _qkv_fused(module: torch.nn.Module) -> bool:
+    """Whether a diffusers model's attention already runs on fused QKV projections."""
+    return any("Fused" in type(p).__name__ for p in getattr(module, "attn_processors", {}).values())
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """How to sample.
@@ -93,6 +98,11 @@ class SamplerConfig:
         fuse_norm: replace GroupNorm+SiLU pairs by the fused kernel (``memcore.ops.norm``; CUDA only). Under
             ``compile`` the kernel is an opaque custom op to inductor, which fuses GroupNorm+SiLU itself
             otherwise: measure both (``benchmarks/bench_sampling.py --compile [--fuse-norm]``).
+        fuse_qkv: one GEMM for each attention's Q, K, V projections (K, V for cross-attention): diffusers'
+            ``fuse_qkv_projections()`` on the UNet and, for SD-layout pipelines, the VAE. Same products, other
+            GEMM shapes, so the last bits may change (parity mode is then not bit-identical with diffusers);
+            models whose UNet lacks the method (e.g. ``UNet2DModel``) are refused. The model is changed in
+            place, as with ``fuse_norm``.
         guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
     """
 
@@ -109,6 +119,7 @@ class SamplerConfig:
     compile: bool = False
     compile_mode: str = "default"
     fuse_norm: bool = False
+    fuse_qkv: bool = False
     guidance_rescale: float = 0.0
 
     def __post_init__(self) -> None:
@@ -130,8 +141,9 @@ class SamplerConfig:
             raise ValueError('mode="fp32" exists only for the fused step; use step_backend="fused" or "auto"')
         if not isinstance(self.scheduler, str) or not self.scheduler:
             raise TypeError("scheduler must be 'ddim', 'ddpm', 'config' or a diffusers scheduler class name")
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be a bool, got {self.compile!r}")
+        for name in ("compile", "fuse_norm", "fuse_qkv"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.guidance_rescale < 0:
@@ -354,6 +366,16 @@ class Sampler:
             cl = self.device.type == "cuda" and config.mode != "parity"
         if cl:
             unet.to(memory_format=torch.channels_last)
+        if config.fuse_qkv:
+            if not hasattr(unet, "fuse_qkv_projections"):
+                raise ValueError(
+                    f"fuse_qkv=True needs a UNet with diffusers' fuse_qkv_projections() (e.g. "
+                    f"UNet2DConditionModel); {type(unet).__name__} has none"
+                )
+            for mod in (unet, getattr(lm, "vae", None)):
+                # idempotent: a model fused by an earlier Sampler keeps its fused projections
+                if hasattr(mod, "fuse_qkv_projections") and not _qkv_fused(mod):
+                    mod.fuse_qkv_projections()
         if config.fuse_norm:
             if self.device.type != "cuda":
                 raise ValueError(
