@@ -366,6 +366,8 @@ def main() -> int:
         + ("_fusenorm" if args.fuse_norm else "")
         + ("_fuseqkv" if args.fuse_qkv else "")
         + ("_compile" if args.compile else "")
+        + ("" if args.compile_mode == "default" else "-" + args.compile_mode)
+        + ("_b" + "-".join(x.split("=")[-1] for x in args.batch.split(",")) if args.batch else "")
     )
     write_csv("bench_sampling" + tag, rows, device)
     return 0

@@ -28,13 +28,15 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   # At most 8 files come back from $OUT: one log for all benchmarks, one tarball of the CSVs.
   # Priority order (what the open issues still need measured); override with BENCH_CMDS (one per line).
-  default_cmds="benchmarks/bench_distance.py --device cuda
-benchmarks/bench_sampling.py --device cuda --configs cifar10 --compile
-benchmarks/bench_sampling.py --device cuda --configs cifar10 --mode fp32 --compile
-benchmarks/bench_extract.py --device cuda --cases cifar,memory
-benchmarks/bench_sampling.py --device cuda --configs cifar10,celeba64 --compile --fuse-norm
-benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --batch sd15=32
-benchmarks/bench_extract.py --device cuda --cases sd"
+  # Never run anything else on the GPU meanwhile (a concurrent pytest once made an extraction benchmark
+  # worthless): the benchmarks time the device.
+  default_cmds="benchmarks/bench_extract.py --device cuda --cases cifar
+benchmarks/bench_distance.py --device cuda
+benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --fuse-qkv --batch sd15=32
+benchmarks/bench_extract.py --device cuda --cases sd
+benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --batch sd15=48
+benchmarks/bench_extract.py --device cuda --cases memory
+benchmarks/bench_sampling.py --device cuda --configs cifar10,celeba64 --compile --fuse-norm"
   while IFS= read -r cmd; do
     [ -z "$cmd" ] && continue
     echo "== $cmd" | tee -a "$OUT/bench.log"
