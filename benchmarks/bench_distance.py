@@ -16,6 +16,8 @@ Gram product (2·N·M·D; pairwise calls do about half of it), against the dtype
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +59,29 @@ def _knn(q: torch.Tensor, r: torch.Tensor, k: int, be: str) -> tuple[torch.Tenso
 
         return _smallest(tk.knn_keys(q, r, k, (1, 1), method="fused"), k)
     return D.knn(q, r, k, backend=be, check_finite=False)
+
+
+def _knn_breakdown(q: torch.Tensor, r: torch.Tensor, k: int) -> dict[str, float]:
+    """Milliseconds per stage of the Triton filter k-NN, summed over query blocks (one warm call first):
+    the sampled cut (fused kernel on the sample + kk-th + S cut), the filter GEMM pass, the candidate
+    finishing (S -> distance keys, overflow fallback), and the final top-k of the ops layer."""
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops.distance import _smallest
+
+    out: dict[str, float] = {}
+    for _ in range(2):  # the first call compiles and tunes; the second is measured
+        marks: list = []
+        keys = tk.knn_keys(q, r, k, (1, 1), marks=marks)
+        end = torch.cuda.Event(enable_timing=True)
+        _smallest(keys, k)
+        end.record()
+        torch.cuda.synchronize()
+        out = {}
+        for (_, a), (name, b) in itertools.pairwise(marks):
+            if name != "start":
+                out[name] = out.get(name, 0.0) + a.elapsed_time(b)
+        out["topk"] = marks[-1][1].elapsed_time(end)
+    return {name: round(ms, 3) for name, ms in out.items()}
 
 
 def _auto_choice(op: str, be: str) -> str:
@@ -173,6 +198,13 @@ def run(args) -> list[dict]:
                 "torch_peak_MiB_M_full": mem.get(1, ""),
             }
         )
+
+    if device.type == "cuda" and "triton" in backends:
+        breakdown = _knn_breakdown(q, r, cf["k"])
+        print("cifar_knn triton filter, ms per stage:", breakdown)
+        for row in rows:
+            if row["case"] == "cifar_knn" and row["backend"] == "triton":
+                row["stage_ms"] = json.dumps(breakdown, sort_keys=True)
 
     ref_t = {row["case"]: row["median_s"] for row in rows if row["backend"] == "reference"}
     print(f"{'case':<12} {'backend':<10} {'median ms':>10} {'x ref':>7} {'TOPS':>8} {'%peak':>6} exact")

@@ -203,6 +203,26 @@ def count_flops(sampler: Sampler, seeds: list[int], conds, steps: int) -> float:
     return float(total)
 
 
+def _set_inductor(spec: str) -> None:
+    """Apply ``key=value`` pairs to ``torch._inductor.config`` (ints and true/false; an unknown key is an
+    error, so a typo cannot silently measure the defaults)."""
+    if not spec:
+        return
+    import torch._inductor.config as ic
+
+    for item in spec.split(","):
+        key, _, raw = item.partition("=")
+        if not hasattr(ic, key):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+        low = raw.strip().lower()
+        value: object = (
+            low in ("1", "true", "yes") if low in ("0", "1", "true", "false", "yes", "no") else raw
+        )
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        setattr(ic, key, value)
+
+
 def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     b, steps = args.batch.get(name, args.default_batch), args.steps
     seeds = list(range(b))
@@ -273,6 +293,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         "compile_mode": cfg.compile_mode if cfg.compile else "",
         "fuse_norm": cfg.fuse_norm,
         "fuse_qkv": cfg.fuse_qkv,
+        "inductor": args.inductor,
         "memcore_first_run_s": round(t_warm, 3),  # includes the compile with --compile
         "model_tflop_per_image": round(flops / b / 1e12, 4),
         "ref_s": round(t_ref["median"], 4),
@@ -313,6 +334,11 @@ def main() -> int:
         choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"],
         help="torch.compile mode (the last two need --no-graphs on CUDA)",
     )
+    ap.add_argument(
+        "--inductor",
+        default="",
+        help="torch._inductor.config settings for --compile, e.g. conv_1x1_as_mm=1,coordinate_descent_tuning=1",
+    )
     ap.add_argument("--fuse-norm", action="store_true")
     ap.add_argument("--fuse-qkv", action="store_true", help="fused Q/K/V projections (SD configuration)")
     ap.add_argument("--no-graphs", action="store_true")
@@ -324,6 +350,7 @@ def main() -> int:
         help="CPU threads (1: OpenMP spin-waits on shared cores skew timings)",
     )
     args = ap.parse_args()
+    _set_inductor(args.inductor)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
         device = torch.device(args.device or "cpu")
@@ -365,6 +392,7 @@ def main() -> int:
         + ("_fp32" if args.mode == "fp32" else "")
         + ("_fusenorm" if args.fuse_norm else "")
         + ("_fuseqkv" if args.fuse_qkv else "")
+        + ("_inductor" if args.inductor else "")
         + ("_compile" if args.compile else "")
         + ("" if args.compile_mode == "default" else "-" + args.compile_mode)
         + ("_b" + "-".join(x.split("=")[-1] for x in args.batch.split(",")) if args.batch else "")

@@ -616,11 +616,21 @@ def _filter_keys(
     scale: float,
     is_int: bool,
     cap: int,
+    marks: list | None = None,
 ) -> torch.Tensor:
     """The filter path for one block of queries -> [N, cap + fallback] candidate keys (see the module
-    comment): cut from the sampled references, GEMM + append, overflowed rows recomputed by the fused kernel."""
+    comment): cut from the sampled references, GEMM + append, overflowed rows recomputed by the fused kernel.
+    ``marks`` (CUDA only) receives (stage, event) pairs recorded after each stage, for a time breakdown."""
     n = q.count
     dev = q.data.device
+
+    def mark(name: str) -> None:
+        if marks is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append((name, ev))
+
+    mark("start")
     kk = min(max(k, FILTER_MIN_KK), sample.count)
     near = _fused_keys(q, sample, kk, d, tiles, scale, is_int, None)
     kth = torch.topk(near, kk, dim=1, largest=False, sorted=True).values[:, kk - 1]
@@ -630,8 +640,10 @@ def _filter_keys(
         _s_cut_kernel[(triton.cdiv(n, 1024),)](d_cut, cut, n, d, BLOCK=1024)
     else:
         cut = d_cut
+    mark("cut")
     config = _filter_config(q, r, cut, d, tiles, scale, is_int, cap)
     counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, config)
+    mark("filter")
     overflow = counts > cap
     filled = torch.arange(cap, device=dev)[None, :] < counts[:, None]
     if is_int:  # S -> the float32 distance, exactly as ``_distance`` computes it (IEEE div and sqrt)
@@ -642,7 +654,9 @@ def _filter_keys(
     # other rows of a block with one keep their buffer, so their fused keys are dropped: no key twice).
     fallback = _fused_keys(q, r, k, d, tiles, scale, is_int, None, flags=overflow.to(torch.int32))
     fallback = torch.where(overflow[:, None], fallback, torch.iinfo(torch.int64).max)
-    return torch.cat([buf, fallback], 1)
+    out = torch.cat([buf, fallback], 1)
+    mark("finish")
+    return out
 
 
 #: Filter kernel configurations, name -> (BM queries, BN references, BK for int8, num_warps, num_stages); the
@@ -739,6 +753,7 @@ def knn_keys(
     method: str = "auto",
     stride: int | None = None,
     cap: int | None = None,
+    marks: list | None = None,
 ) -> torch.Tensor:
     """Exact k-NN candidates from the Triton kernels (memory independent of M; never an [N, M] matrix).
 
@@ -751,6 +766,8 @@ def knn_keys(
             ACC32_MAX_D values).
         stride: the filter's sample stride (None: target // max(k, 16), target = max(512, 8·max(k, 16))).
         cap: the filter's candidate slots per query (None: 4·target).
+        marks: CUDA only: a list that receives (stage, ``torch.cuda.Event``) pairs per query block of the
+            filter ("start", "cut", "filter", "finish"), for ``benchmarks/bench_distance.py``'s breakdown.
 
     Returns:
         [N, K] int64 keys ``bits(d) << 32 | index`` (padding keys are int64 max) whose k smallest are the k
@@ -789,7 +806,7 @@ def knn_keys(
         if n <= FILTER_QUERY_BLOCK
         else [q.rows(slice(s, s + FILTER_QUERY_BLOCK)) for s in range(0, n, FILTER_QUERY_BLOCK)]
     )
-    keys = [_filter_keys(b, r, sample, k, d, tiles, scale, is_int, cap) for b in blocks]
+    keys = [_filter_keys(b, r, sample, k, d, tiles, scale, is_int, cap, marks) for b in blocks]
     if len(keys) == 1:
         return keys[0]
     # blocks differ in width (the fallback's splits depend on the block's rows): keep each row's k smallest
