@@ -106,3 +106,31 @@ def test_extraction_summary_lists_the_choices(tune_on_cpu):
     res = carlini.extract(tiny_unet(2), [0, 1], config=cfg(num_per_condition=6), device="cpu")
     tuned = res.summary["environment"]["distance_autotune"]
     assert tuned and all(v["chosen"] in ("cpu", "cublas") for v in tuned.values())
+
+
+def test_nested_tuning_does_not_deadlock(tune_on_cpu):
+    """A candidate that tunes inside its own run (the Triton k-NN's filter launch, reached from ``auto``'s
+    backend tuning on CUDA) must not wait on the tuning lock its own thread holds."""
+    import threading
+
+    inner_calls = []
+
+    def inner(name):
+        inner_calls.append(name)
+        return torch.zeros(1)
+
+    def outer(name):
+        _tune.pick(("inner", name), ["x", "y"], inner, torch.device("cpu"))
+        return torch.zeros(1)
+
+    done = threading.Event()
+    got = []
+
+    def work():
+        got.append(_tune.pick(("outer",), ["a", "b"], outer, torch.device("cpu")))
+        done.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    assert done.wait(60), "nested autotuning deadlocked"
+    assert got[0] in ("a", "b") and set(inner_calls) == {"x", "y"}
+    assert ("inner", "a") in _tune.choices() and ("inner", "b") in _tune.choices()

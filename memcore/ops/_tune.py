@@ -27,7 +27,9 @@ import torch
 
 ENABLED = os.environ.get("MEMCORE_AUTOTUNE", "1") not in ("0", "", "false", "False")
 
-_LOCK = threading.Lock()
+# Re-entrant: a candidate may tune inside its own run (the Triton k-NN tunes its filter launch on the first
+# call, which can come from the backend tuning of ``auto``); a plain Lock would deadlock that thread.
+_LOCK = threading.RLock()
 _CHOSEN: dict[tuple, str] = {}
 _TIMES: dict[tuple, dict[str, float]] = {}
 
