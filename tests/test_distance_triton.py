@@ -185,7 +185,8 @@ def test_triton_filter_knn_overflow_and_duplicates(rng):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_filter_knn_float(dtype, rng):
-    """Floats compare the float32 distance against the cut; same candidates as the fused kernel."""
+    """Floats compare the float32 distance against the cut (widened by a few ulps): the fused kernel's
+    neighbours up to the last bits."""
     from memcore.kernels.triton import distance as tk
     from memcore.ops.distance import _smallest
 
@@ -194,11 +195,12 @@ def test_triton_filter_knn_float(dtype, rng):
     r = images(rng, 120, 3, 4, 4, dtype).to(dev)
     got = _smallest(tk.knn_keys(q, r, 7, (2, 2), method="filter", stride=4, cap=64), 7)
     fused = _smallest(tk.knn_keys(q, r, 7, (2, 2), method="fused"), 7)
-    assert torch.equal(got[0], fused[0]) and torch.equal(got[1], fused[1])
+    t = tol("distance_triton", dtype)
+    torch.testing.assert_close(got[0], fused[0], **t)  # two kernels: last bits may differ on a GPU
     want = ref.distance_matrix(q.cpu().double(), r.cpu().double(), (2, 2))
-    torch.testing.assert_close(
-        got[0].double().cpu(), want.sort(1).values[:, :7], **tol("distance_triton", dtype)
-    )
+    torch.testing.assert_close(got[0].double().cpu(), want.sort(1).values[:, :7], **t)
+    # indices may differ only between (nearly) tied references: compare the distances they point to
+    torch.testing.assert_close(want.gather(1, got[1].cpu()), want.sort(1).values[:, :7], **t)
 
 
 def test_triton_knn_method_choice_and_errors(rng, monkeypatch):

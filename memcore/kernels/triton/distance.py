@@ -639,7 +639,10 @@ def _filter_keys(
         cut = torch.empty(n, dtype=torch.int32, device=dev)
         _s_cut_kernel[(triton.cdiv(n, 1024),)](d_cut, cut, n, d, BLOCK=1024)
     else:
-        cut = d_cut
+        # float distances of one pair may differ in their last bits between the fused kernel (which set the
+        # cut) and the filter pass (other tile shapes): a few ulps of room keep every reference the filter
+        # itself places within the k-th distance (a looser cut only adds candidates)
+        cut = d_cut * (1.0 + 2.0**-19)
     mark("cut")
     config = _filter_config(q, r, cut, d, tiles, scale, is_int, cap)
     counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, config)
