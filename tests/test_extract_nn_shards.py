@@ -39,6 +39,19 @@ def single(setup, tmp_path_factory):
     return carlini.extract(model, None, config=config, train=train, out=out, device="cpu"), out
 
 
+def _count_updates(monkeypatch) -> list[int]:
+    """Patch ``NNState.update`` to record how many candidates each call folds in; returns that list."""
+    sizes: list[int] = []
+    orig_update = NN.NNState.update
+
+    def counting(self, d, idx, seeds, alpha):
+        sizes.append(seeds.numel())
+        return orig_update(self, d, idx, seeds, alpha)
+
+    monkeypatch.setattr(NN.NNState, "update", counting)
+    return sizes
+
+
 # ------------------------------------------------------------------------------------------------ intervals
 def test_interval_helpers():
     assert NN.normalize([(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]) == [(0, 3), (5, 9)]
@@ -122,14 +135,7 @@ def test_interrupted_nn_resumes_from_checkpoint(setup, single, tmp_path, monkeyp
     done_before = st.count
     assert 0 < done_before < 29  # checkpointed progress, not the whole range
 
-    counted = []
-    orig_update = NN.NNState.update
-
-    def counting(self, d, idx, seeds, alpha):
-        counted.append(seeds.numel())
-        return orig_update(self, d, idx, seeds, alpha)
-
-    monkeypatch.setattr(NN.NNState, "update", counting)
+    counted = _count_updates(monkeypatch)
     res = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
     assert sum(counted) == 29 - done_before  # only the missing candidates were folded in
     assert res.nn == ref.nn
@@ -223,14 +229,7 @@ def test_nn_blocks_do_not_change_the_result(setup, single, monkeypatch, block):
     ref, _ = single
     if block is not None:
         monkeypatch.setattr(carlini, "NN_BLOCK_MAX", block)
-    sizes = []
-    orig_update = NN.NNState.update
-
-    def counting(self, d, idx, seeds, alpha):
-        sizes.append(seeds.numel())
-        return orig_update(self, d, idx, seeds, alpha)
-
-    monkeypatch.setattr(NN.NNState, "update", counting)
+    sizes = _count_updates(monkeypatch)
     res = carlini.extract(model, None, config=config, train=train, device="cpu")
     assert res.nn == dataclasses.replace(ref.nn, images=())  # no results directory: no PNGs
     assert sum(sizes) == 29
