@@ -553,6 +553,14 @@ class _Packed:
         out.norms = self.norms[:, sl].contiguous()
         return out
 
+    def sample(self, stride: int) -> _Packed:
+        """Every ``stride``-th image (the filter's sample), kept with this set: a cached training set is
+        sampled once, not on every k-NN call."""
+        memo = self.__dict__.setdefault("_samples", {})
+        if stride not in memo:
+            memo[stride] = self.rows(slice(None, None, stride))
+        return memo[stride]
+
     @property
     def count(self) -> int:
         return self.data.shape[1]
@@ -606,6 +614,18 @@ def _fused_keys(
     return keys.reshape(n, splits * kp)
 
 
+#: Padding key (int64 max) on the host side, as ``_KEY_MAX`` in the kernels.
+_KEY_PAD = torch.iinfo(torch.int64).max
+
+
+def _filled(buf: torch.Tensor, counts: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The candidate buffer [N, cap] with the unwritten slots (and the rows in ``drop``) set to padding."""
+    keep = torch.arange(buf.shape[1], device=buf.device)[None, :] < counts[:, None]
+    if drop is not None:
+        keep &= ~drop[:, None]
+    return torch.where(keep, buf, _KEY_PAD)
+
+
 def _filter_keys(
     q: _Packed,
     r: _Packed,
@@ -648,15 +668,16 @@ def _filter_keys(
     counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, config)
     mark("filter")
     overflow = counts > cap
-    filled = torch.arange(cap, device=dev)[None, :] < counts[:, None]
-    if is_int:  # S -> the float32 distance, exactly as ``_distance`` computes it (IEEE div and sqrt)
-        dist = torch.sqrt((buf >> 32).to(torch.float64) / (d * 65025.0)).to(torch.float32)
-        buf = (dist.view(torch.int32).to(torch.int64) << 32) | (buf & 0xFFFFFFFF)
-    buf = torch.where(filled & ~overflow[:, None], buf, torch.iinfo(torch.int64).max)
+    if is_int:  # S -> the float32 distance: the exact path's epilogue (IEEE div and sqrt), as ``_distance``
+        from memcore.ops.distance import _keys
+        from memcore.reference.distance import finish
+
+        buf = _keys(finish((buf >> 32).to(torch.float64), torch.uint8, d, 1.0), buf & 0xFFFFFFFF)
+    buf = _filled(buf, counts, overflow)
     # Overflowed rows: the fused kernel over all references (blocks without one write only padding; the
     # other rows of a block with one keep their buffer, so their fused keys are dropped: no key twice).
     fallback = _fused_keys(q, r, k, d, tiles, scale, is_int, None, flags=overflow.to(torch.int32))
-    fallback = torch.where(overflow[:, None], fallback, torch.iinfo(torch.int64).max)
+    fallback = torch.where(overflow[:, None], fallback, _KEY_PAD)
     out = torch.cat([buf, fallback], 1)
     mark("finish")
     return out
@@ -738,9 +759,8 @@ def _filter_config(
 
     def run(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, name)
-        filled = torch.arange(cap, device=dev)[None, :] < counts[:, None]
         # appends land in atomic order: compare the sorted candidates
-        return counts, torch.sort(torch.where(filled, buf, torch.iinfo(torch.int64).max), dim=1).values
+        return counts, torch.sort(_filled(buf, counts), dim=1).values
 
     return _tune.pick(("knn_filter", str(dev), d, tiles), names, run, dev)
 
@@ -803,7 +823,7 @@ def knn_keys(
     q, r = _Packed(queries, grid), _Packed.cached(refs, grid)
     if not use_filter:
         return _fused_keys(q, r, k, d, tiles, scale, is_int, splits)
-    sample = r.rows(slice(None, None, stride))
+    sample = r.sample(stride)
     blocks = (
         [q]
         if n <= FILTER_QUERY_BLOCK
