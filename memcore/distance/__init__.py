@@ -41,8 +41,8 @@ Backends: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++/OpenMP), ``"triton"``, 
 ``cublas``) on the caller's tensors, drops any that does not reproduce the first one's result bit for bit,
 and caches the fastest (:mod:`memcore.ops._tune`; ``MEMCORE_AUTOTUNE=0`` turns it off). ``"cublas"`` takes uint8 images only (TypeError otherwise) and computes
 the exact path from int8 GEMMs (``torch._int_mm``: cuBLAS on CUDA tensors, torch's CPU int8 GEMM on CPU
-tensors), bit-identical to the other backends; the static order never names it (it has not been measured on a GPU
-yet), autotuning may pick it.
+tensors), bit-identical to the other backends; the static order never names it (on the H100 it was the slowest
+exact backend: 10.6 ms SD pairwise, 51 ms CIFAR k-NN), autotuning may pick it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ __all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_
 #: Preference of ``backend="auto"`` on CUDA tensors, per input kind, as measured on an H100
 #: (benchmarks/bench_distance.py, commit 251f2ba): uint8 SD pairwise 500×3×512×512 — cuda 2.86 ms, triton
 #: 3.18 ms; CIFAR k-NN — cuda 52 ms, triton 65 ms. float32 pairwise 200×3×512×512 — triton 3.4 ms
-#: (tf32x3 tensor cores), cuda 7.1 ms (fp32 direct differences).
+#: (tf32x3 tensor cores), cuda 7.1 ms (fp32 direct differences). Since c020035 Triton is ahead for uint8
+#: too (SD pairwise 2.50 ms, CIFAR k-NN 14.4 ms): uint8 on CUDA is autotuned by default, so this static
+#: order only applies with MEMCORE_AUTOTUNE=0, and it is left unchanged until re-measured there.
 CUDA_ORDER: tuple[str, ...] = ("cuda", "triton")
 CUDA_ORDER_FLOAT: tuple[str, ...] = ("triton", "cuda")
 

@@ -6,8 +6,8 @@
 - ``triton``: Triton kernels, CUDA tensors; CPU tensors only under the interpreter (``TRITON_INTERPRET=1``).
 - ``cublas``: exact int8 GEMMs through ``torch._int_mm`` (cuBLAS(Lt) on CUDA tensors, torch's CPU int8 GEMM on
   CPU tensors); a family-specific backend (only the uint8 distance family offers it, see
-  :data:`FAMILY_BACKENDS`), accepted when named explicitly and never chosen by the static ``auto`` order: it
-  has not been measured on a GPU yet, so nothing says it is the fastest. (The distance family autotunes
+  :data:`FAMILY_BACKENDS`), accepted when named explicitly and never chosen by the static ``auto`` order: on
+  the H100 it was the slowest exact backend (bench_distance.py, c020035). (The distance family autotunes
   ``auto`` for uint8 on CUDA, see :mod:`memcore.ops._tune`; that can pick it, after checking its result.)
 
 ``auto`` picks, for the tensors' device, the fastest backend that is available: CUDA tensors -> ``cuda`` if
