@@ -5,7 +5,8 @@ Cases (SPEC / issue 2):
   graph (alpha 0.1), the per-condition work of generate-and-filter extraction.
 - ``cifar``: k = 50 nearest of 10,000 queries among 50,000 references, uint8 3×32×32, plain L2.
 ``--quick`` runs small versions of both (CPU). Backends: reference, cpu / cuda, triton, and cublas (the uint8
-int8-GEMM path through ``torch._int_mm``, not yet picked by ``auto``). Throughput is reported as tera-ops/s of the equivalent dense
+int8-GEMM path through ``torch._int_mm``, not yet picked by ``auto``); on CUDA, one row per Triton pairwise launch
+configuration as well ("triton[name]", see ``memcore.kernels.triton.distance.PAIR_CONFIGS``). Throughput is reported as tera-ops/s of the equivalent dense
 Gram product (2·N·M·D; pairwise calls do about half of it), against the dtype's tensor-core ceiling on GPU
 (uint8 runs int8 tensor cores: H100 SXM dense int8 ≈ 1979 TOPS).
 
@@ -95,6 +96,38 @@ def _auto_choice(op: str, be: str) -> str:
     return picked[-1] if picked else ""
 
 
+def _pair_configs(x: torch.Tensor, grid: tuple[int, int]) -> list[str]:
+    """The Triton pairwise launch configurations that can run the SD case."""
+    from memcore.kernels.triton import distance as tk
+
+    return tk._pair_configs(x, x.shape[0], grid)
+
+
+def _sd_fn(x: torch.Tensor, grid: tuple[int, int], op: str, be: str):
+    """The SD case's call for a backend, or for one forced Triton configuration ("triton[name]")."""
+    if be.startswith("triton["):
+        from memcore.kernels.triton import distance as tk
+
+        name = be[len("triton[") : -1]
+        if op == "matrix":
+            return lambda: tk.distance_matrix(x, None, grid, config=name)
+        return lambda: tk.distance_graph(x, None, 0.1, grid, config=name)
+    if op == "matrix":
+        return lambda: D.tiled_l2(x, grid=grid, backend=be, check_finite=False)
+    return lambda: D.tiled_l2_graph(x, 0.1, grid=grid, backend=be, check_finite=False)
+
+
+def _pair_choice(be: str) -> str:
+    """For the "triton" / "auto" rows of the SD case: the pairwise configuration the Triton backend tuned
+    to ("" when it did not tune: CPU, floats, MEMCORE_AUTOTUNE=0)."""
+    if be not in ("triton", "auto"):
+        return ""
+    from memcore.ops import _tune
+
+    picked = [v["chosen"] for k, v in _tune.choices().items() if k[0] == "pairwise"]
+    return picked[-1] if picked else ""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -125,12 +158,14 @@ def run(args) -> list[dict]:
     d_total = sd["c"] * sd["h"] * sd["w"]
     ops = 2.0 * sd["n"] * sd["n"] * d_total
     results = {}
+    # On CUDA the Triton rows are followed by one row per pairwise launch configuration ("triton[name]",
+    # forced), so the CSV shows what the tuning of "triton" chose among (its pick: the "config" column)
+    sd_rows = backends + (
+        [f"triton[{name}]" for name in _pair_configs(x, sd["grid"])] if "triton" in backends else []
+    )
     for op in ("matrix", "graph"):
-        for be in backends:
-            if op == "matrix":
-                fn = lambda be=be: D.tiled_l2(x, grid=sd["grid"], backend=be, check_finite=False)  # noqa: E731
-            else:
-                fn = lambda be=be: D.tiled_l2_graph(x, 0.1, grid=sd["grid"], backend=be, check_finite=False)  # noqa: E731
+        for be in sd_rows:
+            fn = _sd_fn(x, sd["grid"], op, be)
             out = fn()
             _sync(device)
             results[(op, be)] = out.cpu()
@@ -147,6 +182,7 @@ def run(args) -> list[dict]:
                     "pct_int8_peak": (100 * ops / t["median"] / 1e12 / peak) if peak else "",
                     "exact_vs_reference": bool(torch.equal(results[(op, be)], results[(op, "reference")])),
                     "auto_choice": _auto_choice(op, be),
+                    "config": _pair_choice(be),
                 }
             )
     edges = int(torch.ops.aten.bitwise_and(results[("graph", "reference")].view(torch.int64), -1).ne(0).sum())

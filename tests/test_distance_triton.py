@@ -263,7 +263,7 @@ def test_triton_filter_configs_are_tuned_and_agree(rng, monkeypatch):
     from memcore.ops.distance import _smallest
 
     dev = _device()
-    monkeypatch.setattr(tk, "FILTER_TUNE_DEVICE_TYPES", (dev,))
+    monkeypatch.setattr(tk, "TUNE_DEVICE_TYPES", (dev,))
     monkeypatch.setattr(_tune, "ENABLED", True)
     _tune.reset()
     q = images(rng, 130, 1, 4, 4, torch.uint8, hi=6).to(dev)
@@ -276,4 +276,101 @@ def test_triton_filter_configs_are_tuned_and_agree(rng, monkeypatch):
     assert set(got["seconds"]) == set(tk.FILTER_CONFIGS) and got["chosen"] in tk.FILTER_CONFIGS
     want = torch.sort(ref.distance_matrix(q.cpu(), r.cpu(), (2, 2)), dim=1, stable=True)
     assert torch.equal(d.cpu(), want.values[:, :9]) and torch.equal(i.cpu(), want.indices[:, :9])
+    _tune.reset()
+
+
+# Small launch configurations covering every layout and epilogue of the pairwise kernel: BM != BN both ways
+# (the lower-triangle skip), one K split (plain stores) and several (atomic adds into G).
+SMALL_PAIR_CONFIGS = {
+    "packed/16x32x16": ("packed", 16, 32, 16, 4, 2, 0),
+    "packed-gram/32x16x16": ("packed-gram", 32, 16, 16, 4, 2, 4),
+    "nchw/16x32x16": ("nchw", 16, 32, 16, 4, 2, 4),
+    "nchw/32x16x16/one-split": ("nchw", 32, 16, 16, 4, 2, 0),
+    "nchw-i8/16x16x16": ("nchw-i8", 16, 16, 16, 4, 2, 4),
+}
+
+
+def _check_pair_config(tk, name, a, b, grid, alphas):
+    for bb in (None, b):
+        want = ref.distance_matrix(a.cpu(), None if bb is None else bb.cpu(), grid)
+        got = tk.distance_matrix(a, bb, grid, config=name).cpu()
+        assert torch.equal(got, want), (name, bb is None)
+        for alpha in alphas:
+            g = tk.distance_graph(a, bb, alpha, grid, config=name).cpu()
+            assert torch.equal(g, ref.graph(a.cpu(), None if bb is None else bb.cpu(), alpha, grid)), name
+
+
+def test_triton_pair_configs_exact(rng, monkeypatch):
+    """Every pairwise layout (packed smax, packed gram, raw uint8 with the shift in registers, int8 copy) and
+    K split count gives the reference's matrix and graph bit for bit, pairwise and cross."""
+    from memcore.kernels.triton import distance as tk
+
+    monkeypatch.setattr(tk, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
+    dev = _device()
+    # 3×8×32 with a 1×2 grid: tiles of 3×8×16 (tw = 16 = BK), 24 K steps -> several splits
+    a = images(rng, 37, 3, 8, 32, torch.uint8).to(dev)
+    a[0] = 0
+    a[1] = 255  # extremes of the shift
+    a[5] = a[4]  # an exact duplicate: distance 0 off the diagonal
+    b = images(rng, 21, 3, 8, 32, torch.uint8).to(dev)
+    assert tk._pair_configs(a, 37, (1, 2)) == list(SMALL_PAIR_CONFIGS)
+    d = ref.distance_matrix(a.cpu(), None, (1, 2))
+    alphas = (0.0, float(d[d > 0].median()), 1.0)
+    for name in SMALL_PAIR_CONFIGS:
+        _check_pair_config(tk, name, a, b, (1, 2), alphas)
+    s, norms, _ = tk._pair_s(a, None, (1, 2), "nchw/16x32x16")
+    assert s.shape == (2, 37, 37) and norms is not None  # the gram epilogue ran, with K splits
+    assert tk._gram_splits(2 * tk._block_pairs(3, 2, 16, 32, True), 24, 4, a.device) > 1
+
+
+def test_triton_pair_production_configs_exact(rng):
+    """The shipped PAIR_CONFIGS (128-wide blocks, BK 64 / 128) on rows of 128-pixel tiles, where all run."""
+    from memcore.kernels.triton import distance as tk
+
+    dev = _device()
+    a = images(rng, 130, 1, 2, 256, torch.uint8).to(dev)
+    b = images(rng, 9, 1, 2, 256, torch.uint8).to(dev)
+    assert tk._pair_configs(a, 130, (1, 2)) == list(tk.PAIR_CONFIGS)
+    d = ref.distance_matrix(a.cpu(), None, (1, 2))
+    for name in tk.PAIR_CONFIGS:
+        _check_pair_config(tk, name, a, b, (1, 2), (float(d[d > 0].median()),))
+
+
+def test_triton_pair_config_eligibility(monkeypatch):
+    """Raw-image layouts need BK to divide the tile width; gram epilogues need uint8, tiles of at most 2^16
+    values and a bounded [T, N, M] buffer; floats and everything else run the first ("packed")."""
+    from memcore.kernels.triton import distance as tk
+
+    monkeypatch.setattr(tk, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
+    x = torch.zeros((4, 3, 8, 32), dtype=torch.uint8)
+    assert tk._pair_configs(x, 4, (1, 2)) == list(SMALL_PAIR_CONFIGS)
+    assert tk._pair_configs(x, 4, (1, 4)) == ["packed/16x32x16", "packed-gram/32x16x16"]  # tw = 8
+    assert tk._pair_configs(x.float(), 4, (1, 2)) == ["packed/16x32x16"]
+    big = torch.zeros((2, 1, 256, 512), dtype=torch.uint8)  # one tile of 2^17 values
+    assert tk._pair_configs(big, 2, (1, 1)) == ["packed/16x32x16"]
+    monkeypatch.setattr(tk, "GRAM_MAX_BYTES", 2 * 4 * 4 * 4 - 1)
+    assert tk._pair_configs(x, 4, (1, 2)) == ["packed/16x32x16"]
+
+
+def test_triton_pair_configs_are_tuned(rng, monkeypatch):
+    """uint8 pairwise launches are tuned among the eligible configurations (here on the CPU too): all agree
+    (a disagreement would warn, an error here), the choice is cached per shape class, results stay exact."""
+    import warnings
+
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops import _tune
+
+    dev = _device()
+    monkeypatch.setattr(tk, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
+    monkeypatch.setattr(tk, "TUNE_DEVICE_TYPES", (dev,))
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    _tune.reset()
+    a = images(rng, 20, 3, 8, 32, torch.uint8).to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = D.tiled_l2_graph(a, 0.4, grid=(1, 2), backend="triton").cpu()
+    key = ("pairwise", str(a.device), True, (3, 8, 32), (1, 2), 32, 32)
+    got = _tune.choices()[key]
+    assert set(got["seconds"]) == set(SMALL_PAIR_CONFIGS) and got["chosen"] in SMALL_PAIR_CONFIGS
+    assert torch.equal(g, ref.graph(a.cpu(), None, 0.4, (1, 2)))
     _tune.reset()

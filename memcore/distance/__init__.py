@@ -61,9 +61,10 @@ __all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_
 #: (benchmarks/bench_distance.py, commit 251f2ba): uint8 SD pairwise 500×3×512×512 — cuda 2.86 ms, triton
 #: 3.18 ms; CIFAR k-NN — cuda 52 ms, triton 65 ms. float32 pairwise 200×3×512×512 — triton 3.4 ms
 #: (tf32x3 tensor cores), cuda 7.1 ms (fp32 direct differences). Since c020035 Triton is ahead for uint8
-#: too (SD pairwise 2.50 ms, CIFAR k-NN 14.4 ms): uint8 on CUDA is autotuned by default, so this static
-#: order only applies with MEMCORE_AUTOTUNE=0, and it is left unchanged until re-measured there.
-CUDA_ORDER: tuple[str, ...] = ("cuda", "triton")
+#: too (SD pairwise 2.50 ms against cuda's 2.86 ms; CIFAR k-NN 14.4 ms against 51.8 ms), so it leads here as
+#: well. uint8 on CUDA is autotuned by default; this static order decides with MEMCORE_AUTOTUNE=0, under
+#: torch.compile tracing before a shape class was tuned, and for the first candidate of the tuning.
+CUDA_ORDER: tuple[str, ...] = ("triton", "cuda")
 CUDA_ORDER_FLOAT: tuple[str, ...] = ("triton", "cuda")
 
 #: Family-specific backends this family implements (accepted by name; ``auto`` reaches them only through

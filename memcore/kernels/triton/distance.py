@@ -1,20 +1,35 @@
 """Triton kernels for normalized / tiled L2 ([C23] §4.2): per-tile Gram products and a fused epilogue.
 
-Both sets are packed tile-major, ``[T, N, D]`` (T = gh·gw tiles of D = C·th·tw values), by one PyTorch copy
-that also shifts uint8 to int8 ``x − 128`` (differences are unchanged). Then two kernels:
+Every kernel multiplies one grid tile of two image sets with ``tl.dot`` (``_gram``), reading the tile in one
+of two layouts (``_tile_base`` / ``_k_offset``; both walk a tile's D = C·th·tw values in (c, y, x) order):
 
-1. ``_tile_sq_kernel``, one program per (row block, column block, tile): ``G = A_t B_tᵀ`` with ``tl.dot``,
-   ``S_t = ‖a‖² + ‖b‖² − 2G`` (norms summed from the same loads) and ``atomic_max`` into ``smax [N, M]`` (the
-   maximum over tiles at the same grid position). int8 ``tl.dot`` with int32 accumulation is
-   exact; the K loop is split into segments of at most 2^17 products so
-   int32 never overflows, and segments add up in int64). Floats are packed as float32 and multiplied with
-   ``input_precision="tf32x3"`` (≈ fp32 accuracy) on the GPU. Pairwise calls skip blocks below the diagonal.
-2. ``_finish_kernel``: ``d = sqrt(S / n)`` — for uint8 exactly ``float32(sqrt(float64(S) / (255²·n)))`` with
-   IEEE division and square root, bit-identical to the reference — and either the float32 matrix or, for the
-   graph, one uint64 word per (row, 64 columns): bit j set iff ``d <= float32(alpha)``. Pairwise results read
-   S from the upper triangle, so they are exactly symmetric.
+- **packed**: ``[T, N, D]`` tile-major, made by one PyTorch copy (``_pack``) that also shifts uint8 to int8
+  ``x − 128`` (differences are unchanged; int8 ``tl.dot`` with int32 accumulation is exact). The k-NN
+  kernels and the general pairwise path use it; floats are packed as float32 and multiplied with
+  ``input_precision="tf32x3"`` (≈ fp32 accuracy) on the GPU.
+- **nchw**: the caller's ``[N, C, H, W]`` uint8 images read in place (no copy): a K step of BK values never
+  straddles a tile row (BK divides tw), so one scalar offset addresses it, and the shift to int8 is an XOR
+  on the loaded registers (or on a one-pass int8 copy: the "nchw-i8" configurations).
 
-Masked K-tail lanes load 0, so they contribute nothing.
+Pairwise and cross matrices (``_pair_kernel``, one program per (row block, column block, tile, K split)) have
+two epilogues:
+
+1. **smax** (any dtype): ``S_t = ‖a_t‖² + ‖b_t‖² − 2 G_t`` from precomputed per-tile squared norms, then
+   ``atomic_max`` into ``smax [N, M]`` (the maximum over tiles at the same grid position; one K split).
+   uint8 sums are split into segments of at most 2^16 products (int32 never overflows) added in int64.
+2. **gram** (uint8, D <= 2^16, a bounded ``[T, N, M]`` buffer): the int32 partial Gram of a K split is
+   added into ``G [T, N, M]`` (``atomic_add``, exact and order-independent for integers), so a pairwise call
+   on a few hundred large images still fills the device with K splits. Pairwise norms are G's diagonal.
+
+Pairwise calls skip blocks below the diagonal. ``_finish_kernel`` then turns S (read from smax, or from G and
+the norms, maximised over tiles) into ``d = sqrt(S / n)`` — for uint8 exactly
+``float32(sqrt(float64(S) / (255²·n)))`` with IEEE division and square root, bit-identical to the reference
+— and writes either the float32 matrix or, for the graph, one uint64 word per (row, 64 columns): bit j set
+iff ``d <= float32(alpha)``. Pairwise results read S from the upper triangle, so they are exactly symmetric.
+
+Which layout, epilogue and block shape runs is a launch configuration (``PAIR_CONFIGS``): every one computes
+the same integers for uint8, so on CUDA the fastest is picked on first use per shape class by
+``memcore.ops._tune`` (as ``backend="auto"`` picks backends); floats always run the first.
 """
 
 from __future__ import annotations
@@ -33,21 +48,173 @@ BLOCK_K = 64
 INT_SEGMENT = 65536  # a multiple of BLOCK_K
 
 
-@triton.jit
-def _load_i8(ptrs, mask):
-    """Packed int8 (x − 128, shifted by ``_pack``); masked lanes load 0, contributing nothing."""
-    return tl.load(ptrs, mask=mask, other=0)
+# --------------------------------------------------------------------------------------- tile addressing
 
 
 @triton.jit
-def _tile_sq_kernel(
-    a_ptr,  # [T, N, D] int8 (x − 128) or float32 (tile-major)
-    b_ptr,  # [T, M, D]
-    smax_ptr,  # [N, M] int64 / float32, zero-initialised; receives max over tiles of S
+def _tile_base(ptr, idx, count, t, D, H, W, TH, TW, GW, PACKED: tl.constexpr):
+    """Pointers to value 0 of tile ``t`` of the images ``idx`` (of ``count``): packed ``[T, count, D]``, or
+    ``[count, C, H, W]`` (an image is T·D values; tile t = (t // GW, t % GW) starts at row gy·TH, col gx·TW)."""
+    t64 = tl.zeros((), dtype=tl.int64) + t  # int64 offsets (a plain int in the interpreter)
+    if PACKED:
+        return ptr + t64 * count * D + idx.to(tl.int64) * D
+    gy = t64 // GW
+    return ptr + idx.to(tl.int64) * (D * (H // TH) * (W // TW)) + gy * TH * W + (t64 - gy * GW) * TW
+
+
+@triton.jit
+def _k_offset(k0, H, W, TH, TW, PACKED: tl.constexpr):
+    """Offset of tile value ``k0`` (the start of a K step) from the tile's value 0. nchw: k0 = (c·TH + y)·TW
+    + x with the whole step inside row (c, y) (BK divides TW), so the step's values are contiguous."""
+    if PACKED:
+        return k0
+    r = k0 // TW
+    c = r // TH
+    return c * H * W + (r - c * TH) * W + (k0 - r * TW)
+
+
+@triton.jit
+def _load_i8(ptrs, mask, SHIFT: tl.constexpr):
+    """int8 operands ``x − 128``: packed data is stored shifted; raw uint8 (SHIFT) flips the top bit here.
+    Masked lanes contribute nothing to products only when they load 0 (packed K tails); nchw steps are never
+    masked along K, and masked rows / columns are never stored."""
+    if SHIFT:
+        v = tl.load(ptrs, mask=mask, other=0x80)
+        v = (v ^ 0x80).to(tl.uint8).to(tl.int8, bitcast=True)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0)
+    return v
+
+
+@triton.jit
+def _gram(
+    a_base,  # [BM] pointers to value 0 of the tile (``_tile_base``)
+    b_base,  # [BN]
+    rmask,
+    cmask,
+    k_lo,
+    k_hi,  # values [k_lo, k_hi) of the tile; nchw: row-aligned multiples of BK
+    H,
+    W,
+    TH,
+    TW,
+    IS_INT: tl.constexpr,
+    SHIFT: tl.constexpr,
+    PACKED: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Partial Gram block ``A_t[:, k_lo:k_hi] B_t[:, k_lo:k_hi]ᵀ`` -> [BM, BN] int32 (uint8; exact while
+    k_hi − k_lo <= INT_SEGMENT) or float32."""
+    ks = tl.arange(0, BK)
+    if IS_INT:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        off = _k_offset(k0, H, W, TH, TW, PACKED) + ks
+        if PACKED:
+            kin = (k0 + ks) < k_hi
+        else:
+            kin = ks < BK
+        am = rmask[:, None] & kin[None, :]
+        bm = cmask[None, :] & kin[:, None]
+        if IS_INT:
+            a = _load_i8(a_base[:, None] + off[None, :], am, SHIFT)
+            b = _load_i8(b_base[None, :] + off[:, None], bm, SHIFT)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        else:
+            a = tl.load(a_base[:, None] + off[None, :], mask=am, other=0.0)
+            b = tl.load(b_base[None, :] + off[:, None], mask=bm, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _norms_kernel(
+    x_ptr,  # packed [T, N, D] or [N, C, H, W]
+    out_ptr,  # [T, N] int64 (uint8: of x − 128) / float32
+    N,
+    D,
+    H,
+    W,
+    TH,
+    TW,
+    GW,
+    IS_INT: tl.constexpr,
+    SHIFT: tl.constexpr,
+    PACKED: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Per-tile squared norms, as ``_gram`` sees the values (one program per BN images and tile)."""
+    idx = tl.program_id(0) * BN + tl.arange(0, BN)
+    t = tl.program_id(1)
+    m = idx < N
+    base = _tile_base(x_ptr, idx, N, t, D, H, W, TH, TW, GW, PACKED)
+    ks = tl.arange(0, BK)
+    if IS_INT:
+        acc = tl.zeros((BN, BK), dtype=tl.int64)
+    else:
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        off = _k_offset(k0, H, W, TH, TW, PACKED) + ks
+        mask = m[:, None] & ((k0 + ks) < D)[None, :]
+        if IS_INT:
+            v = _load_i8(base[:, None] + off[None, :], mask, SHIFT).to(tl.int64)
+            acc += tl.where(mask, v * v, 0)
+        else:
+            v = tl.load(base[:, None] + off[None, :], mask=mask, other=0.0)
+            acc += v * v
+    t64 = tl.zeros((), dtype=tl.int64) + t
+    tl.store(out_ptr + t64 * N + idx, tl.sum(acc, axis=1), mask=m)
+
+
+def _norms(
+    x: torch.Tensor, d: int, grid: tuple[int, int], packed: bool, shift: bool, bk: int
+) -> torch.Tensor:
+    """[T, N] per-tile squared norms of packed ``x`` ([T, N, D]) or of raw images (``[N, C, H, W]``, BK
+    dividing the tile width)."""
+    t = grid[0] * grid[1]
+    n = x.shape[1] if packed else x.shape[0]
+    is_int = x.dtype in (torch.int8, torch.uint8)
+    out = torch.empty((t, n), dtype=torch.int64 if is_int else torch.float32, device=x.device)
+    h, w = (1, 1) if packed else x.shape[2:]
+    if n and t:
+        _norms_kernel[(triton.cdiv(n, 32), t)](
+            x, out, n, d, h, w, h // grid[0], w // grid[1], grid[1],
+            IS_INT=is_int, SHIFT=shift, PACKED=packed, BN=32, BK=bk,
+        )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------- pairwise and cross
+
+
+@triton.jit
+def _pair_kernel(
+    a_ptr,  # packed [T, N, D] (int8 / float32) or [N, C, H, W] (uint8 raw, or int8 x − 128)
+    b_ptr,  # same layout, M images
+    an_ptr,  # [T, N] squared norms (smax epilogue only)
+    bn_ptr,  # [T, M]
+    out_ptr,  # smax: [N, M] int64 / float32, zero-initialised; gram: [T, N, M] int32
     N,
     M,
     D,
+    T,
+    H,
+    W,
+    TH,
+    TW,
+    GW,
+    per_split,  # tile values per K split (gram; the whole tile for smax)
     IS_INT: tl.constexpr,
+    SHIFT: tl.constexpr,
+    PACKED: tl.constexpr,
+    GRAM: tl.constexpr,
+    ATOMIC: tl.constexpr,  # gram with several K splits: add into zeroed G
     SYMMETRIC: tl.constexpr,
     SEGMENT: tl.constexpr,
     BM: tl.constexpr,
@@ -55,55 +222,52 @@ def _tile_sq_kernel(
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    t = tl.program_id(2)
-    if SYMMETRIC and pid_n < pid_m:
+    # One axis (no 65535 limit): row blocks fastest, then column blocks, tiles, K splits, so the programs in
+    # flight read the same K range of the same tile of every image (a few MB, L2-resident).
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BM)
+    col_blocks = tl.cdiv(M, BN)
+    pid_m = pid % row_blocks
+    rest = pid // row_blocks
+    pid_n = rest % col_blocks
+    rest = rest // col_blocks
+    t = rest % T
+    split = rest // T
+    if SYMMETRIC and (pid_n + 1) * BN <= pid_m * BM:  # every column below every row: lower triangle
         return
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    ks = tl.arange(0, BK)
     rmask = rows < N
     cmask = cols < M
-    a_base = a_ptr + t.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D
-    b_base = b_ptr + t.to(tl.int64) * M * D + cols.to(tl.int64)[None, :] * D
-    # The squared norms come from the same loads as the product (no extra pass over the images).
-    if IS_INT:
-        g = tl.zeros((BM, BN), dtype=tl.int64)
-        na = tl.zeros((BM,), dtype=tl.int64)
-        nb = tl.zeros((BN,), dtype=tl.int64)
-        for s0 in range(0, D, SEGMENT):
-            part = tl.zeros((BM, BN), dtype=tl.int32)
-            pa = tl.zeros((BM,), dtype=tl.int32)
-            pb = tl.zeros((BN,), dtype=tl.int32)
-            for k0 in range(s0, tl.minimum(s0 + SEGMENT, D), BK):
-                kin = (k0 + ks) < D
-                a = _load_i8(a_base + (k0 + ks)[None, :], rmask[:, None] & kin[None, :])
-                b = _load_i8(b_base + (k0 + ks)[:, None], cmask[None, :] & kin[:, None])
-                part = tl.dot(a, b, part, out_dtype=tl.int32)
-                a32 = a.to(tl.int32)
-                b32 = b.to(tl.int32)
-                pa += tl.sum(a32 * a32, axis=1)
-                pb += tl.sum(b32 * b32, axis=0)
-            g += part.to(tl.int64)
-            na += pa.to(tl.int64)
-            nb += pb.to(tl.int64)
-        s = na[:, None] + nb[None, :] - 2 * g
+    omask = rmask[:, None] & cmask[None, :]
+    a_base = _tile_base(a_ptr, rows, N, t, D, H, W, TH, TW, GW, PACKED)
+    b_base = _tile_base(b_ptr, cols, M, t, D, H, W, TH, TW, GW, PACKED)
+    t64 = tl.zeros((), dtype=tl.int64) + t
+    if GRAM:
+        k_lo = split * per_split
+        k_hi = tl.minimum(D, k_lo + per_split)
+        g = _gram(a_base, b_base, rmask, cmask, k_lo, k_hi, H, W, TH, TW,
+                  IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
+        ptrs = out_ptr + (t64 * N + rows.to(tl.int64)[:, None]) * M + cols[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, g, mask=omask)
+        else:
+            tl.store(ptrs, g, mask=omask)
     else:
-        g = tl.zeros((BM, BN), dtype=tl.float32)
-        na = tl.zeros((BM,), dtype=tl.float32)
-        nb = tl.zeros((BN,), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            kin = (k0 + ks) < D
-            a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=0.0)
-            b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=0.0)
-            g = tl.dot(a, b, g, input_precision=PRECISION)
-            na += tl.sum(a * a, axis=1)
-            nb += tl.sum(b * b, axis=0)
-        s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
-    tl.atomic_max(
-        smax_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :], s, mask=rmask[:, None] & cmask[None, :]
-    )
+        na = tl.load(an_ptr + t64 * N + rows, mask=rmask, other=0)
+        nb = tl.load(bn_ptr + t64 * M + cols, mask=cmask, other=0)
+        if IS_INT:
+            g64 = tl.zeros((BM, BN), dtype=tl.int64)
+            for s0 in range(0, D, SEGMENT):
+                part = _gram(a_base, b_base, rmask, cmask, s0, tl.minimum(s0 + SEGMENT, D), H, W, TH, TW,
+                             IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
+                g64 += part.to(tl.int64)
+            s = na[:, None] + nb[None, :] - 2 * g64
+        else:
+            g = _gram(a_base, b_base, rmask, cmask, 0, D, H, W, TH, TW,
+                      IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
+            s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
+        tl.atomic_max(out_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :], s, mask=omask)
 
 
 @triton.jit
@@ -122,17 +286,21 @@ def _distance(s, n_tile, scale, IS_INT: tl.constexpr):
 
 @triton.jit
 def _finish_kernel(
-    smax_ptr,  # [N, M]
+    s_ptr,  # smax [N, M]; or, with GRAM, G [T, N, M] int32
+    an_ptr,  # GRAM: [T, N] squared norms (int64 or int32)
+    bn_ptr,  # GRAM: [T, M]
     out_ptr,  # [N, M] float32, or [N, ceil(M/64)] int64 words when GRAPH
     N,
     M,
     W,  # words per row
+    T,
     n_tile,  # int: values per tile (float scalars would reach the GPU kernel as float32)
     scale,  # float32 factor on float distances
     alpha,  # float32 threshold
     IS_INT: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     GRAPH: tl.constexpr,
+    GRAM: tl.constexpr,
     BM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -150,7 +318,16 @@ def _finish_kernel(
     else:
         lo = r2
         hi = c2
-    s = tl.load(smax_ptr + lo.to(tl.int64) * M + hi, mask=valid, other=0)
+    if GRAM:  # S = max over tiles of ‖a_t‖² + ‖b_t‖² − 2 G_t, in int64 (S reaches 255²·D)
+        s = tl.zeros((BM, 64), dtype=tl.int64)
+        for t in range(0, T):
+            t64 = tl.zeros((), dtype=tl.int64) + t
+            g = tl.load(s_ptr + (t64 * N + lo.to(tl.int64)) * M + hi, mask=valid, other=0).to(tl.int64)
+            na = tl.load(an_ptr + t64 * N + lo, mask=valid, other=0).to(tl.int64)
+            nb = tl.load(bn_ptr + t64 * M + hi, mask=valid, other=0).to(tl.int64)
+            s = tl.maximum(s, na + nb - 2 * g)
+    else:
+        s = tl.load(s_ptr + lo.to(tl.int64) * M + hi, mask=valid, other=0)
     d = _distance(s, n_tile, scale, IS_INT)
     if SYMMETRIC:
         d = tl.where(r2 == c2, 0.0, d)
@@ -170,90 +347,226 @@ def _pack(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """[N, C, H, W] -> [T, N, D] tile-major; uint8 -> int8 ``x − 128``, floats -> float32.
 
     The shift happens here, once per image, not in the kernels' inner loops: there it cost as many
-    instructions per K step as the int8 ``tl.dot`` itself and kept operands out of the async-copy pipeline.
-    The kernels mask the K tail, so no padding is needed."""
+    instructions per K step as the int8 ``tl.dot`` itself on 64×64 blocks and kept operands out of the
+    async-copy pipeline. One pass: the shift (or the float32 conversion) writes straight into the tile-major
+    output. The kernels mask the K tail, so no padding is needed."""
     n, c, h, w = x.shape
     gh, gw = grid
     th, tw = h // gh, w // gw
-    if x.dtype != torch.uint8:
-        x = x.to(torch.float32)
-    # reshape may return a strided view (e.g. one-pixel-wide tiles); the kernel needs contiguous rows.
-    p = x.reshape(n, c, gh, th, gw, tw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, n, c * th * tw)
-    if x.dtype == torch.uint8:
+    is_int = x.dtype == torch.uint8
+    src = (x.view(torch.int8) if is_int else x).reshape(n, c, gh, th, gw, tw).permute(2, 4, 0, 1, 3, 5)
+    out = torch.empty((gh, gw, n, c, th, tw), dtype=torch.int8 if is_int else torch.float32, device=x.device)
+    if is_int:
         # x − 128 as int8 is x's bit pattern with the top bit flipped (differences are unchanged)
-        return torch.bitwise_xor(p.view(torch.int8), -128).contiguous()
-    return p.contiguous()
+        torch.bitwise_xor(src, -128, out=out)
+    else:
+        out.copy_(src)
+    return out.view(gh * gw, n, c * th * tw)
 
 
-def _smax(a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor, int]:
+#: Pairwise / cross launch configurations, name -> (layout, BM, BN, BK, num_warps, num_stages, waves):
+#: - "packed": smax epilogue over ``_pack``ed tiles, one program per (block pair, tile) — any dtype, any grid
+#:   (the first, the default; floats always run it);
+#: - "packed-gram", "nchw", "nchw-i8": gram epilogue with K splits, enough for ``waves`` programs per SM —
+#:   over packed tiles, the raw uint8 images (top bit flipped in registers), or a one-pass int8 copy of them.
+#: uint8 on CUDA picks the fastest eligible one per shape class (they all compute the same integers).
+PAIR_CONFIGS: dict[str, tuple[str, int, int, int, int, int, int]] = {
+    "packed/64x64x64/w4s3": ("packed", 64, 64, 64, 4, 3, 0),
+    "packed-gram/128x128x128/w8s3": ("packed-gram", 128, 128, 128, 8, 3, 4),
+    "nchw/128x128x128/w8s3": ("nchw", 128, 128, 128, 8, 3, 4),
+    "nchw/128x128x64/w4s4": ("nchw", 128, 128, 64, 4, 4, 4),
+    "nchw/128x256x128/w8s3": ("nchw", 128, 256, 128, 8, 3, 4),
+    "nchw-i8/128x128x128/w8s3": ("nchw-i8", 128, 128, 128, 8, 3, 4),
+}
+#: Largest gram buffer [T, N, M] int32, bytes (bigger calls run "packed", whose buffer is N·M·8 bytes).
+GRAM_MAX_BYTES = 256 << 20
+#: Device types whose uint8 launches are tuned among the configurations (tests add "cpu").
+TUNE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (4 stand-ins for the interpreter's CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _pair_configs(a: torch.Tensor, m: int, grid: tuple[int, int]) -> list[str]:
+    """The configurations that can run this call, in PAIR_CONFIGS order (the first always can)."""
     n, c, h, w = a.shape
-    other = a if b is None else b
-    m = other.shape[0]
-    d = c * (h // grid[0]) * (w // grid[1])
+    tw = w // grid[1]
+    d = c * (h // grid[0]) * tw
+    gram_ok = a.dtype == torch.uint8 and d <= INT_SEGMENT and grid[0] * grid[1] * n * m * 4 <= GRAM_MAX_BYTES
+    out = []
+    for name, (layout, _bm, _bn, bk, *_rest) in PAIR_CONFIGS.items():
+        if layout == "packed" or (gram_ok and (layout == "packed-gram" or tw % bk == 0)):
+            out.append(name)
+    return out
+
+
+def _block_pairs(row_blocks: int, col_blocks: int, bm: int, bn: int, symmetric: bool) -> int:
+    """Block pairs ``_pair_kernel`` computes (pairwise calls skip the blocks below the diagonal)."""
+    if not symmetric:
+        return row_blocks * col_blocks
+    return sum(max(0, col_blocks - (pm * bm) // bn) for pm in range(row_blocks))
+
+
+def _pair_s(
+    a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int], config: str
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, int]:
+    """Run ``_pair_kernel`` with one configuration -> (smax [N, M], None, D) or (G [T, N, M] int32,
+    (norms of a [T, N], norms of b [T, M]), D)."""
+    layout, blk_m, blk_n, bk, warps, stages, waves = PAIR_CONFIGS[config]
+    n, c, h, w = a.shape
+    m = n if b is None else b.shape[0]
+    gh, gw = grid
+    th, tw = h // gh, w // gw
+    d = c * th * tw
+    tiles = gh * gw
     is_int = a.dtype == torch.uint8
-    pa = _pack(a, grid)
-    pb = pa if b is None else _pack(b, grid)
-    smax = torch.zeros((n, m), dtype=torch.int64 if is_int else torch.float32, device=a.device)
+    gram = layout != "packed"
+    packed = layout.startswith("packed")
+    shift = layout == "nchw"
+    dev = a.device
+    if packed:
+        xa = _pack(a, grid)
+        xb = xa if b is None else _pack(b, grid)
+    elif layout == "nchw-i8":  # the shift as one elementwise pass: the kernel's loads feed tl.dot as they are
+        xa = torch.bitwise_xor(a.view(torch.int8), -128)
+        xb = xa if b is None else torch.bitwise_xor(b.view(torch.int8), -128)
+    else:
+        xa, xb = a, (a if b is None else b)
+    norms = None
+    if not gram or b is not None:  # pairwise gram reads its norms from G's diagonal instead
+        na = _norms(xa, d, grid, packed, shift, 64 if packed else bk)
+        norms = (na, na if b is None else _norms(xb, d, grid, packed, shift, 64 if packed else bk))
+    row_blocks, col_blocks = triton.cdiv(n, blk_m), triton.cdiv(m, blk_n)
+    if gram:
+        pairs = tiles * _block_pairs(row_blocks, col_blocks, blk_m, blk_n, b is None)
+        splits = _gram_splits(pairs, triton.cdiv(d, bk), waves, dev)
+        if packed:
+            per_split = triton.cdiv(triton.cdiv(d, splits), bk) * bk
+        else:  # whole tile rows, so no K step straddles two rows
+            per_split = triton.cdiv(d // tw, splits) * tw
+        splits = triton.cdiv(d, per_split)
+        out = (torch.zeros if splits > 1 else torch.empty)((tiles, n, m), dtype=torch.int32, device=dev)
+    else:
+        splits, per_split = 1, d
+        out = torch.zeros((n, m), dtype=torch.int64 if is_int else torch.float32, device=dev)
     if n and m:
-        launch = (triton.cdiv(n, BLOCK_M), triton.cdiv(m, BLOCK_N), grid[0] * grid[1])
-        _tile_sq_kernel[launch](
-            pa,
-            pb,
-            smax,
-            n,
-            m,
-            d,
-            IS_INT=is_int,
-            SYMMETRIC=b is None,
-            SEGMENT=INT_SEGMENT,
-            BM=BLOCK_M,
-            BN=BLOCK_N,
-            BK=BLOCK_K,
-            PRECISION="tf32x3",
-        )
-    return smax, d
+        geo = (1, 1, 1, 1, 1) if packed else (h, w, th, tw, gw)  # H, W, TH, TW, GW (unused when packed)
+        _pair_kernel[(row_blocks * col_blocks * tiles * splits,)](
+            xa, xb,
+            xa if norms is None else norms[0],  # unread by the gram epilogue
+            xb if norms is None else norms[1],
+            out, n, m, d, tiles, *geo, per_split,
+            IS_INT=is_int, SHIFT=shift, PACKED=packed, GRAM=gram, ATOMIC=splits > 1, SYMMETRIC=b is None,
+            SEGMENT=INT_SEGMENT, BM=blk_m, BN=blk_n, BK=bk, PRECISION="tf32x3",
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    if not gram:
+        return out, None, d
+    if b is None:
+        diag = out.diagonal(dim1=1, dim2=2).contiguous()
+        norms = (diag, diag)
+    return out, norms, d
 
 
-def _finish(smax, n, m, d, is_int, symmetric, graph, scale, alpha, device):
+def _gram_splits(pairs: int, k_steps: int, waves: int, device: torch.device) -> int:
+    """K splits per (block pair, tile): about ``waves`` programs per SM, at least 8 K steps each."""
+    want = triton.cdiv(waves * _sms(device), max(1, pairs))
+    return max(1, min(want, k_steps // 8))
+
+
+def _pairwise(
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    grid: tuple[int, int],
+    scale: float,
+    alpha: float | None,
+    config: str | None = None,
+) -> torch.Tensor:
+    """The matrix (alpha None) or the graph of ``a`` against ``b`` (None: pairwise) with one configuration
+    (None: the tuned / default one)."""
+    n = a.shape[0]
+    m = n if b is None else b.shape[0]
+    config = config or _pair_config(a, b, grid, scale, alpha)
+    s, norms, d = _pair_s(a, b, grid, config)
+    graph = alpha is not None
     words = math.ceil(m / 64)
     if graph:
-        out = torch.zeros((n, words), dtype=torch.int64, device=device)
+        out = torch.zeros((n, words), dtype=torch.int64, device=a.device)
     else:
-        out = torch.empty((n, m), dtype=torch.float32, device=device)
+        out = torch.empty((n, m), dtype=torch.float32, device=a.device)
     if n and m:
         _finish_kernel[(triton.cdiv(n, BLOCK_M), words)](
-            smax,
+            s,
+            s if norms is None else norms[0],  # unread without GRAM
+            s if norms is None else norms[1],
             out,
             n,
             m,
             words,
+            grid[0] * grid[1],
             d,
             scale,
-            alpha,
-            IS_INT=is_int,
-            SYMMETRIC=symmetric,
+            0.0 if alpha is None else alpha,
+            IS_INT=a.dtype == torch.uint8,
+            SYMMETRIC=b is None,
             GRAPH=graph,
+            GRAM=norms is not None,
             BM=BLOCK_M,
         )
     return out.view(torch.uint64) if graph else out
 
 
-def distance_matrix(
-    a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int], scale: float = 1.0
-) -> torch.Tensor:
-    """Tiled L2 matrix. a: [N, C, H, W]; b: [M, C, H, W] or None (pairwise) -> [N, M] float32."""
-    smax, d = _smax(a, b, grid)
+def _pair_config(
+    a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int], scale: float, alpha: float | None
+) -> str:
+    """The launch configuration: uint8 on a TUNE_DEVICE_TYPES device tunes once per shape class with
+    ``memcore.ops._tune`` (each eligible configuration must reproduce the first one's output exactly; the
+    fastest is cached); otherwise, and for floats (whose last bits must not depend on timings), the first."""
+    from memcore.ops import _tune
+
     m = a.shape[0] if b is None else b.shape[0]
-    return _finish(smax, a.shape[0], m, d, a.dtype == torch.uint8, b is None, False, scale, 0.0, a.device)
+    names = _pair_configs(a, m, grid)
+    dev = a.device
+    if a.dtype != torch.uint8 or dev.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
+        return names[0]
+    key = (
+        "pairwise",
+        str(dev),
+        b is None,
+        tuple(a.shape[1:]),
+        grid,
+        _tune.bucket(a.shape[0]),
+        _tune.bucket(m),
+    )
+    if torch.compiler.is_compiling():
+        return _tune.chosen(key) or names[0]
+    return _tune.pick(key, names, lambda name: _pairwise(a, b, grid, scale, alpha, name), dev)
+
+
+def distance_matrix(
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    grid: tuple[int, int],
+    scale: float = 1.0,
+    config: str | None = None,
+) -> torch.Tensor:
+    """Tiled L2 matrix. a: [N, C, H, W]; b: [M, C, H, W] or None (pairwise) -> [N, M] float32. ``config``
+    forces one of PAIR_CONFIGS (None: the tuned / default one)."""
+    return _pairwise(a, b, grid, scale, None, config)
 
 
 def distance_graph(
-    a: torch.Tensor, b: torch.Tensor | None, alpha: float, grid: tuple[int, int], scale: float = 1.0
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    alpha: float,
+    grid: tuple[int, int],
+    scale: float = 1.0,
+    config: str | None = None,
 ) -> torch.Tensor:
     """Bitset of ``d <= alpha``. a: [N, C, H, W]; b: [M, C, H, W] or None -> uint64 [N, ceil(M/64)]."""
-    smax, d = _smax(a, b, grid)
-    m = a.shape[0] if b is None else b.shape[0]
-    return _finish(smax, a.shape[0], m, d, a.dtype == torch.uint8, b is None, True, scale, alpha, a.device)
+    return _pairwise(a, b, grid, scale, float(alpha), config)
 
 
 # ------------------------------------------------------------------------------------------------ k-NN
@@ -318,7 +631,6 @@ def _tile_s(
 ):
     """S of rows × cols: the maximum over the T grid tiles of ``‖q_t‖² + ‖r_t‖² − 2 q_t·r_t`` -> [BM, BN]
     (int32 when ACC32, int64 for other uint8 tiles, float32 for floats)."""
-    ks = tl.arange(0, BK)
     if IS_INT:
         if ACC32:
             s = tl.zeros((BM, BN), dtype=tl.int32)
@@ -328,36 +640,24 @@ def _tile_s(
         s = tl.zeros((BM, BN), dtype=tl.float32)
     for t in range(0, T):
         t64 = tl.zeros((), dtype=tl.int64) + t  # int64 offsets (a plain int in the interpreter)
-        a_base = q_ptr + t64 * N * D + rows.to(tl.int64)[:, None] * D
-        b_base = r_ptr + t64 * M * D + cols.to(tl.int64)[None, :] * D
+        a_base = _tile_base(q_ptr, rows, N, t, D, 1, 1, 1, 1, 1, True)
+        b_base = _tile_base(r_ptr, cols, M, t, D, 1, 1, 1, 1, 1, True)
         na = tl.load(qn_ptr + t64 * N + rows, mask=rmask, other=0)
         nb = tl.load(rn_ptr + t64 * M + cols, mask=cmask, other=0)
-        if IS_INT and ACC32:
-            g32 = tl.zeros((BM, BN), dtype=tl.int32)  # |g| <= D·2^14 < 2^29
-            for k0 in range(0, D, BK):
-                kin = (k0 + ks) < D
-                a = _load_i8(a_base + (k0 + ks)[None, :], rmask[:, None] & kin[None, :])
-                b = _load_i8(b_base + (k0 + ks)[:, None], cmask[None, :] & kin[:, None])
-                g32 = tl.dot(a, b, g32, out_dtype=tl.int32)
+        if IS_INT and ACC32:  # |g| <= D·2^14 < 2^29
+            g32 = _gram(a_base, b_base, rmask, cmask, 0, D, 1, 1, 1, 1,
+                        IS_INT, False, True, BM, BN, BK, PRECISION)  # fmt: skip
             st = na.to(tl.int32)[:, None] + nb.to(tl.int32)[None, :] - 2 * g32
         elif IS_INT:
             g = tl.zeros((BM, BN), dtype=tl.int64)
             for s0 in range(0, D, SEGMENT):
-                part = tl.zeros((BM, BN), dtype=tl.int32)
-                for k0 in range(s0, tl.minimum(s0 + SEGMENT, D), BK):
-                    kin = (k0 + ks) < D
-                    a = _load_i8(a_base + (k0 + ks)[None, :], rmask[:, None] & kin[None, :])
-                    b = _load_i8(b_base + (k0 + ks)[:, None], cmask[None, :] & kin[:, None])
-                    part = tl.dot(a, b, part, out_dtype=tl.int32)
+                part = _gram(a_base, b_base, rmask, cmask, s0, tl.minimum(s0 + SEGMENT, D), 1, 1, 1, 1,
+                             IS_INT, False, True, BM, BN, BK, PRECISION)  # fmt: skip
                 g += part.to(tl.int64)
             st = na[:, None] + nb[None, :] - 2 * g
         else:
-            g = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                kin = (k0 + ks) < D
-                a = tl.load(a_base + (k0 + ks)[None, :], mask=rmask[:, None] & kin[None, :], other=0.0)
-                b = tl.load(b_base + (k0 + ks)[:, None], mask=cmask[None, :] & kin[:, None], other=0.0)
-                g = tl.dot(a, b, g, input_precision=PRECISION)
+            g = _gram(a_base, b_base, rmask, cmask, 0, D, 1, 1, 1, 1,
+                      IS_INT, False, True, BM, BN, BK, PRECISION)  # fmt: skip
             st = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
         s = tl.maximum(s, st)
     return s
@@ -493,25 +793,10 @@ def _s_cut_kernel(d_ptr, cut_ptr, N, n_tile, BLOCK: tl.constexpr):
     tl.store(cut_ptr + i, lo.to(tl.int32), mask=mask)
 
 
-def _tile_norms(p: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """[T, N, D] packed images -> [T, N] squared norms, as the kernels' products see them; in blocks of
-    ``rows`` images, so the temporaries stay small whatever N."""
-    out = torch.empty(p.shape[:2], dtype=torch.int64 if p.dtype == torch.int8 else p.dtype, device=p.device)
-    for s in range(0, p.shape[1], rows):
-        x = p[:, s : s + rows]
-        if p.dtype == torch.int8:
-            x = x.to(torch.int16)  # products <= 128² fit int16; the sum is taken in int64
-            out[:, s : s + rows] = (x * x).sum(-1, dtype=torch.int64)
-        else:
-            out[:, s : s + rows] = (x * x).sum(-1)
-    return out
-
-
 def _knn_splits(n: int, m: int, kp: int, device: torch.device) -> int:
     """Reference splits: enough programs to fill the device (about 4 per SM), each with >= 8 tiles."""
     row_blocks = triton.cdiv(n, BLOCK_M)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, triton.cdiv(4 * sms, row_blocks))
+    want = max(1, triton.cdiv(4 * _sms(device), row_blocks))
     return max(1, min(want, triton.cdiv(m, 8 * kp)))
 
 
@@ -531,7 +816,7 @@ class _Packed:
 
     def __init__(self, x: torch.Tensor, grid: tuple[int, int]) -> None:
         self.data = _pack(x, grid)
-        self.norms = _tile_norms(self.data)
+        self.norms = _norms(self.data, self.data.shape[2], grid, packed=True, shift=False, bk=64)
 
     @classmethod
     def cached(cls, x: torch.Tensor, grid: tuple[int, int]) -> _Packed:
@@ -694,8 +979,6 @@ FILTER_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "128x128x128/w4s4": (128, 128, 128, 4, 4),
     "128x128x64/w8s4": (128, 128, 64, 8, 4),
 }
-#: Device types whose uint8 filter launches are tuned among FILTER_CONFIGS (tests add "cpu").
-FILTER_TUNE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 
 def _filter_pass(
@@ -752,7 +1035,7 @@ def _filter_config(
 
     names = list(FILTER_CONFIGS)
     dev = q.data.device
-    if not is_int or dev.type not in FILTER_TUNE_DEVICE_TYPES or not _tune.ENABLED:
+    if not is_int or dev.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
         return names[0]
     if torch.compiler.is_compiling():
         return _tune.chosen(("knn_filter", str(dev), d, tiles)) or names[0]

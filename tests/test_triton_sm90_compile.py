@@ -1,0 +1,222 @@
+"""The Triton distance kernels compile for an H100 (sm_90) on any machine: Triton's compiler and its bundled
+ptxas need no GPU. The interpreter lane runs the kernels' arithmetic but not their compilation, so an error
+that only the compiler sees (e.g. branches of a ``constexpr`` switch returning different types) would
+otherwise surface only on a lent GPU. Each launch configuration is compiled with the specialisations the JIT
+would give the benchmark shapes (pointers and integers divisible by 16 get the divisibility hint, integers
+equal to 1 become constants), and the GEMM kernels must use Hopper's wgmma with cp.async pipelining and no
+local-memory spills.
+
+CPU lane (Triton's JIT, not the interpreter); skipped where Triton or its NVIDIA backend is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="needs Triton's compiler (JIT mode)"
+)
+
+
+def _compile(fn, args: dict, consts: dict, warps: int, stages: int) -> dict:
+    """Compile ``fn`` for sm_90. args: name -> (type, value or None); returns PTX statistics."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = dict(consts)
+    for name, (_ty, val) in list(args.items()):
+        if val == 1:  # the JIT turns integer arguments equal to 1 into constants
+            consts[name] = 1
+            del args[name]
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        ty, val = args[name]
+        sig[name] = ty
+        if ty.startswith("*") or (isinstance(val, int) and val % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    try:
+        k = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
+        )
+    except (ImportError, FileNotFoundError, RuntimeError) as exc:  # no NVIDIA backend / ptxas in this install
+        if "ptxas" in str(exc) or "nvidia" in str(exc).lower():
+            pytest.skip(f"Triton's NVIDIA toolchain is unavailable: {exc}")
+        raise
+    ptx = k.asm["ptx"]
+    return {
+        "smem": k.metadata.shared,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
+        "local": len(re.findall(r"(?:ld|st)\.local", ptx)),
+    }
+
+
+# The benchmark shapes (benchmarks/bench_distance.py): SD 500 × 3×512×512 with a 4×4 grid; CIFAR 3×32×32.
+SD = {"N": 500, "D": 3 * 128 * 128, "T": 16, "H": 512, "W": 512, "TH": 128, "TW": 128, "GW": 4}
+H100_SMEM = 227 * 1024
+
+
+def _gemm_ok(name: str, st: dict) -> None:
+    assert st["wgmma"] > 0, f"{name}: no wgmma"
+    assert st["cp_async"] > 0, f"{name}: loads are not pipelined (no cp.async)"
+    assert st["local"] == 0, f"{name}: local-memory spills"
+    assert st["smem"] <= H100_SMEM, f"{name}: {st['smem']} B of shared memory"
+
+
+def test_pair_configs_compile_for_sm90():
+    from memcore.kernels.triton import distance as tk
+
+    for name, (layout, bm, bn, bk, warps, stages, _waves) in tk.PAIR_CONFIGS.items():
+        packed = layout.startswith("packed")
+        elem = "*i8" if packed or layout == "nchw-i8" else "*u8"
+        geo = {k: ("i32", 1 if packed else SD[k]) for k in ("H", "W", "TH", "TW", "GW")}
+        args = {
+            "a_ptr": (elem, None),
+            "b_ptr": (elem, None),
+            "an_ptr": ("*i64", None),
+            "bn_ptr": ("*i64", None),
+            "out_ptr": ("*i64" if layout == "packed" else "*i32", None),
+            "N": ("i32", SD["N"]),
+            "M": ("i32", SD["N"]),
+            "D": ("i32", SD["D"]),
+            "T": ("i32", SD["T"]),
+            "per_split": ("i32", SD["D"] // 4),
+            **geo,
+        }
+        for sym, atomic in ((True, True), (False, False)):
+            consts = {
+                "IS_INT": True,
+                "SHIFT": layout == "nchw",
+                "PACKED": packed,
+                "GRAM": layout != "packed",
+                "ATOMIC": atomic,
+                "SYMMETRIC": sym,
+                "SEGMENT": tk.INT_SEGMENT,
+                "BM": bm,
+                "BN": bn,
+                "BK": bk,
+                "PRECISION": "tf32x3",
+            }
+            _gemm_ok(name, _compile(tk._pair_kernel, dict(args), consts, warps, stages))
+    # floats run the first configuration, packed float32 with tf32x3 products
+    layout, bm, bn, bk, warps, stages, _ = next(iter(tk.PAIR_CONFIGS.values()))
+    args = {
+        "a_ptr": ("*fp32", None),
+        "b_ptr": ("*fp32", None),
+        "an_ptr": ("*fp32", None),
+        "bn_ptr": ("*fp32", None),
+        "out_ptr": ("*fp32", None),
+        **{
+            k: ("i32", v)
+            for k, v in (("N", 200), ("M", 200), ("D", SD["D"]), ("T", 16), ("per_split", SD["D"]))
+        },
+        **{k: ("i32", 1) for k in ("H", "W", "TH", "TW", "GW")},
+    }
+    consts = {
+        "IS_INT": False,
+        "SHIFT": False,
+        "PACKED": True,
+        "GRAM": False,
+        "ATOMIC": False,
+        "SYMMETRIC": True,
+        "SEGMENT": tk.INT_SEGMENT,
+        "BM": bm,
+        "BN": bn,
+        "BK": bk,
+        "PRECISION": "tf32x3",
+    }
+    st = _compile(tk._pair_kernel, args, consts, warps, stages)
+    assert st["local"] == 0 and st["smem"] <= H100_SMEM
+
+
+def test_knn_kernels_compile_for_sm90():
+    from memcore.kernels.triton import distance as tk
+
+    cifar = {"N": 8192, "M": 50000, "D": 3072, "T": 1, "n_tile": 3072}
+    for name, (bm, bn, bk, warps, stages) in tk.FILTER_CONFIGS.items():
+        args = {
+            "q_ptr": ("*i8", None),
+            "r_ptr": ("*i8", None),
+            "qn_ptr": ("*i64", None),
+            "rn_ptr": ("*i64", None),
+            "cut_ptr": ("*i32", None),
+            "cnt_ptr": ("*i32", None),
+            "buf_ptr": ("*i64", None),
+            **{k: ("i32", v) for k, v in cifar.items()},
+            "scale": ("fp32", None),
+            "CAP": ("i32", 2048),
+        }
+        consts = {
+            "IS_INT": True,
+            "SEGMENT": tk.INT_SEGMENT,
+            "BM": bm,
+            "BN": bn,
+            "BK": bk,
+            "PRECISION": "tf32x3",
+        }
+        _gemm_ok(name, _compile(tk._knn_filter_kernel, args, consts, warps, stages))
+    # the fused kernel keeps a bitonic sort in registers: it must compile (a few bytes of stack are expected)
+    args = {
+        "q_ptr": ("*i8", None),
+        "r_ptr": ("*i8", None),
+        "qn_ptr": ("*i64", None),
+        "rn_ptr": ("*i64", None),
+        "flag_ptr": ("*i32", None),
+        "out_ptr": ("*i64", None),
+        **{k: ("i32", v) for k, v in cifar.items()},
+        "per_split": ("i32", 1024),
+        "scale": ("fp32", None),
+        "SPLITS": ("i32", 7),
+    }
+    consts = {
+        "IS_INT": True,
+        "ACC32": True,
+        "USE_FLAGS": False,
+        "SEGMENT": tk.INT_SEGMENT,
+        "BM": tk.BLOCK_M,
+        "KP": 64,
+        "BK": tk.BLOCK_K,
+        "PRECISION": "tf32x3",
+    }
+    st = _compile(tk._knn_kernel, args, consts, 8, 3)
+    assert st["wgmma"] > 0
+
+
+def test_epilogue_kernels_compile_for_sm90():
+    from memcore.kernels.triton import distance as tk
+
+    for gram in (False, True):
+        args = {
+            "s_ptr": ("*i32" if gram else "*i64", None),
+            "an_ptr": ("*i32", None),
+            "bn_ptr": ("*i32", None),
+            "out_ptr": ("*i64", None),
+            "N": ("i32", 500),
+            "M": ("i32", 500),
+            "W": ("i32", 8),
+            "T": ("i32", 16),
+            "n_tile": ("i32", SD["D"]),
+            "scale": ("fp32", None),
+            "alpha": ("fp32", None),
+        }
+        consts = {"IS_INT": True, "SYMMETRIC": True, "GRAPH": True, "GRAM": gram, "BM": tk.BLOCK_M}
+        assert _compile(tk._finish_kernel, args, consts, 4, 3)["local"] == 0
+    for packed, shift in ((True, False), (False, True)):
+        args = {
+            "x_ptr": ("*i8" if packed else "*u8", None),
+            "out_ptr": ("*i64", None),
+            "N": ("i32", 500),
+            "D": ("i32", SD["D"]),
+            **{k: ("i32", 1 if packed else SD[k]) for k in ("H", "W", "TH", "TW", "GW")},
+        }
+        consts = {"IS_INT": True, "SHIFT": shift, "PACKED": packed, "BN": 32, "BK": 128}
+        assert _compile(tk._norms_kernel, args, consts, 4, 3)["local"] == 0
