@@ -53,26 +53,34 @@ def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
     return [b for b in out if wanted is None or b in wanted]
 
 
+#: Forced Triton k-NN variants timed beside the backends on CUDA: the fused kernel alone, and the filter with
+#: each way of finding its cut (``triton`` itself tunes the cut method and the filter launch).
+KNN_VARIANTS = ("triton-fused", "triton[cut=fused]", "triton[cut=groupmin]")
+
+
 def _knn(q: torch.Tensor, r: torch.Tensor, k: int, be: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if be == "triton-fused":
+    if be in KNN_VARIANTS:
         from memcore.kernels.triton import distance as tk
         from memcore.ops.distance import _smallest
 
-        return _smallest(tk.knn_keys(q, r, k, (1, 1), method="fused"), k)
+        if be == "triton-fused":
+            return _smallest(tk.knn_keys(q, r, k, (1, 1), method="fused"), k)
+        return _smallest(tk.knn_keys(q, r, k, (1, 1), method="filter", cut=be[len("triton[cut=") : -1]), k)
     return D.knn(q, r, k, backend=be, check_finite=False)
 
 
-def _knn_breakdown(q: torch.Tensor, r: torch.Tensor, k: int) -> dict[str, float]:
-    """Milliseconds per stage of the Triton filter k-NN, summed over query blocks (one warm call first):
-    the sampled cut (fused kernel on the sample + kk-th + S cut), the filter GEMM pass, the candidate
-    finishing (S -> distance keys, overflow fallback), and the final top-k of the ops layer."""
+def _knn_breakdown(q: torch.Tensor, r: torch.Tensor, k: int, cut: str) -> dict[str, float]:
+    """Milliseconds per stage of the Triton filter k-NN with one cut method, summed over query blocks (one
+    warm call first): the sampled cut (fused kernel or group minima on the sample, kk-th, S cut), the
+    filter GEMM pass, the candidate finishing (S -> distance keys, overflow fallback), and the final top-k
+    of the ops layer."""
     from memcore.kernels.triton import distance as tk
     from memcore.ops.distance import _smallest
 
     out: dict[str, float] = {}
     for _ in range(2):  # the first call compiles and tunes; the second is measured
         marks: list = []
-        keys = tk.knn_keys(q, r, k, (1, 1), marks=marks)
+        keys = tk.knn_keys(q, r, k, (1, 1), method="filter", cut=cut, marks=marks)
         end = torch.cuda.Event(enable_timing=True)
         _smallest(keys, k)
         end.record()
@@ -117,15 +125,18 @@ def _sd_fn(x: torch.Tensor, grid: tuple[int, int], op: str, be: str):
     return lambda: D.tiled_l2_graph(x, 0.1, grid=grid, backend=be, check_finite=False)
 
 
-def _pair_choice(be: str) -> str:
-    """For the "triton" / "auto" rows of the SD case: the pairwise configuration the Triton backend tuned
-    to ("" when it did not tune: CPU, floats, MEMCORE_AUTOTUNE=0)."""
-    if be not in ("triton", "auto"):
-        return ""
+def _tuned(op: str) -> str:
+    """The Triton backend's latest tuned choice for ``op`` ("pairwise": the launch configuration; "knn_cut":
+    the filter's cut method), "" when it did not tune (CPU, floats, MEMCORE_AUTOTUNE=0)."""
     from memcore.ops import _tune
 
-    picked = [v["chosen"] for k, v in _tune.choices().items() if k[0] == "pairwise"]
+    picked = [v["chosen"] for k, v in _tune.choices().items() if k[0] == op]
     return picked[-1] if picked else ""
+
+
+def _pair_choice(be: str) -> str:
+    """For the "triton" / "auto" rows of the SD case: the pairwise configuration tuned to."""
+    return _tuned("pairwise") if be in ("triton", "auto") else ""
 
 
 def _sync(device: torch.device) -> None:
@@ -199,7 +210,7 @@ def run(args) -> list[dict]:
     ref_knn = None
     # "triton-fused": the Triton k-NN forced to its fused kernel (selection in registers), beside "triton"
     # (which picks the sampled-cut filter for this M), so the CSV shows both methods
-    knn_rows = backends + (["triton-fused"] if "triton" in backends else [])
+    knn_rows = backends + (list(KNN_VARIANTS) if "triton" in backends else [])
     for be in knn_rows:
         fn = lambda be=be, r=r: _knn(q, r, cf["k"], be)  # noqa: E731
         mem = {}
@@ -230,17 +241,19 @@ def run(args) -> list[dict]:
                     torch.equal(out[0].cpu(), ref_knn[0]) and torch.equal(out[1].cpu(), ref_knn[1])
                 ),
                 "auto_choice": _auto_choice("knn", be),
+                "config": _tuned("knn_cut") if be in ("triton", "auto") else "",
                 "torch_peak_MiB_M_half": mem.get(2, ""),
                 "torch_peak_MiB_M_full": mem.get(1, ""),
             }
         )
 
     if device.type == "cuda" and "triton" in backends:
-        breakdown = _knn_breakdown(q, r, cf["k"])
-        print("cifar_knn triton filter, ms per stage:", breakdown)
-        for row in rows:
-            if row["case"] == "cifar_knn" and row["backend"] == "triton":
-                row["stage_ms"] = json.dumps(breakdown, sort_keys=True)
+        for cut in ("fused", "groupmin"):
+            breakdown = _knn_breakdown(q, r, cf["k"], cut)
+            print(f"cifar_knn triton filter, cut={cut}, ms per stage:", breakdown)
+            for row in rows:
+                if row["case"] == "cifar_knn" and row["backend"] == f"triton[cut={cut}]":
+                    row["stage_ms"] = json.dumps(breakdown, sort_keys=True)
 
     ref_t = {row["case"]: row["median_s"] for row in rows if row["backend"] == "reference"}
     print(f"{'case':<12} {'backend':<10} {'median ms':>10} {'x ref':>7} {'TOPS':>8} {'%peak':>6} exact")

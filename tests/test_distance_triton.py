@@ -145,23 +145,26 @@ def test_triton_knn_edge_sizes(rng):
         (130, 97, 1, (1, 1), 256, 7, 16),  # three row blocks of the fallback, k = 1
     ],
 )
-def test_triton_filter_knn_exact(n, m, k, grid, hi, stride, cap, rng):
+@pytest.mark.parametrize("cut", ["fused", "groupmin"])
+def test_triton_filter_knn_exact(n, m, k, grid, hi, stride, cap, cut, rng, monkeypatch):
     """The filter k-NN (sampled cut, GEMM + append, overflow recomputed) equals the stable sort of the
-    reference matrix, ties included, for uint8."""
+    reference matrix, ties included, for uint8, with either cut method (group minima over pairs here)."""
     from memcore.kernels.triton import distance as tk
     from memcore.ops.distance import _smallest
 
+    monkeypatch.setattr(tk, "CUT_MIN_GROUPS", 16)
     dev = _device()
     q = images(rng, n, 1, 4, 4, torch.uint8, hi=hi)
     r = images(rng, m, 1, 4, 4, torch.uint8, hi=hi)
-    keys = tk.knn_keys(q.to(dev), r.to(dev), k, grid, method="filter", stride=stride, cap=cap)
+    keys = tk.knn_keys(q.to(dev), r.to(dev), k, grid, method="filter", stride=stride, cap=cap, cut=cut)
     d, i = _smallest(keys, k)
     want = torch.sort(ref.distance_matrix(q, r, grid), dim=1, stable=True)
     assert torch.equal(d.cpu(), want.values[:, :k]) and torch.equal(i.cpu(), want.indices[:, :k])
     assert len(set(i[0].tolist())) == k  # no reference twice (an overflowed row drops its partial buffer)
 
 
-def test_triton_filter_knn_overflow_and_duplicates(rng):
+@pytest.mark.parametrize("cut", ["fused", "groupmin"])
+def test_triton_filter_knn_overflow_and_duplicates(cut, rng):
     """A training set holding many copies of one image: every copy ties at the cut, the row overflows, and
     the fallback still returns the copies in index order."""
     from memcore.kernels.triton import distance as tk
@@ -177,14 +180,16 @@ def test_triton_filter_knn_overflow_and_duplicates(rng):
         ]
     )
     q = torch.cat([base, images(rng, 4, 3, 4, 4, torch.uint8)])
-    d, i = _smallest(tk.knn_keys(q.to(dev), r.to(dev), 8, (2, 2), method="filter", stride=5, cap=16), 8)
+    keys = tk.knn_keys(q.to(dev), r.to(dev), 8, (2, 2), method="filter", stride=5, cap=16, cut=cut)
+    d, i = _smallest(keys, 8)
     want = torch.sort(ref.distance_matrix(q, r, (2, 2)), dim=1, stable=True)
     assert torch.equal(d.cpu(), want.values[:, :8]) and torch.equal(i.cpu(), want.indices[:, :8])
     assert i[0].tolist() == list(range(40, 48)) and bool((d[0] == 0).all())
 
 
+@pytest.mark.parametrize("cut", ["fused", "groupmin"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_filter_knn_float(dtype, rng):
+def test_triton_filter_knn_float(dtype, cut, rng):
     """Floats compare the float32 distance against the cut (widened by a few ulps): the fused kernel's
     neighbours up to the last bits."""
     from memcore.kernels.triton import distance as tk
@@ -193,7 +198,7 @@ def test_triton_filter_knn_float(dtype, rng):
     dev = _device()
     q = images(rng, 6, 3, 4, 4, dtype).to(dev)
     r = images(rng, 120, 3, 4, 4, dtype).to(dev)
-    got = _smallest(tk.knn_keys(q, r, 7, (2, 2), method="filter", stride=4, cap=64), 7)
+    got = _smallest(tk.knn_keys(q, r, 7, (2, 2), method="filter", stride=4, cap=64, cut=cut), 7)
     fused = _smallest(tk.knn_keys(q, r, 7, (2, 2), method="fused"), 7)
     t = tol("distance_triton", dtype)
     torch.testing.assert_close(got[0], fused[0], **t)  # two kernels: last bits may differ on a GPU
@@ -373,4 +378,59 @@ def test_triton_pair_configs_are_tuned(rng, monkeypatch):
     got = _tune.choices()[key]
     assert set(got["seconds"]) == set(SMALL_PAIR_CONFIGS) and got["chosen"] in SMALL_PAIR_CONFIGS
     assert torch.equal(g, ref.graph(a.cpu(), None, 0.4, (1, 2)))
+    _tune.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_triton_groupmin_cut_bounds_the_kth_distance(dtype, rng, monkeypatch):
+    """The group-minimum cut has at least kk sampled references within it (so the k nearest of all pass the
+    filter) and is never below the exact kk-th distance; groups of 1 give exactly the kk-th."""
+    from memcore.kernels.triton import distance as tk
+
+    dev = _device()
+    q = images(rng, 9, 3, 4, 4, dtype).to(dev)
+    s = images(rng, 300, 3, 4, 4, dtype).to(dev)
+    qp, sp = tk._Packed(q, (2, 2)), tk._Packed(s, (2, 2))
+    want = ref.distance_matrix(q.cpu(), s.cpu(), (2, 2)).double()
+    exact = want.sort(1).values[:, 19]
+    is_int = dtype == torch.uint8
+    # at least 16 groups (and kk = 20): groups of 8 references (38 of them); or one reference each
+    for groups, gs in ((16, 8), (300, 1)):
+        monkeypatch.setattr(tk, "CUT_MIN_GROUPS", groups)
+        cut = tk._cut_distance(qp, sp, 20, 12, 4, 1.0, is_int, "groupmin").double().cpu()
+        slack = 0 if is_int else 1e-6
+        assert bool(((want <= cut[:, None] + slack).sum(1) >= 20).all()), gs
+        assert bool((cut >= exact - slack).all()), gs
+        if gs == 1 and is_int:
+            assert torch.equal(cut, exact)
+    with pytest.raises(ValueError, match="cut must be"):
+        tk._cut_distance(qp, sp, 20, 12, 4, 1.0, is_int, "bogus")
+    with pytest.raises(ValueError, match="cut must be"):
+        tk.knn_keys(q, s, 3, (2, 2), method="filter", cut="bogus")
+
+
+def test_triton_cut_method_is_tuned(rng, monkeypatch):
+    """For uint8 the cut method is tuned (here on the CPU too): both methods must give the same k nearest
+    (a disagreement would warn, an error here), and the choice is cached."""
+    import warnings
+
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops import _tune
+    from memcore.ops.distance import _smallest
+
+    dev = _device()
+    monkeypatch.setattr(tk, "TUNE_DEVICE_TYPES", (dev,))
+    monkeypatch.setattr(tk, "FILTER_CONFIGS", dict(list(tk.FILTER_CONFIGS.items())[:1]))
+    monkeypatch.setattr(tk, "CUT_MIN_GROUPS", 8)
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    _tune.reset()
+    q = images(rng, 20, 1, 4, 4, torch.uint8, hi=6).to(dev)
+    r = images(rng, 200, 1, 4, 4, torch.uint8, hi=6).to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d, i = _smallest(tk.knn_keys(q, r, 5, (2, 2), method="filter", stride=4, cap=128), 5)
+    got = [v for k, v in _tune.choices().items() if k[0] == "knn_cut"]
+    assert len(got) == 1 and set(got[0]["seconds"]) == set(tk.CUT_METHODS)
+    want = torch.sort(ref.distance_matrix(q.cpu(), r.cpu(), (2, 2)), dim=1, stable=True)
+    assert torch.equal(d.cpu(), want.values[:, :5]) and torch.equal(i.cpu(), want.indices[:, :5])
     _tune.reset()

@@ -164,6 +164,28 @@ def test_knn_kernels_compile_for_sm90():
             "PRECISION": "tf32x3",
         }
         _gemm_ok(name, _compile(tk._knn_filter_kernel, args, consts, warps, stages))
+    for gs in (1, 4, 128):  # the group-minimum cut over the CIFAR sample (5,000 references: groups of 4)
+        args = {
+            "q_ptr": ("*i8", None),
+            "r_ptr": ("*i8", None),
+            "qn_ptr": ("*i64", None),
+            "rn_ptr": ("*i64", None),
+            "out_ptr": ("*i32", None),
+            **{k: ("i32", v) for k, v in cifar.items() if k != "M"},
+            "M": ("i32", 5000),
+            "scale": ("fp32", None),
+            "G": ("i32", 1250),
+        }
+        consts = {
+            "IS_INT": True,
+            "SEGMENT": tk.INT_SEGMENT,
+            "BM": tk.CUT_BM,
+            "BN": tk.CUT_BN,
+            "GS": gs,
+            "BK": tk.BLOCK_K,
+            "PRECISION": "tf32x3",
+        }
+        _gemm_ok(f"group-min GS={gs}", _compile(tk._group_min_kernel, args, consts, 8, 3))
     # the fused kernel keeps a bitonic sort in registers: it must compile (a few bytes of stack are expected)
     args = {
         "q_ptr": ("*i8", None),

@@ -582,9 +582,11 @@ def distance_graph(
 #    products, set its speed (2.5x the reference on the CIFAR case, H100).
 # 2. Filter (``_knn_filter_kernel``, the default for large M): a cut per query bounds its k-th distance from
 #    above, and the kernel is a plain GEMM whose epilogue appends the rare references within the cut to a
-#    per-row buffer (an atomic per row and tile, positions from a prefix sum). The cut is the kk-th smallest
-#    distance (kk >= k) to a strided sample of the references, found by the fused kernel: at least kk
-#    references lie within it, so the k nearest are all appended — exact, whatever the data. About
+#    per-row buffer (an atomic per row and tile, positions from a prefix sum). The cut is a distance within
+#    which at least kk (>= k) references of a strided sample lie, so the k nearest are all appended — exact,
+#    whatever the data: either the sample's exact kk-th distance (the fused kernel, which sorts) or the kk-th
+#    smallest of the sample's group minima (``_group_min_kernel``: a GEMM with a min epilogue, no sorting;
+#    kk distinct groups hold a reference within it). For uint8 on CUDA the faster is tuned. About
 #    kk·M/sample = target references pass per row; a row that overflows its 4·target slots (e.g. many
 #    duplicates of one training image at the same distance) is recomputed by the fused kernel, flagged on the
 #    device (no host sync). uint8 compares the integer S against the largest S whose distance is within the
@@ -777,6 +779,54 @@ def _knn_filter_kernel(
 
 
 @triton.jit
+def _group_min_kernel(
+    q_ptr,  # [T, N, D] packed queries
+    r_ptr,  # [T, M, D] packed (sampled) references
+    qn_ptr,  # [T, N]
+    rn_ptr,  # [T, M]
+    out_ptr,  # [N, G]: per query, the minimum over each group of GS consecutive references (uint8: S int32;
+    #           floats: the float32 distance)
+    N,
+    M,
+    D,
+    T,
+    n_tile,
+    scale,
+    G,  # groups per row: cdiv(M, GS)
+    IS_INT: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GS: tl.constexpr,  # a power of two dividing BN
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BM)
+    pid_m = pid % row_blocks
+    pid_n = pid // row_blocks
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    cmask = cols < M
+    s = _tile_s(
+        q_ptr, r_ptr, qn_ptr, rn_ptr, rows, cols, rmask, cmask, N, M, D, T,
+        IS_INT, True, SEGMENT, BM, BN, BK, PRECISION,
+    )  # fmt: skip
+    if IS_INT:  # S, not the distance: d is non-decreasing in S, so the group minima are the same references
+        v = tl.where(cmask[None, :], s, 0x7FFFFFFF)
+    else:
+        v = tl.where(cmask[None, :], _distance(s, n_tile, scale, IS_INT), float("inf"))
+    gmin = tl.min(tl.reshape(v, (BM, BN // GS, GS)), axis=2)
+    groups = pid_n * (BN // GS) + tl.arange(0, BN // GS)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * G + groups[None, :],
+        gmin,
+        mask=rmask[:, None] & (groups < G)[None, :],
+    )
+
+
+@triton.jit
 def _s_cut_kernel(d_ptr, cut_ptr, N, n_tile, BLOCK: tl.constexpr):
     """uint8: per row, the largest integer S < 2^31 whose distance (``_distance``) is <= the float32 cut
     (binary search; the distance is non-decreasing in S)."""
@@ -911,6 +961,73 @@ def _filled(buf: torch.Tensor, counts: torch.Tensor, drop: torch.Tensor | None =
     return torch.where(keep, buf, _KEY_PAD)
 
 
+#: How the filter's cut is found on the sample (both exact; see ``_cut_distance``). The first is the
+#: default; for uint8 on CUDA the faster is chosen per shape class (their k-NN results must agree exactly).
+CUT_METHODS = ("fused", "groupmin")
+#: The group-minimum cut keeps at least this many groups per query (fewer, larger groups loosen it).
+CUT_MIN_GROUPS = 1024
+#: Group-minimum kernel blocks: BM queries × BN sampled references.
+CUT_BM, CUT_BN = 128, 128
+
+
+def _cut_distance(
+    q: _Packed, sample: _Packed, kk: int, d: int, tiles: int, scale: float, is_int: bool, method: str
+) -> torch.Tensor:
+    """Per query, a float32 distance within which at least kk sampled references lie -> [N].
+
+    "fused": the exact kk-th smallest distance to the sample (the fused kernel's sorted top-kk).
+    "groupmin": split the sample into groups of GS consecutive references, take each group's minimum (a GEMM
+    with a min epilogue, no sorting), then the kk-th smallest of those minima: kk distinct groups each hold a
+    reference at or below it, so at least kk references lie within — as exact a bound, and nearly as tight
+    (with G groups of the s sampled references it passes about (kk/s)·(1 + kk/(2G)) of all references
+    against kk/s for the exact kk-th; G >= CUT_MIN_GROUPS)."""
+    n = q.count
+    if method == "fused":
+        near = _fused_keys(q, sample, kk, d, tiles, scale, is_int, None)
+        kth = torch.topk(near, kk, dim=1, largest=False, sorted=True).values[:, kk - 1]
+        return (kth >> 32).to(torch.int32).view(torch.float32).contiguous()
+    if method != "groupmin":
+        raise ValueError(f"cut must be one of {CUT_METHODS}, got {method!r}")
+    m = sample.count
+    gs = 1
+    while gs < CUT_BN and triton.cdiv(m, 2 * gs) >= max(CUT_MIN_GROUPS, kk):
+        gs *= 2
+    groups = triton.cdiv(m, gs)
+    mins = torch.empty((n, groups), dtype=torch.int32 if is_int else torch.float32, device=q.data.device)
+    _group_min_kernel[(triton.cdiv(n, CUT_BM) * triton.cdiv(m, CUT_BN),)](
+        q.data, sample.data, q.norms, sample.norms, mins, n, m, d, tiles, d, scale, groups,
+        IS_INT=is_int, SEGMENT=INT_SEGMENT, BM=CUT_BM, BN=CUT_BN, GS=gs, BK=BLOCK_K if is_int else 32,
+        PRECISION="tf32x3", num_warps=8, num_stages=3,
+    )  # fmt: skip
+    kth = torch.topk(mins, kk, dim=1, largest=False, sorted=True).values[:, kk - 1]
+    if not is_int:
+        return kth.contiguous()
+    from memcore.reference.distance import finish  # S -> distance, exactly as ``_distance``
+
+    return finish(kth.to(torch.float64), torch.uint8, d, 1.0).contiguous()
+
+
+def _cut_choice(
+    q: _Packed, r: _Packed, sample: _Packed, k: int, d: int, tiles: int, scale: float, is_int: bool, cap: int
+) -> str:
+    """The cut method: for uint8 on a TUNE_DEVICE_TYPES device the faster of CUT_METHODS per shape class
+    (``memcore.ops._tune``; both must give the same k nearest), otherwise the first."""
+    from memcore.ops import _tune
+
+    dev = q.data.device
+    if not is_int or dev.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
+        return CUT_METHODS[0]
+    key = ("knn_cut", str(dev), d, tiles, k, _tune.bucket(q.count), _tune.bucket(r.count))
+    if torch.compiler.is_compiling():
+        return _tune.chosen(key) or CUT_METHODS[0]
+
+    def run(name: str) -> torch.Tensor:
+        keys = _filter_keys(q, r, sample, k, d, tiles, scale, is_int, cap, name)
+        return torch.topk(keys, k, dim=1, largest=False, sorted=True).values
+
+    return _tune.pick(key, list(CUT_METHODS), run, dev)
+
+
 def _filter_keys(
     q: _Packed,
     r: _Packed,
@@ -921,11 +1038,13 @@ def _filter_keys(
     scale: float,
     is_int: bool,
     cap: int,
+    cut: str,
     marks: list | None = None,
 ) -> torch.Tensor:
     """The filter path for one block of queries -> [N, cap + fallback] candidate keys (see the module
-    comment): cut from the sampled references, GEMM + append, overflowed rows recomputed by the fused kernel.
-    ``marks`` (CUDA only) receives (stage, event) pairs recorded after each stage, for a time breakdown."""
+    comment): cut from the sampled references (``cut``: one of CUT_METHODS), GEMM + append, overflowed rows
+    recomputed by the fused kernel. ``marks`` (CUDA only) receives (stage, event) pairs recorded after each
+    stage, for a time breakdown."""
     n = q.count
     dev = q.data.device
 
@@ -937,9 +1056,7 @@ def _filter_keys(
 
     mark("start")
     kk = min(max(k, FILTER_MIN_KK), sample.count)
-    near = _fused_keys(q, sample, kk, d, tiles, scale, is_int, None)
-    kth = torch.topk(near, kk, dim=1, largest=False, sorted=True).values[:, kk - 1]
-    d_cut = (kth >> 32).to(torch.int32).view(torch.float32).contiguous()
+    d_cut = _cut_distance(q, sample, kk, d, tiles, scale, is_int, cut)
     if is_int:
         cut = torch.empty(n, dtype=torch.int32, device=dev)
         _s_cut_kernel[(triton.cdiv(n, 1024),)](d_cut, cut, n, d, BLOCK=1024)
@@ -1059,6 +1176,7 @@ def knn_keys(
     method: str = "auto",
     stride: int | None = None,
     cap: int | None = None,
+    cut: str | None = None,
     marks: list | None = None,
 ) -> torch.Tensor:
     """Exact k-NN candidates from the Triton kernels (memory independent of M; never an [N, M] matrix).
@@ -1072,6 +1190,7 @@ def knn_keys(
             ACC32_MAX_D values).
         stride: the filter's sample stride (None: target // max(k, 16), target = max(512, 8·max(k, 16))).
         cap: the filter's candidate slots per query (None: 4·target).
+        cut: how the filter finds its cut, one of CUT_METHODS (None: tuned for uint8 on CUDA, else the first).
         marks: CUDA only: a list that receives (stage, ``torch.cuda.Event``) pairs per query block of the
             filter ("start", "cut", "filter", "finish"), for ``benchmarks/bench_distance.py``'s breakdown.
 
@@ -1112,7 +1231,15 @@ def knn_keys(
         if n <= FILTER_QUERY_BLOCK
         else [q.rows(slice(s, s + FILTER_QUERY_BLOCK)) for s in range(0, n, FILTER_QUERY_BLOCK)]
     )
-    keys = [_filter_keys(b, r, sample, k, d, tiles, scale, is_int, cap, marks) for b in blocks]
+    if cut is not None and cut not in CUT_METHODS:
+        raise ValueError(f"cut must be one of {CUT_METHODS}, got {cut!r}")
+    keys = [
+        _filter_keys(
+            b, r, sample, k, d, tiles, scale, is_int, cap,
+            cut or _cut_choice(b, r, sample, k, d, tiles, scale, is_int, cap), marks,
+        )
+        for b in blocks
+    ]  # fmt: skip
     if len(keys) == 1:
         return keys[0]
     # blocks differ in width (the fallback's splits depend on the block's rows): keep each row's k smallest
