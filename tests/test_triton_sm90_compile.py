@@ -232,6 +232,16 @@ def test_epilogue_kernels_compile_for_sm90():
         }
         consts = {"IS_INT": True, "SYMMETRIC": True, "GRAPH": True, "GRAM": gram, "BM": tk.BLOCK_M}
         assert _compile(tk._finish_kernel, args, consts, 4, 3)["local"] == 0
+    for is_int in (True, False):
+        args = {
+            "buf_ptr": ("*i64", None),
+            "cnt_ptr": ("*i32", None),
+            "N": ("i32", 8192),
+            "CAP": ("i32", 2048),
+        }
+        args["n_tile"] = ("i32", 3072)
+        consts = {"IS_INT": is_int, "BM": 32, "BC": 128}
+        assert _compile(tk._candidates_kernel, args, consts, 4, 3)["local"] == 0
     for packed, shift in ((True, False), (False, True)):
         args = {
             "x_ptr": ("*i8" if packed else "*u8", None),

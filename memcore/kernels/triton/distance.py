@@ -671,7 +671,8 @@ def _knn_kernel(
     r_ptr,  # [T, M, D]
     qn_ptr,  # [T, N] squared norms (int64 of x − 128 for uint8; float32 otherwise)
     rn_ptr,  # [T, M]
-    flag_ptr,  # [N] int32: with USE_FLAGS, only row blocks with a flagged row compute (others write padding)
+    flag_ptr,  # [N] int32: with USE_FLAGS, only row blocks with a flagged row compute, only flagged rows
+    #            write keys (every other row writes padding)
     out_ptr,  # [N, SPLITS, KP] int64 keys
     N,
     M,
@@ -699,8 +700,8 @@ def _knn_kernel(
     c_lo = split * per_split
     c_hi = tl.minimum(M, c_lo + per_split)
     if USE_FLAGS:  # an empty range for unflagged blocks: the loop below does nothing, padding is written
-        flagged = tl.max(tl.load(flag_ptr + rows, mask=rmask, other=0))
-        c_hi = tl.where(flagged > 0, c_hi, c_lo)
+        row_flags = tl.load(flag_ptr + rows, mask=rmask, other=0)
+        c_hi = tl.where(tl.max(row_flags) > 0, c_hi, c_lo)
     for c0 in range(c_lo, c_hi, KP):
         cols = c0 + tl.arange(0, KP)
         cmask = cols < c_hi
@@ -717,6 +718,8 @@ def _knn_kernel(
             lo, _hi = tl.split(tl.permute(tl.reshape(both, (BM, 2, KP)), (0, 2, 1)))
             best = lo
             thr = tl.max(best, axis=1)
+    if USE_FLAGS:
+        best = tl.where(row_flags[:, None] > 0, best, _KEY_MAX)
     ps = tl.arange(0, KP)
     tl.store(
         out_ptr + (rows.to(tl.int64)[:, None] * SPLITS + split) * KP + ps[None, :], best, mask=rmask[:, None]
@@ -824,6 +827,34 @@ def _group_min_kernel(
         gmin,
         mask=rmask[:, None] & (groups < G)[None, :],
     )
+
+
+@triton.jit
+def _candidates_kernel(
+    buf_ptr,  # [N, CAP] int64 appended candidates, rewritten in place as distance keys
+    cnt_ptr,  # [N] int32 appended per row (> CAP: the row overflowed)
+    N,
+    CAP,
+    n_tile,
+    IS_INT: tl.constexpr,
+    BM: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """The filter's buffer -> keys ``bits(d) << 32 | index`` in one pass: uint8 ``S << 32 | index`` becomes
+    the distance key (``_distance``: the exact epilogue, IEEE float64 division and square root); unwritten
+    slots and overflowed rows (recomputed by the fused kernel) become padding."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    slots = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask = rows < N
+    count = tl.load(cnt_ptr + rows, mask=rmask, other=0)
+    inside = rmask[:, None] & (slots < CAP)[None, :]
+    ptrs = buf_ptr + rows.to(tl.int64)[:, None] * CAP + slots[None, :]
+    key = tl.load(ptrs, mask=inside, other=0)
+    keep = (slots[None, :] < count[:, None]) & (count <= CAP)[:, None]
+    if IS_INT:  # unwritten slots hold garbage: their S is replaced by 0 before the square root
+        d = _distance(tl.where(keep, key >> 32, 0), n_tile, 1.0, True)
+        key = (d.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (key & 0xFFFFFFFF)
+    tl.store(ptrs, tl.where(keep, key, _KEY_MAX), mask=inside)
 
 
 @triton.jit
@@ -953,11 +984,9 @@ def _fused_keys(
 _KEY_PAD = torch.iinfo(torch.int64).max
 
 
-def _filled(buf: torch.Tensor, counts: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-    """The candidate buffer [N, cap] with the unwritten slots (and the rows in ``drop``) set to padding."""
+def _filled(buf: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The raw candidate buffer [N, cap] with its unwritten slots set to padding (comparable across runs)."""
     keep = torch.arange(buf.shape[1], device=buf.device)[None, :] < counts[:, None]
-    if drop is not None:
-        keep &= ~drop[:, None]
     return torch.where(keep, buf, _KEY_PAD)
 
 
@@ -1069,17 +1098,12 @@ def _filter_keys(
     config = _filter_config(q, r, cut, d, tiles, scale, is_int, cap)
     counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, config)
     mark("filter")
-    overflow = counts > cap
-    if is_int:  # S -> the float32 distance: the exact path's epilogue (IEEE div and sqrt), as ``_distance``
-        from memcore.ops.distance import _keys
-        from memcore.reference.distance import finish
-
-        buf = _keys(finish((buf >> 32).to(torch.float64), torch.uint8, d, 1.0), buf & 0xFFFFFFFF)
-    buf = _filled(buf, counts, overflow)
-    # Overflowed rows: the fused kernel over all references (blocks without one write only padding; the
-    # other rows of a block with one keep their buffer, so their fused keys are dropped: no key twice).
-    fallback = _fused_keys(q, r, k, d, tiles, scale, is_int, None, flags=overflow.to(torch.int32))
-    fallback = torch.where(overflow[:, None], fallback, _KEY_PAD)
+    _candidates_kernel[(triton.cdiv(n, 32), triton.cdiv(cap, 128))](
+        buf, counts, n, cap, d, IS_INT=is_int, BM=32, BC=128
+    )
+    # Overflowed rows: the fused kernel over all references; every other row writes padding (it keeps its
+    # buffer, so no key appears twice), and blocks without an overflowed row skip the work.
+    fallback = _fused_keys(q, r, k, d, tiles, scale, is_int, None, flags=(counts > cap).to(torch.int32))
     out = torch.cat([buf, fallback], 1)
     mark("finish")
     return out
