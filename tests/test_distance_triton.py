@@ -25,6 +25,20 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def tuning(monkeypatch):
+    """Launch tuning of the Triton kernels switched on for this test's device (the CPU too), with a clean
+    cache before and after; yields the Triton distance module."""
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops import _tune
+
+    monkeypatch.setattr(tk, "TUNE_DEVICE_TYPES", (_device(),))
+    monkeypatch.setattr(_tune, "ENABLED", True)
+    _tune.reset()
+    yield tk
+    _tune.reset()
+
+
 def images(gen, n, c, h, w, dtype, hi=256):
     x = torch.randint(0, hi, (n, c, h, w), generator=gen, dtype=torch.uint8)
     return x if dtype == torch.uint8 else (x.to(torch.float32) / 255).to(dtype)
@@ -257,21 +271,18 @@ def test_triton_knn_reuses_packed_refs_until_they_change(rng):
     assert "refs" not in tk._PACK_CACHE
 
 
-def test_triton_filter_configs_are_tuned_and_agree(rng, monkeypatch):
+def test_triton_filter_configs_are_tuned_and_agree(rng, tuning, monkeypatch):
     """uint8 filter launches are tuned among FILTER_CONFIGS (here on the CPU too): every configuration must
     give the first one's candidates (a disagreement would warn, an error here), the choice is cached and the
     result stays exact."""
     import warnings
 
-    from memcore.kernels.triton import distance as tk
     from memcore.ops import _tune
     from memcore.ops.distance import _smallest
 
+    tk = tuning
     dev = _device()
-    monkeypatch.setattr(tk, "TUNE_DEVICE_TYPES", (dev,))
     monkeypatch.setattr(tk, "CUT_METHODS", ("fused",))  # the cut method's tuning has its own test
-    monkeypatch.setattr(_tune, "ENABLED", True)
-    _tune.reset()
     q = images(rng, 130, 1, 4, 4, torch.uint8, hi=6).to(dev)
     r = images(rng, 300, 1, 4, 4, torch.uint8, hi=6).to(dev)
     with warnings.catch_warnings():
@@ -282,7 +293,6 @@ def test_triton_filter_configs_are_tuned_and_agree(rng, monkeypatch):
     assert set(got["seconds"]) == set(tk.FILTER_CONFIGS) and got["chosen"] in tk.FILTER_CONFIGS
     want = torch.sort(ref.distance_matrix(q.cpu(), r.cpu(), (2, 2)), dim=1, stable=True)
     assert torch.equal(d.cpu(), want.values[:, :9]) and torch.equal(i.cpu(), want.indices[:, :9])
-    _tune.reset()
 
 
 # Small launch configurations covering every layout and epilogue of the pairwise kernel: BM != BN both ways
@@ -358,19 +368,15 @@ def test_triton_pair_config_eligibility(monkeypatch):
     assert tk._pair_configs(x, 4, (1, 2)) == ["packed/16x32x16"]
 
 
-def test_triton_pair_configs_are_tuned(rng, monkeypatch):
+def test_triton_pair_configs_are_tuned(rng, tuning, monkeypatch):
     """uint8 pairwise launches are tuned among the eligible configurations (here on the CPU too): all agree
     (a disagreement would warn, an error here), the choice is cached per shape class, results stay exact."""
     import warnings
 
-    from memcore.kernels.triton import distance as tk
     from memcore.ops import _tune
 
     dev = _device()
-    monkeypatch.setattr(tk, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
-    monkeypatch.setattr(tk, "TUNE_DEVICE_TYPES", (dev,))
-    monkeypatch.setattr(_tune, "ENABLED", True)
-    _tune.reset()
+    monkeypatch.setattr(tuning, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
     a = images(rng, 20, 3, 8, 32, torch.uint8).to(dev)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -379,7 +385,6 @@ def test_triton_pair_configs_are_tuned(rng, monkeypatch):
     got = _tune.choices()[key]
     assert set(got["seconds"]) == set(SMALL_PAIR_CONFIGS) and got["chosen"] in SMALL_PAIR_CONFIGS
     assert torch.equal(g, ref.graph(a.cpu(), None, 0.4, (1, 2)))
-    _tune.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
@@ -410,21 +415,18 @@ def test_triton_groupmin_cut_bounds_the_kth_distance(dtype, rng, monkeypatch):
         tk.knn_keys(q, s, 3, (2, 2), method="filter", cut="bogus")
 
 
-def test_triton_cut_method_is_tuned(rng, monkeypatch):
+def test_triton_cut_method_is_tuned(rng, tuning, monkeypatch):
     """For uint8 the cut method is tuned (here on the CPU too): both methods must give the same k nearest
     (a disagreement would warn, an error here), and the choice is cached."""
     import warnings
 
-    from memcore.kernels.triton import distance as tk
     from memcore.ops import _tune
     from memcore.ops.distance import _smallest
 
+    tk = tuning
     dev = _device()
-    monkeypatch.setattr(tk, "TUNE_DEVICE_TYPES", (dev,))
     monkeypatch.setattr(tk, "FILTER_CONFIGS", dict(list(tk.FILTER_CONFIGS.items())[:1]))
     monkeypatch.setattr(tk, "CUT_MIN_GROUPS", 8)
-    monkeypatch.setattr(_tune, "ENABLED", True)
-    _tune.reset()
     q = images(rng, 20, 1, 4, 4, torch.uint8, hi=6).to(dev)
     r = images(rng, 200, 1, 4, 4, torch.uint8, hi=6).to(dev)
     with warnings.catch_warnings():
@@ -434,4 +436,3 @@ def test_triton_cut_method_is_tuned(rng, monkeypatch):
     assert len(got) == 1 and set(got[0]["seconds"]) == set(tk.CUT_METHODS)
     want = torch.sort(ref.distance_matrix(q.cpu(), r.cpu(), (2, 2)), dim=1, stable=True)
     assert torch.equal(d.cpu(), want.values[:, :5]) and torch.equal(i.cpu(), want.indices[:, :5])
-    _tune.reset()

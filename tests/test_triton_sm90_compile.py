@@ -138,79 +138,38 @@ def test_pair_configs_compile_for_sm90():
     assert st["local"] == 0 and st["smem"] <= H100_SMEM
 
 
+def _knn_args(m: int = 50000, **extra) -> dict:
+    """The k-NN kernels' shared arguments at the CIFAR shapes (packed int8 operands, one 1×1 tile), plus
+    ``extra`` (name -> (type, value))."""
+    ints = {"N": 8192, "M": m, "D": 3072, "T": 1, "n_tile": 3072}
+    ptrs = {"q_ptr": "*i8", "r_ptr": "*i8", "qn_ptr": "*i64", "rn_ptr": "*i64"}
+    return {
+        **{k: (t, None) for k, t in ptrs.items()},
+        **{k: ("i32", v) for k, v in ints.items()},
+        "scale": ("fp32", None),
+        **extra,
+    }
+
+
 def test_knn_kernels_compile_for_sm90():
     from memcore.kernels.triton import distance as tk
 
-    cifar = {"N": 8192, "M": 50000, "D": 3072, "T": 1, "n_tile": 3072}
+    common = {"IS_INT": True, "SEGMENT": tk.INT_SEGMENT, "PRECISION": "tf32x3"}
     for name, (bm, bn, bk, warps, stages) in tk.FILTER_CONFIGS.items():
-        args = {
-            "q_ptr": ("*i8", None),
-            "r_ptr": ("*i8", None),
-            "qn_ptr": ("*i64", None),
-            "rn_ptr": ("*i64", None),
-            "cut_ptr": ("*i32", None),
-            "cnt_ptr": ("*i32", None),
-            "buf_ptr": ("*i64", None),
-            **{k: ("i32", v) for k, v in cifar.items()},
-            "scale": ("fp32", None),
-            "CAP": ("i32", 2048),
-        }
-        consts = {
-            "IS_INT": True,
-            "SEGMENT": tk.INT_SEGMENT,
-            "BM": bm,
-            "BN": bn,
-            "BK": bk,
-            "PRECISION": "tf32x3",
-        }
+        out = {"cut_ptr": ("*i32", None), "cnt_ptr": ("*i32", None), "buf_ptr": ("*i64", None)}
+        args = _knn_args(**out, CAP=("i32", 2048))
+        consts = {**common, "BM": bm, "BN": bn, "BK": bk}
         _gemm_ok(name, _compile(tk._knn_filter_kernel, args, consts, warps, stages))
     for gs in (1, 4, 128):  # the group-minimum cut over the CIFAR sample (5,000 references: groups of 4)
-        args = {
-            "q_ptr": ("*i8", None),
-            "r_ptr": ("*i8", None),
-            "qn_ptr": ("*i64", None),
-            "rn_ptr": ("*i64", None),
-            "out_ptr": ("*i32", None),
-            **{k: ("i32", v) for k, v in cifar.items() if k != "M"},
-            "M": ("i32", 5000),
-            "scale": ("fp32", None),
-            "G": ("i32", 1250),
-        }
-        consts = {
-            "IS_INT": True,
-            "SEGMENT": tk.INT_SEGMENT,
-            "BM": tk.CUT_BM,
-            "BN": tk.CUT_BN,
-            "GS": gs,
-            "BK": tk.BLOCK_K,
-            "PRECISION": "tf32x3",
-        }
+        args = _knn_args(5000, out_ptr=("*i32", None), G=("i32", 1250))
+        consts = {**common, "BM": tk.CUT_BM, "BN": tk.CUT_BN, "GS": gs, "BK": tk.BLOCK_K}
         _gemm_ok(f"group-min GS={gs}", _compile(tk._group_min_kernel, args, consts, 8, 3))
     # the fused kernel keeps a bitonic sort in registers: it must compile (a few bytes of stack are expected)
-    args = {
-        "q_ptr": ("*i8", None),
-        "r_ptr": ("*i8", None),
-        "qn_ptr": ("*i64", None),
-        "rn_ptr": ("*i64", None),
-        "flag_ptr": ("*i32", None),
-        "out_ptr": ("*i64", None),
-        **{k: ("i32", v) for k, v in cifar.items()},
-        "per_split": ("i32", 1024),
-        "scale": ("fp32", None),
-        "SPLITS": ("i32", 7),
-    }
-    consts = {
-        "IS_INT": True,
-        "ACC32": True,
-        "USE_FLAGS": False,
-        "SEGMENT": tk.INT_SEGMENT,
-        "BM": tk.BLOCK_M,
-        "KP": 64,
-        "BK": tk.BLOCK_K,
-        "PRECISION": "tf32x3",
-    }
-    st = _compile(tk._knn_kernel, args, consts, 8, 3)
-    assert st["wgmma"] > 0
+    args = _knn_args(
+        flag_ptr=("*i32", None), out_ptr=("*i64", None), per_split=("i32", 1024), SPLITS=("i32", 7)
+    )
+    consts = {**common, "ACC32": True, "USE_FLAGS": False, "BM": tk.BLOCK_M, "KP": 64, "BK": tk.BLOCK_K}
+    assert _compile(tk._knn_kernel, args, consts, 8, 3)["wgmma"] > 0
 
 
 def test_epilogue_kernels_compile_for_sm90():

@@ -727,6 +727,28 @@ def _knn_kernel(
 
 
 @triton.jit
+def _block_s(
+    q_ptr, r_ptr, qn_ptr, rn_ptr, N, M, D, T,
+    IS_INT: tl.constexpr, SEGMENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The [BM, BN] block of this program (one launch axis, no 65535 limit; row blocks vary fastest, so the
+    programs in flight share a reference tile in L2) -> (rows, cols, row mask, column mask, S as ``_tile_s``
+    with int32 accumulators for uint8)."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BM)
+    rows = (pid % row_blocks) * BM + tl.arange(0, BM)
+    cols = (pid // row_blocks) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    cmask = cols < M
+    s = _tile_s(
+        q_ptr, r_ptr, qn_ptr, rn_ptr, rows, cols, rmask, cmask, N, M, D, T,
+        IS_INT, True, SEGMENT, BM, BN, BK, PRECISION,
+    )  # fmt: skip
+    return rows, cols, rmask, cmask, s
+
+
+@triton.jit
 def _knn_filter_kernel(
     q_ptr,  # [T, N, D] int8 (x − 128) or float32 (tile-major)
     r_ptr,  # [T, M, D]
@@ -749,19 +771,9 @@ def _knn_filter_kernel(
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # One axis (no 65535 limit); row blocks vary fastest, so programs in flight share a reference tile in L2.
-    pid = tl.program_id(0)
-    row_blocks = tl.cdiv(N, BM)
-    pid_m = pid % row_blocks
-    pid_n = pid // row_blocks
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    cmask = cols < M
-    s = _tile_s(
-        q_ptr, r_ptr, qn_ptr, rn_ptr, rows, cols, rmask, cmask, N, M, D, T,
-        IS_INT, True, SEGMENT, BM, BN, BK, PRECISION,
-    )  # fmt: skip
+    rows, cols, rmask, cmask, s = _block_s(
+        q_ptr, r_ptr, qn_ptr, rn_ptr, N, M, D, T, IS_INT, SEGMENT, BM, BN, BK, PRECISION
+    )
     if IS_INT:  # d is a non-decreasing function of the integer S: compare S, no float64 per element
         cut = tl.load(cut_ptr + rows, mask=rmask, other=-1)
         hit = s <= cut[:, None]
@@ -804,24 +816,15 @@ def _group_min_kernel(
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row_blocks = tl.cdiv(N, BM)
-    pid_m = pid % row_blocks
-    pid_n = pid // row_blocks
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
-    cmask = cols < M
-    s = _tile_s(
-        q_ptr, r_ptr, qn_ptr, rn_ptr, rows, cols, rmask, cmask, N, M, D, T,
-        IS_INT, True, SEGMENT, BM, BN, BK, PRECISION,
-    )  # fmt: skip
+    rows, cols, rmask, cmask, s = _block_s(
+        q_ptr, r_ptr, qn_ptr, rn_ptr, N, M, D, T, IS_INT, SEGMENT, BM, BN, BK, PRECISION
+    )
     if IS_INT:  # S, not the distance: d is non-decreasing in S, so the group minima are the same references
         v = tl.where(cmask[None, :], s, 0x7FFFFFFF)
     else:
         v = tl.where(cmask[None, :], _distance(s, n_tile, scale, IS_INT), float("inf"))
     gmin = tl.min(tl.reshape(v, (BM, BN // GS, GS)), axis=2)
-    groups = pid_n * (BN // GS) + tl.arange(0, BN // GS)
+    groups = tl.min(cols, axis=0) // GS + tl.arange(0, BN // GS)  # the block's first column starts a group
     tl.store(
         out_ptr + rows.to(tl.int64)[:, None] * G + groups[None, :],
         gmin,
