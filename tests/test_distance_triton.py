@@ -296,7 +296,7 @@ def test_triton_filter_configs_are_tuned_and_agree(rng, tuning, monkeypatch):
 
 
 # Small launch configurations covering every layout and epilogue of the pairwise kernel: BM != BN both ways
-# (the lower-triangle skip), one K split (plain stores) and several (atomic adds into G).
+# (the lower-triangle skip), one K split and several (partial Gram planes summed by the epilogue).
 SMALL_PAIR_CONFIGS = {
     "packed/16x32x16": ("packed", 16, 32, 16, 4, 2, 0),
     "packed-gram/32x16x16": ("packed-gram", 32, 16, 16, 4, 2, 4),
@@ -318,7 +318,8 @@ def _check_pair_config(tk, name, a, b, grid, alphas):
 
 def test_triton_pair_configs_exact(rng, monkeypatch):
     """Every pairwise layout (packed smax, packed gram, raw uint8 with the shift in registers, int8 copy) and
-    K split count gives the reference's matrix and graph bit for bit, pairwise and cross."""
+    K split count (several, one, or as many as the buffer budget allows) gives the reference's matrix and
+    graph bit for bit, pairwise and cross."""
     from memcore.kernels.triton import distance as tk
 
     monkeypatch.setattr(tk, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
@@ -335,7 +336,11 @@ def test_triton_pair_configs_exact(rng, monkeypatch):
     for name in SMALL_PAIR_CONFIGS:
         _check_pair_config(tk, name, a, b, (1, 2), alphas)
     s, norms, _ = tk._pair_s(a, None, (1, 2), "nchw/16x32x16")
-    assert s.shape == (2, 37, 37) and norms is not None  # the gram epilogue ran, with K splits
+    assert s.shape[1:] == (2, 37, 37) and s.shape[0] > 1 and norms is not None  # gram, with K splits
+    monkeypatch.setattr(tk, "GRAM_MAX_BYTES", 2 * 37 * 37 * 4)  # room for one split only
+    s, norms, _ = tk._pair_s(a, None, (1, 2), "nchw/16x32x16")
+    assert s.shape[0] == 1
+    _check_pair_config(tk, "nchw/16x32x16", a, b, (1, 2), alphas)
     assert tk._gram_splits(2 * tk._block_pairs(3, 2, 16, 32, True), 24, 4, a.device) > 1
 
 

@@ -92,13 +92,12 @@ def test_pair_configs_compile_for_sm90():
             "per_split": ("i32", SD["D"] // 4),
             **geo,
         }
-        for sym, atomic in ((True, True), (False, False)):
+        for sym in (True, False):
             consts = {
                 "IS_INT": True,
                 "SHIFT": layout == "nchw",
                 "PACKED": packed,
                 "GRAM": layout != "packed",
-                "ATOMIC": atomic,
                 "SYMMETRIC": sym,
                 "SEGMENT": tk.INT_SEGMENT,
                 "BM": bm,
@@ -126,7 +125,6 @@ def test_pair_configs_compile_for_sm90():
         "SHIFT": False,
         "PACKED": True,
         "GRAM": False,
-        "ATOMIC": False,
         "SYMMETRIC": True,
         "SEGMENT": tk.INT_SEGMENT,
         "BM": bm,
@@ -185,6 +183,7 @@ def test_epilogue_kernels_compile_for_sm90():
             "M": ("i32", 500),
             "W": ("i32", 8),
             "T": ("i32", 16),
+            "SPLITS": ("i32", 4),
             "n_tile": ("i32", SD["D"]),
             "scale": ("fp32", None),
             "alpha": ("fp32", None),

@@ -17,9 +17,10 @@ two epilogues:
 1. **smax** (any dtype): ``S_t = ‖a_t‖² + ‖b_t‖² − 2 G_t`` from precomputed per-tile squared norms, then
    ``atomic_max`` into ``smax [N, M]`` (the maximum over tiles at the same grid position; one K split).
    uint8 sums are split into segments of at most 2^16 products (int32 never overflows) added in int64.
-2. **gram** (uint8, D <= 2^16, a bounded ``[T, N, M]`` buffer): the int32 partial Gram of a K split is
-   added into ``G [T, N, M]`` (``atomic_add``, exact and order-independent for integers), so a pairwise call
-   on a few hundred large images still fills the device with K splits. Pairwise norms are G's diagonal.
+2. **gram** (uint8, D <= 2^16, a bounded buffer): each K split stores its int32 partial Gram block into
+   ``G [splits, T, N, M]`` (plain stores: no atomics, no zero fill), so a pairwise call on a few hundred
+   large images still fills the device; the epilogue sums the splits exactly. Pairwise norms are G's
+   diagonal.
 
 Pairwise calls skip blocks below the diagonal. ``_finish_kernel`` then turns S (read from smax, or from G and
 the norms, maximised over tiles) into ``d = sqrt(S / n)`` — for uint8 exactly
@@ -199,7 +200,7 @@ def _pair_kernel(
     b_ptr,  # same layout, M images
     an_ptr,  # [T, N] squared norms (smax epilogue only)
     bn_ptr,  # [T, M]
-    out_ptr,  # smax: [N, M] int64 / float32, zero-initialised; gram: [T, N, M] int32
+    out_ptr,  # smax: [N, M] int64 / float32, zero-initialised; gram: [splits, T, N, M] int32
     N,
     M,
     D,
@@ -214,7 +215,6 @@ def _pair_kernel(
     SHIFT: tl.constexpr,
     PACKED: tl.constexpr,
     GRAM: tl.constexpr,
-    ATOMIC: tl.constexpr,  # gram with several K splits: add into zeroed G
     SYMMETRIC: tl.constexpr,
     SEGMENT: tl.constexpr,
     BM: tl.constexpr,
@@ -248,11 +248,8 @@ def _pair_kernel(
         k_hi = tl.minimum(D, k_lo + per_split)
         g = _gram(a_base, b_base, rmask, cmask, k_lo, k_hi, H, W, TH, TW,
                   IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
-        ptrs = out_ptr + (t64 * N + rows.to(tl.int64)[:, None]) * M + cols[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptrs, g, mask=omask)
-        else:
-            tl.store(ptrs, g, mask=omask)
+        plane = split.to(tl.int64) * T + t64
+        tl.store(out_ptr + (plane * N + rows.to(tl.int64)[:, None]) * M + cols[None, :], g, mask=omask)
     else:
         na = tl.load(an_ptr + t64 * N + rows, mask=rmask, other=0)
         nb = tl.load(bn_ptr + t64 * M + cols, mask=cmask, other=0)
@@ -286,7 +283,7 @@ def _distance(s, n_tile, scale, IS_INT: tl.constexpr):
 
 @triton.jit
 def _finish_kernel(
-    s_ptr,  # smax [N, M]; or, with GRAM, G [T, N, M] int32
+    s_ptr,  # smax [N, M]; or, with GRAM, G [SPLITS, T, N, M] int32 partial Gram products
     an_ptr,  # GRAM: [T, N] squared norms (int64 or int32)
     bn_ptr,  # GRAM: [T, M]
     out_ptr,  # [N, M] float32, or [N, ceil(M/64)] int64 words when GRAPH
@@ -294,6 +291,7 @@ def _finish_kernel(
     M,
     W,  # words per row
     T,
+    SPLITS,  # GRAM: K splits to sum
     n_tile,  # int: values per tile (float scalars would reach the GPU kernel as float32)
     scale,  # float32 factor on float distances
     alpha,  # float32 threshold
@@ -322,7 +320,10 @@ def _finish_kernel(
         s = tl.zeros((BM, 64), dtype=tl.int64)
         for t in range(0, T):
             t64 = tl.zeros((), dtype=tl.int64) + t
-            g = tl.load(s_ptr + (t64 * N + lo.to(tl.int64)) * M + hi, mask=valid, other=0).to(tl.int64)
+            g = tl.zeros((BM, 64), dtype=tl.int64)
+            for sp in range(0, SPLITS):
+                plane = sp * T + t64
+                g += tl.load(s_ptr + (plane * N + lo.to(tl.int64)) * M + hi, mask=valid, other=0).to(tl.int64)
             na = tl.load(an_ptr + t64 * N + lo, mask=valid, other=0).to(tl.int64)
             nb = tl.load(bn_ptr + t64 * M + hi, mask=valid, other=0).to(tl.int64)
             s = tl.maximum(s, na + nb - 2 * g)
@@ -378,7 +379,8 @@ PAIR_CONFIGS: dict[str, tuple[str, int, int, int, int, int, int]] = {
     "nchw/128x256x128/w8s3": ("nchw", 128, 256, 128, 8, 3, 4),
     "nchw-i8/128x128x128/w8s3": ("nchw-i8", 128, 128, 128, 8, 3, 4),
 }
-#: Largest gram buffer [T, N, M] int32, bytes (bigger calls run "packed", whose buffer is N·M·8 bytes).
+#: Largest gram buffer [splits, T, N, M] int32, bytes: it caps the K splits, and calls that do not fit one
+#: split run "packed" (whose buffer is N·M·8 bytes).
 GRAM_MAX_BYTES = 256 << 20
 #: Device types whose uint8 launches are tuned among the configurations (tests add "cpu").
 TUNE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
@@ -412,7 +414,7 @@ def _block_pairs(row_blocks: int, col_blocks: int, bm: int, bn: int, symmetric: 
 def _pair_s(
     a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int], config: str
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, int]:
-    """Run ``_pair_kernel`` with one configuration -> (smax [N, M], None, D) or (G [T, N, M] int32,
+    """Run ``_pair_kernel`` with one configuration -> (smax [N, M], None, D) or (G [splits, T, N, M] int32,
     (norms of a [T, N], norms of b [T, M]), D)."""
     layout, blk_m, blk_n, bk, warps, stages, waves = PAIR_CONFIGS[config]
     n, c, h, w = a.shape
@@ -442,12 +444,14 @@ def _pair_s(
     if gram:
         pairs = tiles * _block_pairs(row_blocks, col_blocks, blk_m, blk_n, b is None)
         splits = _gram_splits(pairs, triton.cdiv(d, bk), waves, dev)
+        splits = max(1, min(splits, GRAM_MAX_BYTES // (tiles * n * m * 4)))
         if packed:
             per_split = triton.cdiv(triton.cdiv(d, splits), bk) * bk
         else:  # whole tile rows, so no K step straddles two rows
             per_split = triton.cdiv(d // tw, splits) * tw
         splits = triton.cdiv(d, per_split)
-        out = (torch.zeros if splits > 1 else torch.empty)((tiles, n, m), dtype=torch.int32, device=dev)
+        # every block a split computes is stored; the blocks it skips (below the diagonal) are never read
+        out = torch.empty((splits, tiles, n, m), dtype=torch.int32, device=dev)
     else:
         splits, per_split = 1, d
         out = torch.zeros((n, m), dtype=torch.int64 if is_int else torch.float32, device=dev)
@@ -458,14 +462,14 @@ def _pair_s(
             xa if norms is None else norms[0],  # unread by the gram epilogue
             xb if norms is None else norms[1],
             out, n, m, d, tiles, *geo, per_split,
-            IS_INT=is_int, SHIFT=shift, PACKED=packed, GRAM=gram, ATOMIC=splits > 1, SYMMETRIC=b is None,
+            IS_INT=is_int, SHIFT=shift, PACKED=packed, GRAM=gram, SYMMETRIC=b is None,
             SEGMENT=INT_SEGMENT, BM=blk_m, BN=blk_n, BK=bk, PRECISION="tf32x3",
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
     if not gram:
         return out, None, d
     if b is None:
-        diag = out.diagonal(dim1=1, dim2=2).contiguous()
+        diag = out.diagonal(dim1=2, dim2=3).sum(0, dtype=torch.int64)
         norms = (diag, diag)
     return out, norms, d
 
@@ -506,6 +510,7 @@ def _pairwise(
             m,
             words,
             grid[0] * grid[1],
+            s.shape[0] if norms is not None else 1,
             d,
             scale,
             0.0 if alpha is None else alpha,
