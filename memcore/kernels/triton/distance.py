@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Rows per program of the finishing kernel and of the fused k-NN; K step of the fused k-NN and the group
+# minima (the pairwise and filter kernels take theirs from PAIR_CONFIGS / FILTER_CONFIGS).
 BLOCK_M = 64
-BLOCK_N = 64
 BLOCK_K = 64
 # int8 products are at most 128² = 2^14 in magnitude: 2^16 of them stay below 2^31 in an int32 accumulator.
 INT_SEGMENT = 65536  # a multiple of BLOCK_K
