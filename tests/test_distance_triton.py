@@ -297,11 +297,11 @@ def test_triton_filter_configs_are_tuned_and_agree(rng, tuning, monkeypatch):
 # Small launch configurations covering every layout and epilogue of the pairwise kernel: BM != BN both ways
 # (the lower-triangle skip), one K split and several (partial Gram planes summed by the epilogue).
 SMALL_PAIR_CONFIGS = {
-    "packed/16x32x16": ("packed", 16, 32, 16, 4, 2, 0),
-    "packed-gram/32x16x16": ("packed-gram", 32, 16, 16, 4, 2, 4),
-    "nchw/16x32x16": ("nchw", 16, 32, 16, 4, 2, 4),
-    "nchw/32x16x16/one-split": ("nchw", 32, 16, 16, 4, 2, 0),
-    "nchw-i8/16x16x16": ("nchw-i8", 16, 16, 16, 4, 2, 4),
+    "packed/16x32x32": ("packed", 16, 32, 32, 4, 2, 0),
+    "packed-gram/32x16x32": ("packed-gram", 32, 16, 32, 4, 2, 4),
+    "nchw/16x32x32": ("nchw", 16, 32, 32, 4, 2, 4),
+    "nchw/32x16x32/one-split": ("nchw", 32, 16, 32, 4, 2, 0),
+    "nchw-i8/16x16x32": ("nchw-i8", 16, 16, 32, 4, 2, 4),
 }
 
 
@@ -323,23 +323,23 @@ def test_triton_pair_configs_exact(rng, monkeypatch):
 
     monkeypatch.setattr(tk, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
     dev = _device()
-    # 3×8×32 with a 1×2 grid: tiles of 3×8×16 (tw = 16 = BK), 24 K steps -> several splits
-    a = images(rng, 37, 3, 8, 32, torch.uint8).to(dev)
+    # 3×8×64 with a 1×2 grid: tiles of 3×8×32 (tw = 32 = BK, the smallest int8 K step on a GPU), 24 K steps
+    a = images(rng, 37, 3, 8, 64, torch.uint8).to(dev)
     a[0] = 0
     a[1] = 255  # extremes of the shift
     a[5] = a[4]  # an exact duplicate: distance 0 off the diagonal
-    b = images(rng, 21, 3, 8, 32, torch.uint8).to(dev)
+    b = images(rng, 21, 3, 8, 64, torch.uint8).to(dev)
     assert tk._pair_configs(a, 37, (1, 2)) == list(SMALL_PAIR_CONFIGS)
     d = ref.distance_matrix(a.cpu(), None, (1, 2))
     alphas = (0.0, float(d[d > 0].median()))
     for name in SMALL_PAIR_CONFIGS:
         _check_pair_config(tk, name, a, b, (1, 2), alphas)
-    s, norms, _ = tk._pair_s(a, None, (1, 2), "nchw/16x32x16")
+    s, norms, _ = tk._pair_s(a, None, (1, 2), "nchw/16x32x32")
     assert s.shape[1:] == (2, 37, 37) and s.shape[0] > 1 and norms is not None  # gram, with K splits
     monkeypatch.setattr(tk, "GRAM_MAX_BYTES", 2 * 37 * 37 * 4)  # room for one split only
-    s, norms, _ = tk._pair_s(a, None, (1, 2), "nchw/16x32x16")
+    s, norms, _ = tk._pair_s(a, None, (1, 2), "nchw/16x32x32")
     assert s.shape[0] == 1
-    _check_pair_config(tk, "nchw/16x32x16", a, b, (1, 2), alphas)
+    _check_pair_config(tk, "nchw/16x32x32", a, b, (1, 2), alphas)
     assert tk._gram_splits(2 * tk._block_pairs(3, 2, 16, 32, True), 24, 4, a.device) > 1
 
 
@@ -362,14 +362,14 @@ def test_triton_pair_config_eligibility(monkeypatch):
     from memcore.kernels.triton import distance as tk
 
     monkeypatch.setattr(tk, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
-    x = torch.zeros((4, 3, 8, 32), dtype=torch.uint8)
+    x = torch.zeros((4, 3, 8, 64), dtype=torch.uint8)
     assert tk._pair_configs(x, 4, (1, 2)) == list(SMALL_PAIR_CONFIGS)
-    assert tk._pair_configs(x, 4, (1, 4)) == ["packed/16x32x16", "packed-gram/32x16x16"]  # tw = 8
-    assert tk._pair_configs(x.float(), 4, (1, 2)) == ["packed/16x32x16"]
+    assert tk._pair_configs(x, 4, (1, 4)) == ["packed/16x32x32", "packed-gram/32x16x32"]  # tw = 16
+    assert tk._pair_configs(x.float(), 4, (1, 2)) == ["packed/16x32x32"]
     big = torch.zeros((2, 1, 256, 512), dtype=torch.uint8)  # one tile of 2^17 values
-    assert tk._pair_configs(big, 2, (1, 1)) == ["packed/16x32x16"]
+    assert tk._pair_configs(big, 2, (1, 1)) == ["packed/16x32x32"]
     monkeypatch.setattr(tk, "GRAM_MAX_BYTES", 2 * 4 * 4 * 4 - 1)
-    assert tk._pair_configs(x, 4, (1, 2)) == ["packed/16x32x16"]
+    assert tk._pair_configs(x, 4, (1, 2)) == ["packed/16x32x32"]
 
 
 def test_triton_pair_configs_are_tuned(rng, tuning, monkeypatch):
@@ -381,11 +381,11 @@ def test_triton_pair_configs_are_tuned(rng, tuning, monkeypatch):
 
     dev = _device()
     monkeypatch.setattr(tuning, "PAIR_CONFIGS", SMALL_PAIR_CONFIGS)
-    a = images(rng, 20, 3, 8, 32, torch.uint8).to(dev)
+    a = images(rng, 20, 3, 8, 64, torch.uint8).to(dev)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = D.tiled_l2_graph(a, 0.4, grid=(1, 2), backend="triton").cpu()
-    key = ("pairwise", str(a.device), True, (3, 8, 32), (1, 2), 32, 32)
+    key = ("pairwise", str(a.device), True, (3, 8, 64), (1, 2), 32, 32)
     got = _tune.choices()[key]
     assert set(got["seconds"]) == set(SMALL_PAIR_CONFIGS) and got["chosen"] in SMALL_PAIR_CONFIGS
     assert torch.equal(g, ref.graph(a.cpu(), None, 0.4, (1, 2)))
