@@ -30,8 +30,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   # Priority order (what the open issues still need measured); override with BENCH_CMDS (one per line).
   # Never run anything else on the GPU meanwhile (a concurrent pytest once made an extraction benchmark
   # worthless): the benchmarks time the device.
-  default_cmds="benchmarks/bench_extract.py --device cuda --cases cifar
-benchmarks/bench_distance.py --device cuda
+  # bench_distance first: its triton[...] rows time every pairwise launch configuration and both k-NN cut
+  # methods (built without a GPU, never measured), and the extraction numbers depend on them.
+  default_cmds="benchmarks/bench_distance.py --device cuda
+benchmarks/bench_extract.py --device cuda --cases cifar
 benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --fuse-qkv --batch sd15=32
 benchmarks/bench_extract.py --device cuda --cases sd
 benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --fuse-qkv --batch sd15=32 --inductor conv_1x1_as_mm=1,coordinate_descent_tuning=1,epilogue_fusion=0
