@@ -93,15 +93,24 @@ def _knn_breakdown(q: torch.Tensor, r: torch.Tensor, k: int, cut: str) -> dict[s
     return {name: round(ms, 3) for name, ms in out.items()}
 
 
-def _auto_choice(op: str, be: str) -> str:
-    """For the "auto" rows: the backend autotuning chose for the latest shape class of ``op`` ("" if none:
-    the static order decided, e.g. on CPU)."""
-    if be != "auto":
-        return ""
+def _tuned(op: str) -> str:
+    """The latest tuned choice for shape classes of ``op`` ("" when nothing was tuned: CPU, floats,
+    MEMCORE_AUTOTUNE=0, where static orders and first configurations decide). Ops: "matrix", "graph", "knn"
+    (the backend of ``auto``); "pairwise" (the Triton launch configuration); "knn_cut" (the filter's cut)."""
     from memcore.ops import _tune
 
     picked = [v["chosen"] for k, v in _tune.choices().items() if k[0] == op]
     return picked[-1] if picked else ""
+
+
+def _auto_choice(op: str, be: str) -> str:
+    """For the "auto" rows: the backend autotuning chose."""
+    return _tuned(op) if be == "auto" else ""
+
+
+def _triton_choice(op: str, be: str) -> str:
+    """For the rows that run the Triton backend ("triton", and "auto" where it picked it): its tuned choice."""
+    return _tuned(op) if be in ("triton", "auto") else ""
 
 
 def _pair_configs(x: torch.Tensor, grid: tuple[int, int]) -> list[str]:
@@ -123,20 +132,6 @@ def _sd_fn(x: torch.Tensor, grid: tuple[int, int], op: str, be: str):
     if op == "matrix":
         return lambda: D.tiled_l2(x, grid=grid, backend=be, check_finite=False)
     return lambda: D.tiled_l2_graph(x, 0.1, grid=grid, backend=be, check_finite=False)
-
-
-def _tuned(op: str) -> str:
-    """The Triton backend's latest tuned choice for ``op`` ("pairwise": the launch configuration; "knn_cut":
-    the filter's cut method), "" when it did not tune (CPU, floats, MEMCORE_AUTOTUNE=0)."""
-    from memcore.ops import _tune
-
-    picked = [v["chosen"] for k, v in _tune.choices().items() if k[0] == op]
-    return picked[-1] if picked else ""
-
-
-def _pair_choice(be: str) -> str:
-    """For the "triton" / "auto" rows of the SD case: the pairwise configuration tuned to."""
-    return _tuned("pairwise") if be in ("triton", "auto") else ""
 
 
 def _sync(device: torch.device) -> None:
@@ -193,7 +188,7 @@ def run(args) -> list[dict]:
                     "pct_int8_peak": (100 * ops / t["median"] / 1e12 / peak) if peak else "",
                     "exact_vs_reference": bool(torch.equal(results[(op, be)], results[(op, "reference")])),
                     "auto_choice": _auto_choice(op, be),
-                    "config": _pair_choice(be),
+                    "config": _triton_choice("pairwise", be),
                 }
             )
     edges = int(torch.ops.aten.bitwise_and(results[("graph", "reference")].view(torch.int64), -1).ne(0).sum())
@@ -241,7 +236,7 @@ def run(args) -> list[dict]:
                     torch.equal(out[0].cpu(), ref_knn[0]) and torch.equal(out[1].cpu(), ref_knn[1])
                 ),
                 "auto_choice": _auto_choice("knn", be),
-                "config": _tuned("knn_cut") if be in ("triton", "auto") else "",
+                "config": _triton_choice("knn_cut", be),
                 "torch_peak_MiB_M_half": mem.get(2, ""),
                 "torch_peak_MiB_M_full": mem.get(1, ""),
             }

@@ -439,8 +439,9 @@ def _pair_s(
         xa, xb = a, (a if b is None else b)
     norms = None
     if not gram or b is not None:  # pairwise gram reads its norms from G's diagonal instead
-        na = _norms(xa, d, grid, packed, shift, 64 if packed else bk)
-        norms = (na, na if b is None else _norms(xb, d, grid, packed, shift, 64 if packed else bk))
+        nbk = 64 if packed else bk  # raw images: K steps that divide the tile width, as the product's
+        na = _norms(xa, d, grid, packed, shift, nbk)
+        norms = (na, na if b is None else _norms(xb, d, grid, packed, shift, nbk))
     row_blocks, col_blocks = triton.cdiv(n, blk_m), triton.cdiv(m, blk_n)
     if gram:
         pairs = tiles * _block_pairs(row_blocks, col_blocks, blk_m, blk_n, b is None)
@@ -524,31 +525,31 @@ def _pairwise(
     return out.view(torch.uint64) if graph else out
 
 
+def _choose(key: tuple, names: list[str], run, device: torch.device, exact: bool) -> str:
+    """One of ``names`` for a launch: for exact (uint8) work on a TUNE_DEVICE_TYPES device, the fastest per
+    shape class ``key``, tuned on first use by ``memcore.ops._tune`` (each candidate's ``run(name)`` must
+    reproduce the first one's exactly; under ``torch.compile`` tracing the cached choice or the first);
+    otherwise — floats, whose last bits must not depend on timings, or tuning off — the first."""
+    from memcore.ops import _tune
+
+    if not exact or device.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
+        return names[0]
+    if torch.compiler.is_compiling():
+        return _tune.chosen(key) or names[0]
+    return _tune.pick(key, names, run, device)
+
+
 def _pair_config(
     a: torch.Tensor, b: torch.Tensor | None, grid: tuple[int, int], scale: float, alpha: float | None
 ) -> str:
-    """The launch configuration: uint8 on a TUNE_DEVICE_TYPES device tunes once per shape class with
-    ``memcore.ops._tune`` (each eligible configuration must reproduce the first one's output exactly; the
-    fastest is cached); otherwise, and for floats (whose last bits must not depend on timings), the first."""
-    from memcore.ops import _tune
+    """The pairwise launch configuration (``_choose`` among the eligible PAIR_CONFIGS; each must give the
+    first one's output)."""
+    from memcore.ops._tune import bucket
 
     m = a.shape[0] if b is None else b.shape[0]
-    names = _pair_configs(a, m, grid)
-    dev = a.device
-    if a.dtype != torch.uint8 or dev.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
-        return names[0]
-    key = (
-        "pairwise",
-        str(dev),
-        b is None,
-        tuple(a.shape[1:]),
-        grid,
-        _tune.bucket(a.shape[0]),
-        _tune.bucket(m),
-    )
-    if torch.compiler.is_compiling():
-        return _tune.chosen(key) or names[0]
-    return _tune.pick(key, names, lambda name: _pairwise(a, b, grid, scale, alpha, name), dev)
+    key = ("pairwise", str(a.device), b is None, tuple(a.shape[1:]), grid, bucket(a.shape[0]), bucket(m))
+    run = lambda name: _pairwise(a, b, grid, scale, alpha, name)  # noqa: E731
+    return _choose(key, _pair_configs(a, m, grid), run, a.device, a.dtype == torch.uint8)
 
 
 def distance_matrix(
@@ -1048,22 +1049,17 @@ def _cut_distance(
 def _cut_choice(
     q: _Packed, r: _Packed, sample: _Packed, k: int, d: int, tiles: int, scale: float, is_int: bool, cap: int
 ) -> str:
-    """The cut method: for uint8 on a TUNE_DEVICE_TYPES device the faster of CUT_METHODS per shape class
-    (``memcore.ops._tune``; both must give the same k nearest), otherwise the first."""
-    from memcore.ops import _tune
+    """The cut method (``_choose`` among CUT_METHODS; both must give the same k nearest)."""
+    from memcore.ops._tune import bucket
 
     dev = q.data.device
-    if not is_int or dev.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
-        return CUT_METHODS[0]
-    key = ("knn_cut", str(dev), d, tiles, k, _tune.bucket(q.count), _tune.bucket(r.count))
-    if torch.compiler.is_compiling():
-        return _tune.chosen(key) or CUT_METHODS[0]
+    key = ("knn_cut", str(dev), d, tiles, k, bucket(q.count), bucket(r.count))
 
     def run(name: str) -> torch.Tensor:
         keys = _filter_keys(q, r, sample, k, d, tiles, scale, is_int, cap, name)
         return torch.topk(keys, k, dim=1, largest=False, sorted=True).values
 
-    return _tune.pick(key, list(CUT_METHODS), run, dev)
+    return _choose(key, list(CUT_METHODS), run, dev, is_int)
 
 
 def _filter_keys(
@@ -1178,24 +1174,16 @@ def _filter_pass(
 def _filter_config(
     q: _Packed, r: _Packed, cut: torch.Tensor, d: int, tiles: int, scale: float, is_int: bool, cap: int
 ) -> str:
-    """The filter launch configuration: tuned once per (device, tile size, grid) for uint8 on CUDA with the
-    same machinery as ``backend="auto"`` (``memcore.ops._tune``: each configuration must reproduce the first
-    one's candidates exactly, the fastest is cached); otherwise the first of FILTER_CONFIGS."""
-    from memcore.ops import _tune
-
-    names = list(FILTER_CONFIGS)
-    dev = q.data.device
-    if not is_int or dev.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
-        return names[0]
-    if torch.compiler.is_compiling():
-        return _tune.chosen(("knn_filter", str(dev), d, tiles)) or names[0]
+    """The filter launch configuration (``_choose`` among FILTER_CONFIGS per device, tile size and grid;
+    each must give the first one's candidates)."""
 
     def run(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, name)
         # appends land in atomic order: compare the sorted candidates
         return counts, torch.sort(_filled(buf, counts), dim=1).values
 
-    return _tune.pick(("knn_filter", str(dev), d, tiles), names, run, dev)
+    dev = q.data.device
+    return _choose(("knn_filter", str(dev), d, tiles), list(FILTER_CONFIGS), run, dev, is_int)
 
 
 def knn_keys(
