@@ -176,13 +176,9 @@ class ExtractConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.save_images not in SAVE_IMAGES:
             raise ValueError(f"save_images must be one of {SAVE_IMAGES}, got {self.save_images!r}")
-        for name in ("compile", "fuse_norm", "fuse_qkv"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        from memcore.sampling.engine import COMPILE_MODES
+        from memcore.sampling.engine import check_model_options
 
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        check_model_options(self)
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -781,8 +777,8 @@ def iter_extract(
         if not nn_buf:
             return
         with timer.span("nn"):
-            q = torch.cat([x[0] for x in nn_buf]) if len(nn_buf) > 1 else nn_buf[0][0]
-            seeds = torch.cat([x[1] for x in nn_buf]) if len(nn_buf) > 1 else nn_buf[0][1]
+            q = torch.cat([x[0] for x in nn_buf])
+            seeds = torch.cat([x[1] for x in nn_buf])
             d, j = tr.knn(q, config.nn_k)
             nn_state.update(d, j, seeds, config.nn_alpha)
             for lo, hi in _nn.normalize((i, i + 1) for x in nn_buf for i in x[2]):

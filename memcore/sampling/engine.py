@@ -50,6 +50,16 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 _CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def check_model_options(cfg) -> None:
+    """Validate the model options a config carries (``compile``, ``fuse_norm``, ``fuse_qkv``: bools;
+    ``compile_mode``: one of COMPILE_MODES) — shared by SamplerConfig and the attacks' configs."""
+    for name in ("compile", "fuse_norm", "fuse_qkv"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
+
+
 def _qkv_fused(module: torch.nn.Module) -> bool:
     """Whether a diffusers model's attention already runs on fused QKV projections."""
     return any("Fused" in type(p).__name__ for p in getattr(module, "attn_processors", {}).values())
@@ -141,11 +151,7 @@ class SamplerConfig:
             raise ValueError('mode="fp32" exists only for the fused step; use step_backend="fused" or "auto"')
         if not isinstance(self.scheduler, str) or not self.scheduler:
             raise TypeError("scheduler must be 'ddim', 'ddpm', 'config' or a diffusers scheduler class name")
-        for name in ("compile", "fuse_norm", "fuse_qkv"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        check_model_options(self)
         if self.guidance_rescale < 0:
             raise ValueError("guidance_rescale must be >= 0")
 
