@@ -10,6 +10,7 @@ import torch
 
 from memcore.attacks import carlini
 from memcore.io import results as R
+from memcore.utils.transfer import to_device
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -86,7 +87,7 @@ def test_cuda_steady_state_loop_never_syncs():
             buf[s0:s1] = imgs
             words = carlini._graph_rows(buf[s0:s1], buf[:s1], config)
             rows[s0:s1, : words.shape[1]] = words.view(torch.int64)
-            seeds = carlini._to_device(torch.arange(seed0 + s0, seed0 + s1), torch.device("cuda"))
+            seeds = to_device(torch.arange(seed0 + s0, seed0 + s1), torch.device("cuda"))
             d, j = train.knn(imgs, 5)
             state.update(d, j, seeds, 0.5)
 

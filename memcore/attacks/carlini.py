@@ -56,6 +56,7 @@ from memcore.attacks.nn import NNExtraction, NNState
 from memcore.io import results as _results
 from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
 from memcore.utils.profiling import stage
+from memcore.utils.transfer import Upload, to_device
 
 SAMPLERS = ("memcore", "reference")
 #: NN extraction runs its k-NN on blocks of candidates of at most this many bytes of images ...
@@ -430,7 +431,9 @@ class _Train:
         self.device = device
         n = images.shape[0]
         self.chunk = min(n, chunk or _auto_train_chunk(images, device))
-        self.whole = images.to(device).contiguous() if self.chunk >= n else None
+        # a set that fits is uploaded on a side stream while the first batches sample (a pageable copy here
+        # would hold the first launch back: 150 MB, CIFAR-10, is ~10 ms of an idle GPU)
+        self.whole = Upload(images, device) if self.chunk >= n else None
 
     def __len__(self) -> int:
         return self.host.shape[0]
@@ -438,10 +441,10 @@ class _Train:
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(offset, [c, C, H, W] device images) covering the training set in order."""
         if self.whole is not None:
-            yield 0, self.whole
+            yield 0, self.whole.wait()
             return
         for s in range(0, len(self), self.chunk):
-            yield s, _to_device(self.host[s : s + self.chunk].contiguous(), self.device)
+            yield s, to_device(self.host[s : s + self.chunk].contiguous(), self.device)
 
     def knn(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, k] ascending distances of each query to its k nearest training images and their indices."""
@@ -494,13 +497,6 @@ def _auto_train_chunk(images: torch.Tensor, device: torch.device) -> int:
     return n if n * per <= budget else max(1, budget // 2 // per)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without a host sync (pinned staging + non_blocking on CUDA)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _to_host(ts: list[torch.Tensor | None], device: torch.device) -> tuple[list[torch.Tensor | None], Any]:
     """Start device -> host copies (pinned, non_blocking) and return them with an event to wait on."""
     if device.type != "cuda":
@@ -535,7 +531,7 @@ def _condition_stats(
     from memcore.distance import tiled_l2
 
     k = len(members)
-    idx = _to_device(torch.tensor(members, dtype=torch.int64), device)
+    idx = to_device(torch.tensor(members, dtype=torch.int64), device)
     sub = buf.index_select(0, idx)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     if k > 1:
@@ -913,9 +909,9 @@ def iter_extract(
                 if sel:
                     with timer.span("nn"):
                         idx = [batch_jobs[r][2] - config.seed for r in sel]
-                        seeds = _to_device(torch.tensor([batch_jobs[r][2] for r in sel]), device)
+                        seeds = to_device(torch.tensor([batch_jobs[r][2] for r in sel]), device)
                         # a copy: the sampler may reuse its output buffer for the next batch
-                        q = imgs.clone() if len(sel) == b else imgs[_to_device(torch.tensor(sel), device)]
+                        q = imgs.clone() if len(sel) == b else imgs[to_device(torch.tensor(sel), device)]
                         nn_buf.append((q, seeds, idx))
                     if sum(x[0].shape[0] for x in nn_buf) >= nn_rows:
                         nn_flush()

@@ -39,6 +39,7 @@ import torch
 from memcore.models.loading import LoadedModel, load_model
 from memcore.sampling.seeds import check_seeds, initial_noise, step_noise
 from memcore.utils.profiling import stage
+from memcore.utils.transfer import to_device
 
 MODES = ("parity", "fp32")
 STEP_BACKENDS = ("auto", "fused", "diffusers")
@@ -182,13 +183,6 @@ def to_uint8(unit: torch.Tensor) -> torch.Tensor:
     """``[..]`` float in [0, 1] -> uint8 exactly as diffusers' ``numpy_to_pil``: ``(x * 255).round()`` in float32
     (round half to even, as numpy), then cast."""
     return (unit.float() * 255).round().to(torch.uint8)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without synchronising: pinned staging + non_blocking on CUDA."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 _RANDN_LOCK = threading.Lock()
@@ -490,9 +484,7 @@ class Sampler:
         if kind == "unet":
             return {}
         if kind == "class_unet":
-            return {
-                "class_labels": _to_device(torch.tensor(list(conditions), dtype=torch.int64), self.device)
-            }
+            return {"class_labels": to_device(torch.tensor(list(conditions), dtype=torch.int64), self.device)}
         cond = torch.cat([self._encode_text(p) for p in conditions])
         if self.cfg_scale is not None:
             unc = self._uncond_embedding().expand(len(conditions), -1, -1)
@@ -663,7 +655,7 @@ class Sampler:
         noise_dtype = lm.text_encoder.dtype if lm.kind == "sd_pipeline" else lm.unet.dtype
         x = initial_noise(seeds_p, lm.sample_shape, device=self.device, dtype=noise_dtype)
         x = x * self.init_noise_sigma  # as the stock pipelines (1.0 for DDIM/DDPM)
-        seeds_dev = _to_device(torch.tensor(seeds_p, dtype=torch.int64), self.device)
+        seeds_dev = to_device(torch.tensor(seeds_p, dtype=torch.int64), self.device)
         kwargs = self._unet_kwargs(conds_p)
         if self.use_graphs:
             x = self._denoise_graphs(x, seeds_dev, kwargs)
