@@ -3,6 +3,7 @@
     python benchmarks/bench_sampling.py                 # GPU: cifar10, celeba64, sd15 (random weights)
     python benchmarks/bench_sampling.py --quick         # CPU: scaled-down configurations, few steps
     python benchmarks/bench_sampling.py --compile       # the engine with torch.compile'd UNet (own CSV)
+    python benchmarks/bench_sampling.py --attention cudnn   # the engine's UNet attention on cuDNN first
 
 Configurations (random weights; FLOPs and speed do not depend on the weights):
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import device_name, write_csv
 
 from memcore.sampling import Sampler, SamplerConfig
+from memcore.sampling.engine import ATTENTION_BACKENDS
 
 CIFAR10 = dict(
     sample_size=32,
@@ -264,6 +266,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         fuse_norm=args.fuse_norm,
         # fused Q/K/V projections: the text-to-image UNet only (the pixel-space UNets have no such method)
         fuse_qkv=args.fuse_qkv and name.startswith("sd"),
+        attention=args.attention,
     )
     # The engine gets its own copy: its options (channels_last, fused norms) change a UNet in place, and the
     # reference must stay the stock pipeline.
@@ -293,6 +296,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         "compile_mode": cfg.compile_mode if cfg.compile else "",
         "fuse_norm": cfg.fuse_norm,
         "fuse_qkv": cfg.fuse_qkv,
+        "attention": cfg.attention,
         "inductor": args.inductor,
         "memcore_first_run_s": round(t_warm, 3),  # includes the compile with --compile
         "model_tflop_per_image": round(flops / b / 1e12, 4),
@@ -341,6 +345,12 @@ def main() -> int:
     )
     ap.add_argument("--fuse-norm", action="store_true")
     ap.add_argument("--fuse-qkv", action="store_true", help="fused Q/K/V projections (SD configuration)")
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="SDPA kernel memcore's UNet tries first (the reference keeps PyTorch's choice)",
+    )
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument(
@@ -392,6 +402,7 @@ def main() -> int:
         + ("_fp32" if args.mode == "fp32" else "")
         + ("_fusenorm" if args.fuse_norm else "")
         + ("_fuseqkv" if args.fuse_qkv else "")
+        + ("" if args.attention == "auto" else "_attn-" + args.attention)
         + ("_inductor" if args.inductor else "")
         + ("_compile" if args.compile else "")
         + ("" if args.compile_mode == "default" else "-" + args.compile_mode)

@@ -50,6 +50,7 @@ def _grid(text: str) -> tuple[int, int]:
 
 def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
     from memcore.attacks.carlini import ExtractConfig
+    from memcore.sampling.engine import ATTENTION_BACKENDS
 
     d = ExtractConfig()
     p.add_argument("--model", required=model_required, help="local diffusers model or pipeline directory")
@@ -121,6 +122,12 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
         help="one GEMM for each attention's Q/K/V projections (text-to-image pipelines; may change last bits)",
     )
     p.add_argument(
+        "--attention",
+        default=d.attention,
+        choices=ATTENTION_BACKENDS,
+        help="attention kernel the UNet tries first (auto: PyTorch's choice; others may change last bits)",
+    )
+    p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK under torchrun)"
     )
     p.add_argument("--clique-budget", type=int, default=None, help="clique search node budget")
@@ -172,6 +179,7 @@ def _config_from(args: argparse.Namespace, **over):
         compile_mode=args.compile_mode,
         fuse_norm=args.fuse_norm,
         fuse_qkv=args.fuse_qkv,
+        attention=args.attention,
         clique_budget=args.clique_budget,
         save_images=args.save_images,
         max_nn_images=args.max_nn_images,

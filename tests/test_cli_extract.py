@@ -62,6 +62,11 @@ def test_changed_parameter_refused_in_one_line(model_dir, tmp_path, capsys):
     assert main(args(model_dir, out, "--delta", "0.2")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "delta: directory has 0.15, this run has 0.2" in err
+    # options added after the first results format enter the parameters only when not at their default, so
+    # directories started before them still resume; another attention kernel (other last bits) is refused
+    assert "attention" not in json.loads((out / "params.json").read_text())["params"]
+    assert main(args(model_dir, out, "--attention", "math")) == 2
+    assert 'attention: directory has no value, this run has "math"' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

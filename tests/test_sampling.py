@@ -473,3 +473,56 @@ def test_fuse_qkv_matches_unfused_and_is_idempotent(sd_dir, class_unet_dir):
         Sampler(class_unet_dir, SamplerConfig(fuse_qkv=True, **kw))
     with pytest.raises(TypeError, match="fuse_qkv must be a bool"):
         SamplerConfig(fuse_qkv=1)
+
+
+def test_attention_backend_first_in_sdpa_order_during_unet_calls(sd_dir):
+    """attention="math" puts SDPA's math kernel first while the UNet runs (the other kernels follow, for
+    shapes it cannot take), restores PyTorch's order afterwards, and gives "auto"'s images up to rounding;
+    "auto" leaves the order alone. Unknown names are refused."""
+    from torch.nn.attention import SDPBackend
+
+    from memcore.models.loading import load_model
+
+    kw = dict(num_inference_steps=3, batch_size=2)
+    prompts = ["abc", "a photo"]
+    before = torch._C._get_sdp_priority_order()
+    seen = []
+    lm = load_model(sd_dir)
+    hook = lm.unet.register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()))
+    try:
+        ref = Sampler(lm, SamplerConfig(**kw)).run_batch([1, 2], prompts)
+        assert seen and all(o == before for o in seen)
+        seen.clear()
+        got = Sampler(lm, SamplerConfig(attention="math", **kw)).run_batch([1, 2], prompts)
+    finally:
+        hook.remove()
+    assert seen and all(o[0] == int(SDPBackend.MATH) and sorted(o) == sorted(before) for o in seen)
+    assert torch._C._get_sdp_priority_order() == before
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        SamplerConfig(attention="flash3")
+
+
+@pytest.mark.cuda
+def test_cudnn_attention_takes_sd_shapes_and_captures(sd_dir):
+    """The SD 1.x self-attention shape at 64x64 latents (8 heads of 40, 4096 tokens, bf16) runs on cuDNN's
+    kernel alone (else attention="cudnn" would silently fall back to FlashAttention-2 there), close to the
+    math kernel; a Sampler with attention="cudnn" captures its CUDA graph and replays what eager computes."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn((2, 8, 4096, 40), generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+    )
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        got = F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
+    kw = dict(num_inference_steps=5, batch_size=2, attention="cudnn", step_backend="fused")
+    prompts = ["abc", "a photo"]
+    gr = Sampler(sd_dir, SamplerConfig(cuda_graphs=True, **kw), device="cuda", dtype=torch.bfloat16)
+    ea = Sampler(sd_dir, SamplerConfig(cuda_graphs=False, **kw), device="cuda", dtype=torch.bfloat16)
+    assert gr.use_graphs
+    assert torch.equal(gr.run_batch([1, 2], prompts), ea.run_batch([1, 2], prompts))

@@ -35,6 +35,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   default_cmds="benchmarks/bench_distance.py --device cuda
 benchmarks/bench_extract.py --device cuda --cases cifar
 benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --fuse-qkv --batch sd15=32
+benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --fuse-qkv --batch sd15=32 --attention cudnn
 benchmarks/bench_extract.py --device cuda --cases sd
 benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --fuse-qkv --batch sd15=32 --inductor conv_1x1_as_mm=1,coordinate_descent_tuning=1,epilogue_fusion=0
 benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --batch sd15=48

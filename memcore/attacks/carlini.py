@@ -95,6 +95,8 @@ class ExtractConfig:
         fuse_norm: fused GroupNorm+SiLU kernel in the UNet (CUDA only; also changes the last bits).
         fuse_qkv: fused Q/K/V projections in the attention layers (text-to-image pipelines; may change the
             last bits; see ``memcore.sampling.SamplerConfig``).
+        attention: the attention kernel the UNet tries first ("auto", "cudnn", "flash", "efficient", "math";
+            see ``memcore.sampling.SamplerConfig``; other than "auto" it may change the last bits).
         clique_budget: node budget of the clique search (None: the engine's default); a condition whose
             search hit it has ``clique_exact = False``.
         save_images: "flagged" writes PNG pairs of flagged or extracted conditions, "all" of every condition,
@@ -131,6 +133,7 @@ class ExtractConfig:
     compile_mode: str = "default"
     fuse_norm: bool = False
     fuse_qkv: bool = False
+    attention: str = "auto"
     clique_budget: int | None = None
     save_images: str = "flagged"
     max_nn_images: int = 64
@@ -353,6 +356,7 @@ def _make_sampler(
             compile_mode=config.compile_mode,
             fuse_norm=config.fuse_norm,
             fuse_qkv=config.fuse_qkv,
+            attention=config.attention,
         ),
         device=device,
     )
@@ -642,6 +646,8 @@ def _run_params(
         "train_chunk",
     ):  # do not change records
         cfg.pop(k)
+    if cfg["attention"] == "auto":  # added after the first results format: its default keeps old directories
+        cfg.pop("attention")
     return {
         "model": model.identity,
         "model_kind": model.kind,

@@ -313,10 +313,12 @@ def _short(v: Any) -> str:
 def diff_params(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Human-readable differences, one entry per differing key."""
     out = []
+    absent = object()
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        a, b = old.get(key, absent), new.get(key, absent)
         if a != b:
-            out.append(f"{key}: directory has {_short(a)}, this run has {_short(b)}")
+            sa, sb = ("no value" if v is absent else _short(v) for v in (a, b))
+            out.append(f"{key}: directory has {sa}, this run has {sb}")
     return out
 
 

@@ -51,14 +51,41 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 _CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+#: ``SamplerConfig.attention``: which scaled-dot-product-attention kernel the UNet's attention layers try
+#: first ("auto": PyTorch's own order).
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
 def check_model_options(cfg) -> None:
     """Validate the model options a config carries (``compile``, ``fuse_norm``, ``fuse_qkv``: bools;
-    ``compile_mode``: one of COMPILE_MODES) — shared by SamplerConfig and the attacks' configs."""
+    ``compile_mode``: one of COMPILE_MODES; ``attention``: one of ATTENTION_BACKENDS) — shared by
+    SamplerConfig and the attacks' configs."""
     for name in ("compile", "fuse_norm", "fuse_qkv"):
         if not isinstance(getattr(cfg, name), bool):
             raise TypeError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
+    if cfg.attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {cfg.attention!r}")
+
+
+def attention_context(name: str) -> contextlib.AbstractContextManager:
+    """The context the UNet runs in for ``SamplerConfig.attention``: "auto" changes nothing; a backend name
+    moves that kernel to the front of SDPA's priority order, the others following in PyTorch's default order
+    (flash, efficient, math, cudnn), so shapes the chosen kernel cannot take (e.g. cuDNN's head-dimension
+    limit) still run."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    first = order[name]
+    return sdpa_kernel([first, *(b for b in order.values() if b != first)], set_priority=True)
 
 
 def _qkv_fused(module: torch.nn.Module) -> bool:
@@ -115,6 +142,14 @@ class SamplerConfig:
             models whose UNet lacks the method (e.g. ``UNet2DModel``) are refused. The model is changed in
             place, as with ``fuse_norm``.
         guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
+        attention: the scaled-dot-product-attention kernel the UNet's attention layers try first: ``"auto"``
+            (PyTorch's choice: FlashAttention-2 for half precision on CUDA), ``"cudnn"`` (cuDNN's fused
+            attention, Hopper-tuned; it takes head dimensions FlashAttention-2 pads, e.g. SD 1.x's 40),
+            ``"flash"``, ``"efficient"`` or ``"math"``; a shape the chosen kernel cannot take falls back to the
+            next in PyTorch's order. Another kernel sums in another order, so images differ in their last bits
+            (parity with diffusers holds for ``"auto"`` only). The VAE runs with ``"auto"``. Under ``compile``
+            the kernel is fixed when the UNet is first compiled: compiled graphs are shared per architecture,
+            so a later Sampler of the same architecture with another ``attention`` reuses that choice.
     """
 
     num_inference_steps: int = 50
@@ -132,6 +167,7 @@ class SamplerConfig:
     fuse_norm: bool = False
     fuse_qkv: bool = False
     guidance_rescale: float = 0.0
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
@@ -548,7 +584,8 @@ class Sampler:
     def _unet(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         if self.cfg_scale is not None:
             x = torch.cat([x] * 2)
-        return self.unet_fn(x, t, return_dict=False, **kwargs)[0]
+        with attention_context(self.config.attention):
+            return self.unet_fn(x, t, return_dict=False, **kwargs)[0]
 
     # ------------------------------------------------------------------------------------------ the loop
     def _denoise_eager(self, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -557,7 +594,8 @@ class Sampler:
             with stage("unet"):
                 inp = torch.cat([x] * 2) if self.cfg_scale is not None else x
                 inp = scheduler.scale_model_input(inp, self.timesteps[i])
-                out = self.unet_fn(inp, self.t_device[i], return_dict=False, **kwargs)[0]
+                with attention_context(self.config.attention):
+                    out = self.unet_fn(inp, self.t_device[i], return_dict=False, **kwargs)[0]
             with stage("step"):
                 x = self._apply_step(scheduler, x, out, i, seeds)
         return x
