@@ -17,7 +17,23 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where CSVs go (``MEMCORE_BENCH_RESULTS`` overrides it: the smoke tests write to a temporary directory).
+RESULTS = Path(os.environ.get("MEMCORE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
+def comma_list(allowed: tuple[str, ...]):
+    """An argparse ``type`` for a comma list of ``allowed`` names (a typo fails at parse time, before any
+    device time is spent)."""
+    import argparse
+
+    def parse(raw: str) -> str:
+        names = [x for x in raw.split(",") if x]
+        bad = [x for x in names if x not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}; got {raw!r}")
+        return ",".join(names)
+
+    return parse
 
 
 def commit() -> str:

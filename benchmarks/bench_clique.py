@@ -151,13 +151,17 @@ def to_igraph(bits: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few graphs and repeats, no slow baselines")
     ap.add_argument("--slow-baselines", action="store_true", help="also run networkx where it takes minutes")
     ap.add_argument("--nx-timeout", type=float, default=120.0)
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this (no batch)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     graphs_per_case = 4 if args.quick else 20
     reps = 3 if args.quick else 10

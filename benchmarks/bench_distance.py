@@ -269,13 +269,17 @@ def run(args) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", nargs="*", default=None)
-    run(ap.parse_args())
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a source checkout, after an installed memcore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_csv
+from _common import comma_list, write_csv
 
 from memcore.attacks import carlini
 
@@ -239,11 +239,16 @@ def memory_case(device: torch.device, quick: bool, sizes: tuple[int, ...] | None
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def main() -> int:
+CASES = ("demo", "cifar", "sd", "memory")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small CPU sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--cases", default=None, help="comma list of demo,cifar,sd,memory")
+    ap.add_argument(
+        "--cases", type=comma_list(CASES), default=None, help="comma list of demo,cifar,sd,memory"
+    )
     ap.add_argument(
         "--memory-sizes",
         default=None,
@@ -257,7 +262,11 @@ def main() -> int:
         "do not overwrite each other)",
     )
     ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     global REPEATS
     REPEATS = 1 if device.type == "cuda" else 2

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a source checkout, after an installed memcore
 
-from _common import device_name, write_csv
+from _common import comma_list, device_name, write_csv
 
 from memcore.sampling import Sampler, SamplerConfig
 from memcore.sampling.engine import ATTENTION_BACKENDS
@@ -205,24 +205,38 @@ def count_flops(sampler: Sampler, seeds: list[int], conds, steps: int) -> float:
     return float(total)
 
 
-def _set_inductor(spec: str) -> None:
-    """Apply ``key=value`` pairs to ``torch._inductor.config`` (ints and true/false; an unknown key is an
-    error, so a typo cannot silently measure the defaults)."""
-    if not spec:
-        return
+CONFIGS = ("cifar10", "celeba64", "sd15")
+
+
+def _batch_arg(raw: str) -> dict[str, int]:
+    """``--batch cifar10=256,sd15=8`` -> {config: batch}."""
+    out = {}
+    for item in (x for x in raw.split(",") if x):
+        key, _, val = item.partition("=")
+        if key not in CONFIGS or not val.isdigit() or int(val) < 1:
+            raise argparse.ArgumentTypeError(f"expected config=batch with config in {CONFIGS}, got {item!r}")
+        out[key] = int(val)
+    return out
+
+
+def _inductor_arg(raw: str) -> dict[str, object]:
+    """``--inductor key=value,...`` -> ``torch._inductor.config`` settings (ints and true/false; an unknown
+    key is an error, so a typo cannot silently measure the defaults)."""
     import torch._inductor.config as ic
 
-    for item in spec.split(","):
-        key, _, raw = item.partition("=")
+    out: dict[str, object] = {}
+    for item in (x for x in raw.split(",") if x):
+        key, _, val = item.partition("=")
         if not hasattr(ic, key):
-            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
-        low = raw.strip().lower()
+            raise argparse.ArgumentTypeError(f"torch._inductor.config has no {key!r}")
+        low = val.strip().lower()
         value: object = (
-            low in ("1", "true", "yes") if low in ("0", "1", "true", "false", "yes", "no") else raw
+            low in ("1", "true", "yes") if low in ("0", "1", "true", "false", "yes", "no") else val
         )
         if isinstance(value, str) and value.lstrip("-").isdigit():
             value = int(value)
-        setattr(ic, key, value)
+        out[key] = value
+    return out
 
 
 def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -297,7 +311,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         "fuse_norm": cfg.fuse_norm,
         "fuse_qkv": cfg.fuse_qkv,
         "attention": cfg.attention,
-        "inductor": args.inductor,
+        "inductor": ",".join(f"{k}={v}" for k, v in args.inductor.items()),
         "memcore_first_run_s": round(t_warm, 3),  # includes the compile with --compile
         "model_tflop_per_image": round(flops / b / 1e12, 4),
         "ref_s": round(t_ref["median"], 4),
@@ -306,6 +320,12 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         "memcore_images_per_s": round(b / t_mc["median"], 3),
         "speedup": round(t_ref["median"] / t_mc["median"], 3),
     }
+    if sampler.model.latent:
+        # the VAE decode's share of memcore's time (one micro-batch of latents, as the engine decodes them)
+        lat = torch.randn((b, *sampler.model.sample_shape), device=device, dtype=sampler.model.unet.dtype)
+        t_dec, _ = _time_pair(lambda: sampler.decode(lat), lambda: None, device, args.repeats)
+        row["memcore_decode_s"] = round(t_dec["median"], 4)
+        row["decode_share"] = round(t_dec["median"] / t_mc["median"], 4)
     if device.type == "cuda":
         peak = args.peak_tflops * 1e12
         row["ref_mfu"] = round(flops / t_ref["median"] / peak, 4)
@@ -319,14 +339,14 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
     return row
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU smoke: scaled-down models, few steps")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--configs", default="cifar10,celeba64,sd15")
+    ap.add_argument("--configs", type=comma_list(CONFIGS), default=",".join(CONFIGS))
     ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default), float16, float32 (CPU default)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch", default="", help="per-config batch, e.g. cifar10=256,sd15=8")
+    ap.add_argument("--batch", type=_batch_arg, default={}, help="per-config batch, e.g. cifar10=256,sd15=8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="parity", choices=["parity", "fp32"])
     ap.add_argument(
@@ -340,7 +360,8 @@ def main() -> int:
     )
     ap.add_argument(
         "--inductor",
-        default="",
+        type=_inductor_arg,
+        default={},
         help="torch._inductor.config settings for --compile, e.g. conv_1x1_as_mm=1,coordinate_descent_tuning=1",
     )
     ap.add_argument("--fuse-norm", action="store_true")
@@ -359,8 +380,16 @@ def main() -> int:
         default=1,
         help="CPU threads (1: OpenMP spin-waits on shared cores skew timings)",
     )
-    args = ap.parse_args()
-    _set_inductor(args.inductor)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.inductor:
+        import torch._inductor.config as ic
+
+        for key, value in args.inductor.items():
+            setattr(ic, key, value)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
         device = torch.device(args.device or "cpu")
@@ -376,7 +405,8 @@ def main() -> int:
         else {"cifar10": 4, "celeba64": 4, "sd15": 2}
     )
     args.default_batch = 4
-    args.batch = {**defaults, **{k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(",") if kv)}}
+    batch_spec = args.batch
+    args.batch = {**defaults, **batch_spec}
     if args.quick:
         args.configs = ",".join(
             c for c in args.configs.split(",") if c != "celeba64"
@@ -398,7 +428,7 @@ def main() -> int:
     # one CSV per variant, so the runs of one GPU session do not overwrite each other
     tag = (
         ("_quick" if args.quick else "")
-        + ("" if args.configs == "cifar10,celeba64,sd15" else "_" + args.configs.replace(",", "-"))
+        + ("" if args.configs == ",".join(CONFIGS) else "_" + args.configs.replace(",", "-"))
         + ("_fp32" if args.mode == "fp32" else "")
         + ("_fusenorm" if args.fuse_norm else "")
         + ("_fuseqkv" if args.fuse_qkv else "")
@@ -406,7 +436,7 @@ def main() -> int:
         + ("_inductor" if args.inductor else "")
         + ("_compile" if args.compile else "")
         + ("" if args.compile_mode == "default" else "-" + args.compile_mode)
-        + ("_b" + "-".join(x.split("=")[-1] for x in args.batch.split(",")) if args.batch else "")
+        + ("_b" + "-".join(str(v) for v in batch_spec.values()) if batch_spec else "")
     )
     write_csv("bench_sampling" + tag, rows, device)
     return 0

@@ -131,11 +131,15 @@ def bench_groupnorm(device: torch.device, cases, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny CPU shapes, few repeats")
     ap.add_argument("--device", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
     gpu = device.type == "cuda"
     repeats = 3 if args.quick else 10
