@@ -115,21 +115,23 @@ class SamplerConfig:
         channels_last: NHWC UNet; None -> on for CUDA unless mode is ``"parity"`` (the stock pipelines run
             NCHW, and the layout changes conv algorithms, hence floats).
         compile: ``torch.compile`` the UNet forward (``torch.compile(unet, mode=compile_mode, dynamic=False)``;
-            the model object itself is not changed). Only the UNet is compiled: the fused step is already one
-            opaque custom-op kernel, diffusers' ``scheduler.step`` is stateful Python, and the text encoder and
-            VAE run once per prompt / micro-batch, not per step. The graph is specialised to the fixed micro-batch (the engine pads
-            the last batch, so every call has the same shapes); the timestep enters as a 0-d tensor, so the
-            steps of a run, later micro-batches, :meth:`Sampler.regenerate` and other Samplers of the same
-            architecture reuse one compiled graph (tested on CPU); another architecture, micro-batch, dtype,
-            device or memory format compiles again. The first UNet call pays a one-time compile: 10-50 s for
-            the tiny test UNets on 2 CPU cores (inductor writes and builds C++; its on-disk cache makes repeats
-            faster); not measured on a GPU yet (bigger UNets and ``max-autotune*`` autotuning take longer).
-            With CUDA graphs the compile happens in the warm-up calls before the capture, never inside it.
-            Compiled kernels fuse and reorder float operations, so images differ from the eager UNet's in
-            their last bits (~1e-6 on [0, 1] images in float32 over a few steps on CPU): ``mode="parity"`` is
-            then no longer bit-identical with stock diffusers, though a candidate still regenerates
-            bit-identically in the same process (same compiled kernels). With ``max-autotune*`` kernels are
-            picked by timing, so like ``cudnn.benchmark`` they may differ in another process.
+            the model object itself is not changed) and, for latent models, the VAE decode. The fused step is
+            already one opaque custom-op kernel, diffusers' ``scheduler.step`` is stateful Python, and the text
+            encoder runs once per prompt; the VAE decodes once per micro-batch, but at 512x512 its
+            memory-bound GroupNorm+SiLU layers are a visible share of an SD run, and inductor fuses them. The
+            graphs are specialised to the fixed micro-batch (the engine pads the last batch, so every call has
+            the same shapes); the timestep enters as a 0-d tensor, so the steps of a run, later micro-batches,
+            :meth:`Sampler.regenerate` and other Samplers of the same architecture reuse one compiled graph
+            (tested on CPU); another architecture, micro-batch, dtype, device or memory format compiles again.
+            The first call pays a one-time compile: 10-50 s for the tiny test models on 2 CPU cores (inductor
+            writes and builds C++; its on-disk cache makes repeats faster), 13-58 s for the benchmark UNets on
+            an H100 (``max-autotune*`` autotuning takes longer). With CUDA graphs the UNet compiles in the
+            warm-up calls before the capture, never inside it. Compiled kernels fuse and reorder float
+            operations, so images differ from the eager model's in their last bits (~1e-6 on [0, 1] images in
+            float32 over a few steps on CPU): ``mode="parity"`` is then no longer bit-identical with stock
+            diffusers, though a candidate still regenerates bit-identically in the same process (same compiled
+            kernels). With ``max-autotune*`` kernels are picked by timing, so like ``cudnn.benchmark`` they may
+            differ in another process.
         compile_mode: ``torch.compile`` mode: ``"default"``, ``"max-autotune-no-cudagraphs"``, or
             ``"reduce-overhead"`` / ``"max-autotune"`` (these two make inductor record its own CUDA graphs, so
             on CUDA they are refused while the engine captures its own, ``cuda_graphs=True``).
@@ -452,6 +454,13 @@ class Sampler:
                 dynamic=False,
                 mode=None if config.compile_mode == "default" else config.compile_mode,
             )
+        self.vae_decode = lm.vae.decode if lm.latent else None
+        if config.compile and lm.latent:
+            self.vae_decode = torch.compile(
+                lm.vae.decode,
+                dynamic=False,
+                mode=None if config.compile_mode == "default" else config.compile_mode,
+            )
         self._graph: Any = None
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._uncond: torch.Tensor | None = None
@@ -658,7 +667,7 @@ class Sampler:
         """
         with stage("decode"):
             if self.model.latent:
-                x = self.model.vae.decode(x / self.model.vae_scaling_factor, return_dict=False)[0]
+                x = self.vae_decode(x / self.model.vae_scaling_factor, return_dict=False)[0]
             return (x / 2 + 0.5).clamp(0, 1).float()
 
     def run_batch(self, seeds: Sequence[int], conditions: Sequence[Any] | None = None) -> torch.Tensor:
