@@ -427,6 +427,11 @@ class _Train:
     time, so device memory is O(chunk) whatever the size of the training set. Results are identical either
     way: uint8 distances are exact, nearest images keep the first (smallest) index on ties and the k-NN merges
     chunks in (distance, index) order.
+
+    A set that fits is uploaded in the background (``start``; the extraction loop calls it once the first
+    batch is under way): a pageable copy in front of the first launch would leave the GPU idle (150 MB,
+    CIFAR-10, ~10 ms). Not earlier: the first batch captures the sampler's CUDA graph, and a capture in
+    PyTorch's default (global) mode forbids the upload thread's event waits and pinned allocations.
     """
 
     def __init__(self, images: torch.Tensor, device: torch.device, backend: str, chunk: int | None) -> None:
@@ -435,15 +440,19 @@ class _Train:
         self.device = device
         n = images.shape[0]
         self.chunk = min(n, chunk or _auto_train_chunk(images, device))
-        # a set that fits is uploaded on a side stream while the first batches sample (a pageable copy here
-        # would hold the first launch back: 150 MB, CIFAR-10, is ~10 ms of an idle GPU)
-        self.whole = Upload(images, device) if self.chunk >= n else None
+        self.whole: Upload | None = None
+
+    def start(self) -> None:
+        """Begin the background upload of a set held whole (no-op when streamed, or once started)."""
+        if self.whole is None and self.chunk >= len(self):
+            self.whole = Upload(self.host, self.device)
 
     def __len__(self) -> int:
         return self.host.shape[0]
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(offset, [c, C, H, W] device images) covering the training set in order."""
+        self.start()
         if self.whole is not None:
             yield 0, self.whole.wait()
             return
@@ -902,6 +911,8 @@ def iter_extract(
             if timer.sync:
                 torch.cuda.synchronize()
             timer.add("sample", time.perf_counter() - t0)
+            if tr is not None:
+                tr.start()  # after the first batch: its CUDA graph capture is over (see _Train)
             b = imgs.shape[0]
             batch_jobs = [next(job_iter) for _ in range(b)]
             if bar is not None:

@@ -30,7 +30,9 @@ class Upload:
     On CUDA a worker thread copies row chunks through two pinned staging buffers of ``chunk_bytes`` (host
     memory stays bounded whatever the tensor's size) on a side stream; :meth:`wait` joins the thread (it has
     long finished when the data is first needed) and makes the current stream wait for the copies — an event,
-    not a host sync. Elsewhere the copy runs on the worker thread too (``background``) or at once.
+    not a host sync. Elsewhere the copy runs on the worker thread too (``background``) or at once. Do not
+    start one while another thread captures a CUDA graph in the default (global) capture mode: the worker's
+    event waits and pinned allocations are calls such a capture forbids in every thread.
 
     Args:
         host: [R, ...] tensor (any strides).
