@@ -249,8 +249,10 @@ def _pair_kernel(
         k_hi = tl.minimum(D, k_lo + per_split)
         g = _gram(a_base, b_base, rmask, cmask, k_lo, k_hi, H, W, TH, TW,
                   IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
-        plane = split.to(tl.int64) * T + t64
-        tl.store(out_ptr + (plane * N + rows.to(tl.int64)[:, None]) * M + cols[None, :], g, mask=omask)
+        # int32 offsets (the buffer holds at most GRAM_MAX_BYTES / 4 < 2^31 values): int64 ones made this
+        # [BM, BN] store the kernel's register peak (254 registers and spills for 128x128 on sm_90; 119 now)
+        plane = split * T + t
+        tl.store(out_ptr + ((plane * N + rows[:, None]) * M + cols[None, :]), g, mask=omask)
     else:
         na = tl.load(an_ptr + t64 * N + rows, mask=rmask, other=0)
         nb = tl.load(bn_ptr + t64 * M + cols, mask=cmask, other=0)
@@ -381,7 +383,7 @@ PAIR_CONFIGS: dict[str, tuple[str, int, int, int, int, int, int]] = {
     "nchw-i8/128x128x128/w8s3": ("nchw-i8", 128, 128, 128, 8, 3, 4),
 }
 #: Largest gram buffer [splits, T, N, M] int32, bytes: it caps the K splits, and calls that do not fit one
-#: split run "packed" (whose buffer is N·M·8 bytes).
+#: split run "packed" (whose buffer is N·M·8 bytes). Below 2^33, so the kernel's int32 offsets into it hold.
 GRAM_MAX_BYTES = 256 << 20
 #: Device types whose uint8 launches are tuned among the configurations (tests add "cpu").
 TUNE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
