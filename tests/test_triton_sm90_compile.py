@@ -86,15 +86,14 @@ SD = {"N": 500, "D": 3 * 128 * 128, "T": 16, "H": 512, "W": 512, "TH": 128, "TW"
 H100_SMEM = 227 * 1024
 
 
-def _gemm_ok(name: str, st: dict, spills: bool = False) -> None:
-    """wgmma, cp.async, shared memory within the H100's, and no register spills (``spills``: allowed, for
-    kernels known to spill)."""
+def _gemm_ok(name: str, st: dict, max_stack: int = 0) -> None:
+    """wgmma, cp.async, shared memory within the H100's, and register spills (ptxas's stack) of at most
+    ``max_stack`` bytes per thread."""
     assert st["wgmma"] > 0, f"{name}: no wgmma"
     assert st["cp_async"] > 0, f"{name}: loads are not pipelined (no cp.async)"
     assert st["local"] == 0, f"{name}: local-memory spills"
-    assert spills or st.get("stack", 0) == 0, (
-        f"{name}: ptxas spills ({st['regs']} registers, {st['stack']} B stack)"
-    )
+    stack = st.get("stack", 0)
+    assert stack <= max_stack, f"{name}: ptxas spills ({st.get('regs')} registers, {stack} B stack)"
     assert st["smem"] <= H100_SMEM, f"{name}: {st['smem']} B of shared memory"
 
 
@@ -182,10 +181,10 @@ def test_knn_kernels_compile_for_sm90():
     for name, (bm, bn, bk, warps, stages) in tk.FILTER_CONFIGS.items():
         out = {"cut_ptr": ("*i32", None), "cnt_ptr": ("*i32", None), "buf_ptr": ("*i64", None)}
         args = _knn_args(**out, CAP=("i32", 2048))
-        consts = {**common, "BM": bm, "BN": bn, "BK": bk}
-        # known: the append epilogue's row-wise cumsum over the [BM, BN] block spills (255 registers and
-        # 0.5-3.7 KB of stack per thread at Triton 3.9); without it the kernel takes ~150 registers
-        _gemm_ok(name, _compile(tk._knn_filter_kernel, args, consts, warps, stages), spills=True)
+        consts = {**common, "BM": bm, "BN": bn, "BK": bk, "WB": min(32, bn)}
+        # the append epilogue keeps these at 244-255 registers: a few spilled words are tolerated (a row-wise
+        # tl.cumsum there spilled 0.5-3.7 KB per thread)
+        _gemm_ok(name, _compile(tk._knn_filter_kernel, args, consts, warps, stages), max_stack=64)
     for gs in (1, 4, 128):  # the group-minimum cut over the CIFAR sample (5,000 references: groups of 4)
         args = _knn_args(5000, out_ptr=("*i32", None), G=("i32", 1250))
         consts = {**common, "BM": tk.CUT_BM, "BN": tk.CUT_BN, "GS": gs, "BK": tk.BLOCK_K}

@@ -778,6 +778,7 @@ def _knn_filter_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    WB: tl.constexpr,  # bits per hit word of the append epilogue: min(32, BN)
     PRECISION: tl.constexpr,
 ):
     rows, cols, rmask, cmask, s = _block_s(
@@ -797,9 +798,34 @@ def _knn_filter_kernel(
     per_row = tl.sum(h32, axis=1)
     if tl.sum(per_row) > 0:
         base = tl.atomic_add(cnt_ptr + rows, per_row, mask=per_row > 0)
-        pos = base[:, None] + tl.cumsum(h32, axis=1) - 1
-        key = (val.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
-        tl.store(buf_ptr + rows.to(tl.int64)[:, None] * CAP + pos, key, mask=hit & (pos < CAP))
+        # Slot of each hit in its row: hits before it in the row, from bit words and popcounts. A row-wise
+        # tl.cumsum over the [BM, BN] block did the same but took 255 registers and spilled 0.5-3.7 KB per
+        # thread (sm_90), on nearly every block (a query's ~1 % of references within the cut hit most blocks).
+        lane = tl.arange(0, BN) % WB
+        bits = tl.reshape(h32 << lane[None, :], (BM, BN // WB, WB))
+        words = tl.sum(bits, axis=2)  # [BM, BN // WB]: distinct bits, so the sum is their or
+        ones = _popc(words)
+        before = tl.cumsum(ones, axis=1) - ones  # hits in the row's earlier words
+        before = tl.reshape(tl.broadcast_to(before[:, :, None], (BM, BN // WB, WB)), (BM, BN))
+        words = tl.reshape(tl.broadcast_to(words[:, :, None], (BM, BN // WB, WB)), (BM, BN))
+        pos = base[:, None] + before + _popc(words & ((1 << lane) - 1)[None, :])
+        # The key ``val << 32 | index`` (both >= 0) as its two little-endian int32 words: no [BM, BN] int64
+        # tensor, and int32 offsets (the buffer holds FILTER_QUERY_BLOCK·cap < 2^31 keys).
+        ok = hit & (pos < CAP)
+        word = (rows[:, None] * CAP + pos) * 2
+        buf32 = buf_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        tl.store(buf32 + word, cols[None, :] + 0 * pos, mask=ok)
+        tl.store(buf32 + word + 1, val, mask=ok)
+
+
+@triton.jit
+def _popc(x):
+    """Set bits of each int32 (SWAR popcount on the uint32 bit pattern)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = u - ((u >> 1) & 0x55555555)
+    u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+    u = (u + (u >> 4)) & 0x0F0F0F0F
+    return ((u * 0x01010101) >> 24).to(tl.int32)
 
 
 @triton.jit
@@ -1120,12 +1146,16 @@ def _filter_keys(
 #: first is the default. For uint8 on CUDA the fastest is chosen on first use per image shape (every one gives
 #: the same candidates: integer S, same cut); floats keep the first (BK 32), so their last bits never depend
 #: on timings.
+#: Each compiles for sm_90 within the H100's shared memory and without register spills beyond a few words
+#: (tests/test_triton_sm90_compile.py): int8 wgmma is not pipelined by Triton (it keeps only fp32 accumulators
+#: in flight), so two CTAs per SM ("128x64x128/w4s3": 244 registers, 74 KB) is the other way to overlap the
+#: MMAs with the loads. 128x256 and 256x128 blocks no longer fit or spill 1.2-1.5 KB with the append epilogue.
 FILTER_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "128x128x128/w8s3": (128, 128, 128, 8, 3),
-    "128x256x128/w8s3": (128, 256, 128, 8, 3),
-    "256x128x128/w8s3": (256, 128, 128, 8, 3),
-    "128x128x128/w4s4": (128, 128, 128, 4, 4),
     "128x128x64/w8s4": (128, 128, 64, 8, 4),
+    "128x64x128/w4s3": (128, 64, 128, 4, 3),
+    "64x128x128/w4s3": (64, 128, 128, 4, 3),
+    "128x128x128/w16s3": (128, 128, 128, 16, 3),
 }
 
 
@@ -1166,6 +1196,7 @@ def _filter_pass(
         BM=bm,
         BN=bn,
         BK=bk if is_int else 32,
+        WB=min(32, bn),
         PRECISION="tf32x3",
         num_warps=warps,
         num_stages=stages,
