@@ -86,14 +86,19 @@ SD = {"N": 500, "D": 3 * 128 * 128, "T": 16, "H": 512, "W": 512, "TH": 128, "TW"
 H100_SMEM = 227 * 1024
 
 
+def _spilled(st: dict) -> int:
+    """Bytes of register spills per thread: PTX local memory counts as a lot, else ptxas's stack."""
+    return 1 << 20 if st["local"] else st.get("stack", 0)
+
+
 def _gemm_ok(name: str, st: dict, max_stack: int = 0) -> None:
-    """wgmma, cp.async, shared memory within the H100's, and register spills (ptxas's stack) of at most
-    ``max_stack`` bytes per thread."""
+    """wgmma, cp.async, shared memory within the H100's, and register spills of at most ``max_stack`` bytes
+    per thread."""
     assert st["wgmma"] > 0, f"{name}: no wgmma"
     assert st["cp_async"] > 0, f"{name}: loads are not pipelined (no cp.async)"
-    assert st["local"] == 0, f"{name}: local-memory spills"
-    stack = st.get("stack", 0)
-    assert stack <= max_stack, f"{name}: ptxas spills ({st.get('regs')} registers, {stack} B stack)"
+    assert _spilled(st) <= max_stack, (
+        f"{name}: spills ({st.get('regs')} registers, {st.get('stack')} B stack)"
+    )
     assert st["smem"] <= H100_SMEM, f"{name}: {st['smem']} B of shared memory"
 
 
@@ -189,12 +194,13 @@ def test_knn_kernels_compile_for_sm90():
         args = _knn_args(5000, out_ptr=("*i32", None), G=("i32", 1250))
         consts = {**common, "BM": tk.CUT_BM, "BN": tk.CUT_BN, "GS": gs, "BK": tk.BLOCK_K}
         _gemm_ok(f"group-min GS={gs}", _compile(tk._group_min_kernel, args, consts, 8, 3))
-    # the fused kernel keeps a bitonic sort in registers: it must compile (a few bytes of stack are expected)
+    # the fused kernel keeps a bitonic sort in registers (199 registers, no stack at Triton 3.9)
     args = _knn_args(
         flag_ptr=("*i32", None), out_ptr=("*i64", None), per_split=("i32", 1024), SPLITS=("i32", 7)
     )
     consts = {**common, "ACC32": True, "USE_FLAGS": False, "BM": tk.BLOCK_M, "KP": 64, "BK": tk.BLOCK_K}
-    assert _compile(tk._knn_kernel, args, consts, 8, 3)["wgmma"] > 0
+    st = _compile(tk._knn_kernel, args, consts, 8, 3)
+    assert st["wgmma"] > 0 and _spilled(st) <= 64, st
 
 
 def test_epilogue_kernels_compile_for_sm90():
@@ -203,8 +209,8 @@ def test_epilogue_kernels_compile_for_sm90():
     for gram in (False, True):
         args = {
             "s_ptr": ("*i32" if gram else "*i64", None),
-            "an_ptr": ("*i32", None),
-            "bn_ptr": ("*i32", None),
+            "an_ptr": ("*i64", None),
+            "bn_ptr": ("*i64", None),
             "out_ptr": ("*i64", None),
             "N": ("i32", 500),
             "M": ("i32", 500),
@@ -216,7 +222,8 @@ def test_epilogue_kernels_compile_for_sm90():
             "alpha": ("fp32", None),
         }
         consts = {"IS_INT": True, "SYMMETRIC": True, "GRAPH": True, "GRAM": gram, "BM": tk.BLOCK_M}
-        assert _compile(tk._finish_kernel, args, consts, 4, 3)["local"] == 0
+        # (the gram variant spilled 560 B per thread with int64 offsets and sums)
+        assert _spilled(_compile(tk._finish_kernel, args, consts, 4, 3)) == 0
     for is_int in (True, False):
         args = {
             "buf_ptr": ("*i64", None),
@@ -226,7 +233,7 @@ def test_epilogue_kernels_compile_for_sm90():
         }
         args["n_tile"] = ("i32", 3072)
         consts = {"IS_INT": is_int, "BM": 32, "BC": 128}
-        assert _compile(tk._candidates_kernel, args, consts, 4, 3)["local"] == 0
+        assert _spilled(_compile(tk._candidates_kernel, args, consts, 4, 3)) == 0
     for packed, shift in ((True, False), (False, True)):
         args = {
             "x_ptr": ("*i8" if packed else "*u8", None),
@@ -236,4 +243,4 @@ def test_epilogue_kernels_compile_for_sm90():
             **{k: ("i32", 1 if packed else SD[k]) for k in ("H", "W", "TH", "TW", "GW")},
         }
         consts = {"IS_INT": True, "SHIFT": shift, "PACKED": packed, "BN": 32, "BK": 128}
-        assert _compile(tk._norms_kernel, args, consts, 4, 3)["local"] == 0
+        assert _spilled(_compile(tk._norms_kernel, args, consts, 4, 3)) == 0

@@ -320,16 +320,16 @@ def _finish_kernel(
         lo = r2
         hi = c2
     if GRAM:  # S = max over tiles of ‖a_t‖² + ‖b_t‖² − 2 G_t, in int64 (S reaches 255²·D)
+        # G_t and every partial sum of its splits stay within 2^14·D <= 2^30: int32. Offsets are int32 too (G
+        # holds at most GRAM_MAX_BYTES / 4 < 2^31 values): with int64 ones this loop spilled 560 B per thread.
         s = tl.zeros((BM, 64), dtype=tl.int64)
         for t in range(0, T):
-            t64 = tl.zeros((), dtype=tl.int64) + t
-            g = tl.zeros((BM, 64), dtype=tl.int64)
+            g = tl.zeros((BM, 64), dtype=tl.int32)
             for sp in range(0, SPLITS):
-                plane = sp * T + t64
-                g += tl.load(s_ptr + (plane * N + lo.to(tl.int64)) * M + hi, mask=valid, other=0).to(tl.int64)
-            na = tl.load(an_ptr + t64 * N + lo, mask=valid, other=0).to(tl.int64)
-            nb = tl.load(bn_ptr + t64 * M + hi, mask=valid, other=0).to(tl.int64)
-            s = tl.maximum(s, na + nb - 2 * g)
+                g += tl.load(s_ptr + (((sp * T + t) * N + lo) * M + hi), mask=valid, other=0)
+            na = tl.load(an_ptr + (t * N + lo), mask=valid, other=0).to(tl.int64)
+            nb = tl.load(bn_ptr + (t * M + hi), mask=valid, other=0).to(tl.int64)
+            s = tl.maximum(s, na + nb - 2 * g.to(tl.int64))
     else:
         s = tl.load(s_ptr + lo.to(tl.int64) * M + hi, mask=valid, other=0)
     d = _distance(s, n_tile, scale, IS_INT)
