@@ -22,6 +22,12 @@ def test_background_chunks_equal_the_host_tensor(chunk_bytes):
         assert up.wait() is got  # joined once, the same tensor afterwards
 
 
+def test_already_there_is_not_copied():
+    x = torch.arange(12, dtype=torch.int32).view(3, 4)
+    assert transfer.Upload(x, "cpu").wait() is x
+    assert transfer.to_device(x, torch.device("cpu")) is x
+
+
 def test_empty_and_foreground():
     e = torch.empty((0, 3, 4, 4), dtype=torch.uint8)
     assert transfer.Upload(e, "cpu", background=True).wait().shape == (0, 3, 4, 4)

@@ -17,8 +17,9 @@ UPLOAD_CHUNK_BYTES = 32 << 20
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> ``device`` without a host sync (pinned staging + ``non_blocking`` on CUDA)."""
-    if device.type == "cuda":
+    """Host tensor -> ``device`` without a host sync (pinned staging + ``non_blocking`` on CUDA); a tensor
+    already on a device goes the plain way."""
+    if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -38,7 +39,7 @@ class Upload:
         host: [R, ...] tensor (any strides).
         device: where the copy lives.
         chunk_bytes: staging size; a chunk holds at least one row.
-        background: copy on a worker thread (always on CUDA; elsewhere only when asked: tests).
+        background: copy on a worker thread (always from the host to CUDA; elsewhere only when asked: tests).
     """
 
     def __init__(
@@ -56,8 +57,8 @@ class Upload:
         self._future: cf.Future | None = None
         self._done = None
         cuda = device.type == "cuda"
-        if not (cuda or background) or host.numel() == 0:
-            self._tensor = host.to(device).contiguous()
+        if host.numel() == 0 or not (background or (cuda and host.device != device)):
+            self._tensor = host.to(device).contiguous()  # nothing to copy, or not in the background
             return
         self._tensor = torch.empty(host.shape, dtype=host.dtype, device=device)
         stream = None
