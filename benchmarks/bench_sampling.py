@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # a source checkout, after an installed memcore
 
-from _common import comma_list, device_name, write_csv
+from _common import comma_list, device_name, time_fn, write_csv
 
 from memcore.sampling import Sampler, SamplerConfig
 from memcore.sampling.engine import ATTENTION_BACKENDS
@@ -323,7 +323,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
     if sampler.model.latent:
         # the VAE decode's share of memcore's time (one micro-batch of latents, as the engine decodes them)
         lat = torch.randn((b, *sampler.model.sample_shape), device=device, dtype=sampler.model.unet.dtype)
-        t_dec, _ = _time_pair(lambda: sampler.decode(lat), lambda: None, device, args.repeats)
+        t_dec = time_fn(lambda: sampler.decode(lat), device, repeats=args.repeats)
         row["memcore_decode_s"] = round(t_dec["median"], 4)
         row["decode_share"] = round(t_dec["median"] / t_mc["median"], 4)
     if device.type == "cuda":

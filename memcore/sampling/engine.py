@@ -69,6 +69,13 @@ def check_model_options(cfg) -> None:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {cfg.attention!r}")
 
 
+def _compiled(fn: Any, config: SamplerConfig) -> Any:
+    """``fn`` through ``torch.compile`` at the config's mode, static shapes (the micro-batch is fixed)."""
+    return torch.compile(
+        fn, dynamic=False, mode=None if config.compile_mode == "default" else config.compile_mode
+    )
+
+
 def attention_context(name: str) -> contextlib.AbstractContextManager:
     """The context the UNet runs in for ``SamplerConfig.attention``: "auto" changes nothing; a backend name
     moves that kernel to the front of SDPA's priority order, the others following in PyTorch's default order
@@ -449,18 +456,10 @@ class Sampler:
             # schedulers, the randn_tensor swap) cannot be traced without graph breaks. On CUDA the engine's
             # own graph already removes the launch overhead between UNet and step. dynamic=False: the
             # micro-batch is fixed by design (the last batch is padded), so one static graph serves a run.
-            self.unet_fn = torch.compile(
-                unet,
-                dynamic=False,
-                mode=None if config.compile_mode == "default" else config.compile_mode,
-            )
+            self.unet_fn = _compiled(unet, config)
         self.vae_decode = lm.vae.decode if lm.latent else None
         if config.compile and lm.latent:
-            self.vae_decode = torch.compile(
-                lm.vae.decode,
-                dynamic=False,
-                mode=None if config.compile_mode == "default" else config.compile_mode,
-            )
+            self.vae_decode = _compiled(lm.vae.decode, config)
         self._graph: Any = None
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._uncond: torch.Tensor | None = None
