@@ -234,19 +234,25 @@ def _pair_kernel(
     rest = rest // col_blocks
     t = rest % T
     split = rest // T
-    if SYMMETRIC and (pid_n + 1) * BN <= pid_m * BM:  # every column below every row: lower triangle
-        return
+    # Blocks with every column below every row (lower triangle) compute nothing and store nothing: an empty
+    # K range and no rows, rather than an early return, which held 255 registers (and spills) against 165 for
+    # the same kernel without it (nchw 128x128, sm_90).
+    if SYMMETRIC:
+        live = (pid_n + 1) * BN > pid_m * BM
+    else:
+        live = pid_n >= 0  # a scalar tensor either way (the interpreter masks with it)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    rmask = rows < N
+    rmask = rows < tl.where(live, N, 0)
     cmask = cols < M
     omask = rmask[:, None] & cmask[None, :]
+    d_live = tl.where(live, D, 0)
     a_base = _tile_base(a_ptr, rows, N, t, D, H, W, TH, TW, GW, PACKED)
     b_base = _tile_base(b_ptr, cols, M, t, D, H, W, TH, TW, GW, PACKED)
     t64 = tl.zeros((), dtype=tl.int64) + t
     if GRAM:
         k_lo = split * per_split
-        k_hi = tl.minimum(D, k_lo + per_split)
+        k_hi = tl.minimum(d_live, k_lo + per_split)
         g = _gram(a_base, b_base, rmask, cmask, k_lo, k_hi, H, W, TH, TW,
                   IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
         # int32 offsets (the buffer holds at most GRAM_MAX_BYTES / 4 < 2^31 values): int64 ones made this
@@ -258,16 +264,19 @@ def _pair_kernel(
         nb = tl.load(bn_ptr + t64 * M + cols, mask=cmask, other=0)
         if IS_INT:
             g64 = tl.zeros((BM, BN), dtype=tl.int64)
-            for s0 in range(0, D, SEGMENT):
+            for s0 in range(0, d_live, SEGMENT):
                 part = _gram(a_base, b_base, rmask, cmask, s0, tl.minimum(s0 + SEGMENT, D), H, W, TH, TW,
                              IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
                 g64 += part.to(tl.int64)
             s = na[:, None] + nb[None, :] - 2 * g64
         else:
-            g = _gram(a_base, b_base, rmask, cmask, 0, D, H, W, TH, TW,
+            g = _gram(a_base, b_base, rmask, cmask, 0, d_live, H, W, TH, TW,
                       IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
             s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
-        tl.atomic_max(out_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :], s, mask=omask)
+        # int32 offsets from the block's first row (BM·M < 2^31, checked by the caller): [BM, BN] int64
+        # addresses made this the register peak (255 registers and 128 B of spills for 64x64 at Triton 3.6)
+        blk = out_ptr + (pid_m * BM).to(tl.int64) * M
+        tl.atomic_max(blk + ((rows - pid_m * BM)[:, None] * M + cols[None, :]), s, mask=omask)
 
 
 @triton.jit
@@ -778,29 +787,50 @@ def _knn_filter_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
-    WB: tl.constexpr,  # bits per hit word of the append epilogue: min(32, BN)
+    WB: tl.constexpr,  # bits per hit word of the append epilogue: at most 32
     PRECISION: tl.constexpr,
 ):
-    rows, cols, rmask, cmask, s = _block_s(
+    rows, cols, rmask, _cmask, s = _block_s(
         q_ptr, r_ptr, qn_ptr, rn_ptr, N, M, D, T, IS_INT, SEGMENT, BM, BN, BK, PRECISION
     )
-    if IS_INT:  # d is a non-decreasing function of the integer S: compare S, no float64 per element
+    if IS_INT:
         cut = tl.load(cut_ptr + rows, mask=rmask, other=-1)
+    else:
+        cut = tl.load(cut_ptr + rows, mask=rmask, other=-1.0)
+    # The append epilogue runs on the even and the odd columns one after the other, each half with its own
+    # slots (their order within a row does not matter: the keys are sorted at the end). On the whole block its
+    # [BM, BN] temporaries (above all the 64-bit store addresses) took 255 registers and spilled 56-144 B per
+    # thread on sm_90 (Triton 3.6); on halves no configuration spills. The split is free: the MMA layout gives
+    # each thread column pairs.
+    s0, s1 = tl.split(tl.reshape(s, (BM, BN // 2, 2)))
+    c0, c1 = tl.split(tl.reshape(cols, (BN // 2, 2)))
+    _append(s0, c0, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP, IS_INT, BM, BN // 2, WB)
+    _append(s1, c1, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP, IS_INT, BM, BN // 2, WB)
+
+
+@triton.jit
+def _append(
+    s, cols, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP,
+    IS_INT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WB_MAX: tl.constexpr,
+):  # fmt: skip
+    """Append the references of ``cols`` [BN] (any subset of the block's columns, ascending) within each
+    row's cut to the row's candidates: ``s`` [BM, BN] is S; slots come from one atomic add per row."""
+    WB: tl.constexpr = WB_MAX if WB_MAX < BN else BN  # bits per hit word
+    if IS_INT:  # d is a non-decreasing function of the integer S: compare S, no float64 per element
         hit = s <= cut[:, None]
         val = s
     else:
-        cut = tl.load(cut_ptr + rows, mask=rmask, other=-1.0)
         d = _distance(s, n_tile, scale, IS_INT)
         hit = d <= cut[:, None]
         val = d.to(tl.int32, bitcast=True)
-    hit = hit & rmask[:, None] & cmask[None, :]
+    hit = hit & rmask[:, None] & (cols < M)[None, :]
     h32 = hit.to(tl.int32)
     per_row = tl.sum(h32, axis=1)
     if tl.sum(per_row) > 0:
         base = tl.atomic_add(cnt_ptr + rows, per_row, mask=per_row > 0)
         # Slot of each hit in its row: hits before it in the row, from bit words and popcounts. A row-wise
-        # tl.cumsum over the [BM, BN] block did the same but took 255 registers and spilled 0.5-3.7 KB per
-        # thread (sm_90), on nearly every block (a query's ~1 % of references within the cut hit most blocks).
+        # tl.cumsum over the block did the same but took 255 registers and spilled 0.5-3.7 KB per thread
+        # (sm_90), on nearly every block (a query's ~1 % of references within the cut hit most blocks).
         lane = tl.arange(0, BN) % WB
         bits = tl.reshape(h32 << lane[None, :], (BM, BN // WB, WB))
         words = tl.sum(bits, axis=2)  # [BM, BN // WB]: distinct bits, so the sum is their or
@@ -1143,18 +1173,22 @@ def _filter_keys(
 
 
 #: Filter kernel configurations, name -> (BM queries, BN references, BK for int8, num_warps, num_stages); the
-#: first is the default. For uint8 on CUDA the fastest is chosen on first use per image shape (every one gives
-#: the same candidates: integer S, same cut); floats keep the first (BK 32), so their last bits never depend
-#: on timings.
-#: Each compiles for sm_90 within the H100's shared memory and without register spills beyond a few words
-#: (tests/test_triton_sm90_compile.py): int8 wgmma is not pipelined by Triton (it keeps only fp32 accumulators
-#: in flight), so two CTAs per SM ("128x64x128/w4s3": 244 registers, 74 KB) is the other way to overlap the
-#: MMAs with the loads. 128x256 and 256x128 blocks no longer fit or spill 1.2-1.5 KB with the append epilogue.
+#: first is the default. For uint8 on CUDA the fastest is chosen on first use per
+#: image shape (every one gives the same candidates: integer S, same cut); floats keep the first (BK 32), so
+#: their last bits never depend on timings.
+#: None spills registers on sm_90 with Triton 3.6 (the lent H100's) or 3.9 (CI's), checked by
+#: tests/test_triton_sm90_compile.py. int8 wgmma is not pipelined by Triton (it keeps only fp32 accumulators in
+#: flight), so several CTAs per SM is the way to overlap one CTA's MMAs with another's loads and epilogue:
+#: "128x64x128/w8s3" (116-126 registers, 74 KB: two per SM) and "64x64x128/w4s3" (122-126 registers, 49 KB:
+#: four). With the append epilogue on the whole block every 128-wide configuration took 255 registers and
+#: spilled 56-144 B per thread under Triton 3.6; 128x256 and 256x128 blocks spill even on halves.
 FILTER_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "128x128x128/w8s3": (128, 128, 128, 8, 3),
     "128x128x64/w8s4": (128, 128, 64, 8, 4),
+    "128x64x128/w8s3": (128, 64, 128, 8, 3),
     "128x64x128/w4s3": (128, 64, 128, 4, 3),
     "64x128x128/w4s3": (64, 128, 128, 4, 3),
+    "64x64x128/w4s3": (64, 64, 128, 4, 3),
     "128x128x128/w16s3": (128, 128, 128, 16, 3),
 }
 
@@ -1196,7 +1230,7 @@ def _filter_pass(
         BM=bm,
         BN=bn,
         BK=bk if is_int else 32,
-        WB=min(32, bn),
+        WB=32,
         PRECISION="tf32x3",
         num_warps=warps,
         num_stages=stages,
