@@ -62,6 +62,24 @@ def test_triton_matrices(dtype, shape, rng):
             assert torch.equal(got, got.T) and bool((got.diagonal() == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_triton_smax_wide_offsets(dtype, rng, monkeypatch):
+    """The smax epilogue's int64 offsets (outputs with BM·M >= 2^31, here forced) give the same matrices."""
+    from memcore.kernels.triton import distance as tk
+
+    monkeypatch.setattr(tk, "INT32_OFFSETS", 0)
+    a = images(rng, 70, 3, 4, 6, dtype)
+    b = images(rng, 9, 3, 4, 6, dtype)
+    dev = _device()
+    for bb in (None, b):
+        got = tk.distance_matrix(a.to(dev), None if bb is None else bb.to(dev), (2, 3), 1.0, "packed/64x64x64/w4s3")
+        if dtype == torch.uint8:
+            assert torch.equal(got.cpu(), ref.distance_matrix(a, bb, (2, 3)))
+        else:
+            want = ref.distance_matrix(a.double(), None if bb is None else bb.double(), (2, 3))
+            torch.testing.assert_close(got.cpu().double(), want, **tol("distance_triton", dtype))
+
+
 @pytest.mark.parametrize("n", [1, 7, 65])
 def test_triton_graph_exact(n, rng):
     a = images(rng, n, 3, 4, 4, torch.uint8, hi=8)

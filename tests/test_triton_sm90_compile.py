@@ -147,6 +147,7 @@ def test_pair_configs_compile_for_sm90():
                 "BN": bn,
                 "BK": bk,
                 "PRECISION": "tf32x3",
+                "WIDE": False,
             }
             st = _compile(tk._pair_kernel, dict(args), consts, warps, stages)
             _gemm_ok(name, st)
@@ -177,6 +178,7 @@ def test_pair_configs_compile_for_sm90():
         "BN": bn,
         "BK": bk,
         "PRECISION": "tf32x3",
+        "WIDE": False,
     }
     st = _compile(tk._pair_kernel, args, consts, warps, stages)
     assert st["local"] == 0 and st["smem"] <= H100_SMEM

@@ -222,6 +222,7 @@ def _pair_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,  # smax: BM·M >= 2^31, so the output's offsets need int64
 ):
     # One axis (no 65535 limit): row blocks fastest, then column blocks, tiles, K splits, so the programs in
     # flight read the same K range of the same tile of every image (a few MB, L2-resident).
@@ -273,10 +274,13 @@ def _pair_kernel(
             g = _gram(a_base, b_base, rmask, cmask, 0, d_live, H, W, TH, TW,
                       IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
             s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
-        # int32 offsets from the block's first row (BM·M < 2^31, checked by the caller): [BM, BN] int64
-        # addresses made this the register peak (255 registers and 128 B of spills for 64x64 at Triton 3.6)
+        # int32 offsets from the block's first row unless BM·M >= 2^31 (WIDE): [BM, BN] int64 addresses made
+        # this the register peak (255 registers and 128 B of spills for 64x64 at Triton 3.6)
         blk = out_ptr + (pid_m * BM).to(tl.int64) * M
-        tl.atomic_max(blk + ((rows - pid_m * BM)[:, None] * M + cols[None, :]), s, mask=omask)
+        local = rows - pid_m * BM
+        if WIDE:
+            local = local.to(tl.int64)
+        tl.atomic_max(blk + (local[:, None] * M + cols[None, :]), s, mask=omask)
 
 
 @triton.jit
@@ -391,6 +395,8 @@ PAIR_CONFIGS: dict[str, tuple[str, int, int, int, int, int, int]] = {
     "nchw/128x256x128/w8s3": ("nchw", 128, 256, 128, 8, 3, 4),
     "nchw-i8/128x128x128/w8s3": ("nchw-i8", 128, 128, 128, 8, 3, 4),
 }
+#: The smax epilogue addresses its output with int32 offsets from a block's first row while BM·M is below this.
+INT32_OFFSETS = 2**31
 #: Largest gram buffer [splits, T, N, M] int32, bytes: it caps the K splits, and calls that do not fit one
 #: split run "packed" (whose buffer is N·M·8 bytes). Below 2^33, so the kernel's int32 offsets into it hold.
 GRAM_MAX_BYTES = 256 << 20
@@ -476,7 +482,7 @@ def _pair_s(
             xb if norms is None else norms[1],
             out, n, m, d, tiles, *geo, per_split,
             IS_INT=is_int, SHIFT=shift, PACKED=packed, GRAM=gram, SYMMETRIC=b is None,
-            SEGMENT=INT_SEGMENT, BM=blk_m, BN=blk_n, BK=bk, PRECISION="tf32x3",
+            SEGMENT=INT_SEGMENT, BM=blk_m, BN=blk_n, BK=bk, PRECISION="tf32x3", WIDE=blk_m * m >= INT32_OFFSETS,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
     if not gram:
