@@ -72,7 +72,9 @@ def test_triton_smax_wide_offsets(dtype, rng, monkeypatch):
     b = images(rng, 9, 3, 4, 6, dtype)
     dev = _device()
     for bb in (None, b):
-        got = tk.distance_matrix(a.to(dev), None if bb is None else bb.to(dev), (2, 3), 1.0, "packed/64x64x64/w4s3")
+        got = tk.distance_matrix(
+            a.to(dev), None if bb is None else bb.to(dev), (2, 3), 1.0, "packed/64x64x64/w4s3"
+        )
         if dtype == torch.uint8:
             assert torch.equal(got.cpu(), ref.distance_matrix(a, bb, (2, 3)))
         else:
