@@ -1179,9 +1179,9 @@ def _filter_keys(
 
 
 #: Filter kernel configurations, name -> (BM queries, BN references, BK for int8, num_warps, num_stages); the
-#: first is the default. For uint8 on CUDA the fastest is chosen on first use per
-#: image shape (every one gives the same candidates: integer S, same cut); floats keep the first (BK 32), so
-#: their last bits never depend on timings.
+#: first is the default. For uint8 on CUDA the fastest is chosen on first use per image shape (every one gives
+#: the same candidates: integer S, same cut); floats keep the first (BK 32), so their last bits never depend
+#: on timings.
 #: None spills registers on sm_90 with Triton 3.6 (the lent H100's) or 3.9 (CI's), checked by
 #: tests/test_triton_sm90_compile.py. int8 wgmma is not pipelined by Triton (it keeps only fp32 accumulators in
 #: flight), so several CTAs per SM is the way to overlap one CTA's MMAs with another's loads and epilogue:
