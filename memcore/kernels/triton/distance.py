@@ -386,10 +386,14 @@ def _pack(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 #:   (the first, the default; floats always run it);
 #: - "packed-gram", "nchw", "nchw-i8": gram epilogue with K splits, enough for ``waves`` programs per SM —
 #:   over packed tiles, the raw uint8 images (top bit flipped in registers), or a one-pass int8 copy of them.
-#: uint8 on CUDA picks the fastest eligible one per shape class (they all compute the same integers).
+#: uint8 on CUDA picks the fastest eligible one per shape class (they all compute the same integers). None
+#: spills on sm_90 (Triton 3.6 or 3.9); packed-gram 128x128x128 and nchw-i8 (112-120 registers) fit two CTAs
+#: per SM, which is what overlaps one CTA's int8 MMAs (never asynchronous in Triton) with the other's loads;
+#: BK 256 instead halves the MMA waits.
 PAIR_CONFIGS: dict[str, tuple[str, int, int, int, int, int, int]] = {
     "packed/64x64x64/w4s3": ("packed", 64, 64, 64, 4, 3, 0),
     "packed-gram/128x128x128/w8s3": ("packed-gram", 128, 128, 128, 8, 3, 4),
+    "packed-gram/128x128x256/w8s2": ("packed-gram", 128, 128, 256, 8, 2, 4),
     "nchw/128x128x128/w8s3": ("nchw", 128, 128, 128, 8, 3, 4),
     "nchw/128x128x64/w4s4": ("nchw", 128, 128, 64, 4, 4, 4),
     "nchw/128x256x128/w8s3": ("nchw", 128, 256, 128, 8, 3, 4),
@@ -1186,8 +1190,9 @@ def _filter_keys(
 #: tests/test_triton_sm90_compile.py. int8 wgmma is not pipelined by Triton (it keeps only fp32 accumulators in
 #: flight), so several CTAs per SM is the way to overlap one CTA's MMAs with another's loads and epilogue:
 #: "128x64x128/w8s3" (116-126 registers, 74 KB: two per SM) and "64x64x128/w4s3" (122-126 registers, 49 KB:
-#: four). With the append epilogue on the whole block every 128-wide configuration took 255 registers and
-#: spilled 56-144 B per thread under Triton 3.6; 128x256 and 256x128 blocks spill even on halves.
+#: four). BK 256 halves the MMA waits per reference (one per 8 wgmma per warpgroup instead of 4). With the
+#: append epilogue on the whole block every 128-wide configuration took 255 registers and spilled 56-144 B
+#: per thread under Triton 3.6; 128x256 and 256x128 blocks spill even on halves.
 FILTER_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "128x128x128/w8s3": (128, 128, 128, 8, 3),
     "128x128x64/w8s4": (128, 128, 64, 8, 4),
@@ -1196,6 +1201,7 @@ FILTER_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "64x128x128/w4s3": (64, 128, 128, 4, 3),
     "64x64x128/w4s3": (64, 64, 128, 4, 3),
     "128x128x128/w16s3": (128, 128, 128, 16, 3),
+    "128x128x256/w8s2": (128, 128, 256, 8, 2),
 }
 
 
