@@ -115,27 +115,28 @@ def _ctas_per_sm(st: dict, warps: int) -> int:
 TWO_PER_SM = {"packed-gram/128x128x128/w8s3", "nchw-i8/128x128x128/w8s3", "128x64x128/w8s3", "64x64x128/w4s3"}
 
 
-def test_pair_configs_compile_for_sm90():
+def pair_launches():
+    """Every uint8 pairwise launch configuration at the SD benchmark shapes, pairwise and cross: tuples (label,
+    PAIR_CONFIGS name, kernel, args, constexprs, num_warps, num_stages, allowed stack bytes)."""
     from memcore.kernels.triton import distance as tk
 
     for name, (layout, bm, bn, bk, warps, stages, _waves) in tk.PAIR_CONFIGS.items():
         packed = layout.startswith("packed")
         elem = "*i8" if packed or layout == "nchw-i8" else "*u8"
-        geo = {k: ("i32", 1 if packed else SD[k]) for k in ("H", "W", "TH", "TW", "GW")}
-        args = {
-            "a_ptr": (elem, None),
-            "b_ptr": (elem, None),
-            "an_ptr": ("*i64", None),
-            "bn_ptr": ("*i64", None),
-            "out_ptr": ("*i64" if layout == "packed" else "*i32", None),
-            "N": ("i32", SD["N"]),
-            "M": ("i32", SD["N"]),
-            "D": ("i32", SD["D"]),
-            "T": ("i32", SD["T"]),
-            "per_split": ("i32", SD["D"] // 4),
-            **geo,
-        }
         for sym in (True, False):
+            args = {
+                "a_ptr": (elem, None),
+                "b_ptr": (elem, None),
+                "an_ptr": ("*i64", None),
+                "bn_ptr": ("*i64", None),
+                "out_ptr": ("*i64" if layout == "packed" else "*i32", None),
+                "N": ("i32", SD["N"]),
+                "M": ("i32", SD["N"]),
+                "D": ("i32", SD["D"]),
+                "T": ("i32", SD["T"]),
+                "per_split": ("i32", SD["D"] // 4),
+                **{k: ("i32", 1 if packed else SD[k]) for k in ("H", "W", "TH", "TW", "GW")},
+            }
             consts = {
                 "IS_INT": True,
                 "SHIFT": layout == "nchw",
@@ -149,12 +150,20 @@ def test_pair_configs_compile_for_sm90():
                 "PRECISION": "tf32x3",
                 "WIDE": False,
             }
-            st = _compile(tk._pair_kernel, dict(args), consts, warps, stages)
-            _gemm_ok(name, st)
-            if name in TWO_PER_SM and "regs" in st:
-                assert _ctas_per_sm(st, warps) >= 2, (name, sym, st)
+            label = f"pair {name} {'pairwise' if sym else 'cross'}"
+            yield label, name, tk._pair_kernel, args, consts, warps, stages, 0
+
+
+def test_pair_configs_compile_for_sm90():
+    from memcore.kernels.triton import distance as tk
+
+    for label, name, fn, args, consts, warps, stages, max_stack in pair_launches():
+        st = _compile(fn, args, consts, warps, stages)
+        _gemm_ok(label, st, max_stack)
+        if name in TWO_PER_SM and "regs" in st:
+            assert _ctas_per_sm(st, warps) >= 2, (label, st)
     # floats run the first configuration, packed float32 with tf32x3 products
-    layout, bm, bn, bk, warps, stages, _ = next(iter(tk.PAIR_CONFIGS.values()))
+    _layout, bm, bn, bk, warps, stages, _ = next(iter(tk.PAIR_CONFIGS.values()))
     args = {
         "a_ptr": ("*fp32", None),
         "b_ptr": ("*fp32", None),
@@ -197,7 +206,9 @@ def _knn_args(m: int = 50000, **extra) -> dict:
     }
 
 
-def test_knn_kernels_compile_for_sm90():
+def knn_launches():
+    """Every k-NN GEMM launch at the CIFAR shapes: each filter configuration, the group-minimum cut, the fused
+    kernel. Tuples as ``pair_launches``."""
     from memcore.kernels.triton import distance as tk
 
     common = {"IS_INT": True, "SEGMENT": tk.INT_SEGMENT, "PRECISION": "tf32x3"}
@@ -207,21 +218,25 @@ def test_knn_kernels_compile_for_sm90():
         consts = {**common, "BM": bm, "BN": bn, "BK": bk, "WB": 32}
         # the append epilogue on the whole block spilled 56-144 B per thread at Triton 3.6 (a row-wise
         # tl.cumsum there spilled 0.5-3.7 KB); on halves none does
-        st = _compile(tk._knn_filter_kernel, args, consts, warps, stages)
-        _gemm_ok(name, st)
-        if name in TWO_PER_SM and "regs" in st:
-            assert _ctas_per_sm(st, warps) >= 2, (name, st)
+        yield f"filter {name}", name, tk._knn_filter_kernel, args, consts, warps, stages, 0
     for gs in (1, 4, 128):  # the group-minimum cut over the CIFAR sample (5,000 references: groups of 4)
         args = _knn_args(5000, out_ptr=("*i32", None), G=("i32", 1250))
         consts = {**common, "BM": tk.CUT_BM, "BN": tk.CUT_BN, "GS": gs, "BK": tk.BLOCK_K}
-        _gemm_ok(f"group-min GS={gs}", _compile(tk._group_min_kernel, args, consts, 8, 3))
-    # the fused kernel keeps a bitonic sort in registers (199 registers, no stack at Triton 3.9)
+        yield f"group-min GS={gs}", f"GS={gs}", tk._group_min_kernel, args, consts, 8, 3, 0
+    # the fused kernel keeps a bitonic sort in registers (199-210 registers, no stack at Triton 3.6 and 3.9)
     args = _knn_args(
         flag_ptr=("*i32", None), out_ptr=("*i64", None), per_split=("i32", 1024), SPLITS=("i32", 7)
     )
     consts = {**common, "ACC32": True, "USE_FLAGS": False, "BM": tk.BLOCK_M, "KP": 64, "BK": tk.BLOCK_K}
-    st = _compile(tk._knn_kernel, args, consts, 8, 3)
-    assert st["wgmma"] > 0 and _spilled(st) <= 64, st
+    yield "fused k-NN", "fused", tk._knn_kernel, args, consts, 8, 3, 64
+
+
+def test_knn_kernels_compile_for_sm90():
+    for label, name, fn, args, consts, warps, stages, max_stack in knn_launches():
+        st = _compile(fn, args, consts, warps, stages)
+        _gemm_ok(label, st, max_stack)
+        if name in TWO_PER_SM and "regs" in st:
+            assert _ctas_per_sm(st, warps) >= 2, (label, st)
 
 
 def test_epilogue_kernels_compile_for_sm90():
