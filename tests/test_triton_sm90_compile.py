@@ -115,6 +115,16 @@ def _ctas_per_sm(st: dict, warps: int) -> int:
 TWO_PER_SM = {"packed-gram/128x128x128/w8s3", "nchw-i8/128x128x128/w8s3", "128x64x128/w8s3", "64x64x128/w4s3"}
 
 
+def _check_launches(launches) -> None:
+    """Compile each launch (``pair_launches`` / ``knn_launches`` tuples): wgmma, cp.async, no spills beyond its
+    allowance, and two CTAs per SM for the TWO_PER_SM configurations."""
+    for label, name, fn, args, consts, warps, stages, max_stack in launches:
+        st = _compile(fn, args, consts, warps, stages)
+        _gemm_ok(label, st, max_stack)
+        if name in TWO_PER_SM and "regs" in st:
+            assert _ctas_per_sm(st, warps) >= 2, (label, st)
+
+
 def pair_launches():
     """Every uint8 pairwise launch configuration at the SD benchmark shapes, pairwise and cross: tuples (label,
     PAIR_CONFIGS name, kernel, args, constexprs, num_warps, num_stages, allowed stack bytes)."""
@@ -157,11 +167,7 @@ def pair_launches():
 def test_pair_configs_compile_for_sm90():
     from memcore.kernels.triton import distance as tk
 
-    for label, name, fn, args, consts, warps, stages, max_stack in pair_launches():
-        st = _compile(fn, args, consts, warps, stages)
-        _gemm_ok(label, st, max_stack)
-        if name in TWO_PER_SM and "regs" in st:
-            assert _ctas_per_sm(st, warps) >= 2, (label, st)
+    _check_launches(pair_launches())
     # floats run the first configuration, packed float32 with tf32x3 products
     _layout, bm, bn, bk, warps, stages, _ = next(iter(tk.PAIR_CONFIGS.values()))
     args = {
@@ -232,11 +238,7 @@ def knn_launches():
 
 
 def test_knn_kernels_compile_for_sm90():
-    for label, name, fn, args, consts, warps, stages, max_stack in knn_launches():
-        st = _compile(fn, args, consts, warps, stages)
-        _gemm_ok(label, st, max_stack)
-        if name in TWO_PER_SM and "regs" in st:
-            assert _ctas_per_sm(st, warps) >= 2, (label, st)
+    _check_launches(knn_launches())
 
 
 def test_epilogue_kernels_compile_for_sm90():
