@@ -221,7 +221,7 @@ def knn_launches():
     for name, (bm, bn, bk, warps, stages) in tk.FILTER_CONFIGS.items():
         out = {"cut_ptr": ("*i32", None), "cnt_ptr": ("*i32", None), "buf_ptr": ("*i64", None)}
         args = _knn_args(**out, CAP=("i32", 2048))
-        consts = {**common, "BM": bm, "BN": bn, "BK": bk, "WB": 32}
+        consts = {**common, "BM": bm, "BN": bn, "BK": bk}
         # the append epilogue on the whole block spilled 56-144 B per thread at Triton 3.6 (a row-wise
         # tl.cumsum there spilled 0.5-3.7 KB); on halves none does
         yield f"filter {name}", name, tk._knn_filter_kernel, args, consts, warps, stages, 0

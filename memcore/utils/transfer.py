@@ -16,10 +16,16 @@ import torch
 UPLOAD_CHUNK_BYTES = 32 << 20
 
 
+def _staged(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether copying ``t`` to ``device`` goes through pinned host memory: host to CUDA only (a tensor
+    already on a device cannot be pinned, and needs no staging)."""
+    return device.type == "cuda" and t.device.type == "cpu"
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor -> ``device`` without a host sync (pinned staging + ``non_blocking`` on CUDA); a tensor
     already on a device goes the plain way."""
-    if device.type == "cuda" and t.device.type == "cpu":
+    if _staged(t, device):
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -57,7 +63,7 @@ class Upload:
         self._future: cf.Future | None = None
         self._done = None
         cuda = device.type == "cuda"
-        if host.numel() == 0 or not (background or (cuda and host.device != device)):
+        if host.numel() == 0 or not (background or _staged(host, device)):
             self._tensor = host.to(device).contiguous()  # nothing to copy, or not in the background
             return
         self._tensor = torch.empty(host.shape, dtype=host.dtype, device=device)

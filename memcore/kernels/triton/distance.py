@@ -797,7 +797,6 @@ def _knn_filter_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
-    WB: tl.constexpr,  # bits per hit word of the append epilogue: at most 32
     PRECISION: tl.constexpr,
 ):
     rows, cols, rmask, _cmask, s = _block_s(
@@ -814,18 +813,18 @@ def _knn_filter_kernel(
     # each thread column pairs.
     s0, s1 = tl.split(tl.reshape(s, (BM, BN // 2, 2)))
     c0, c1 = tl.split(tl.reshape(cols, (BN // 2, 2)))
-    _append(s0, c0, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP, IS_INT, BM, BN // 2, WB)
-    _append(s1, c1, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP, IS_INT, BM, BN // 2, WB)
+    _append(s0, c0, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP, IS_INT, BM, BN // 2)
+    _append(s1, c1, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP, IS_INT, BM, BN // 2)
 
 
 @triton.jit
 def _append(
     s, cols, rows, rmask, cut, cnt_ptr, buf_ptr, M, n_tile, scale, CAP,
-    IS_INT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WB_MAX: tl.constexpr,
+    IS_INT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     """Append the references of ``cols`` [BN] (any subset of the block's columns, ascending) within each
     row's cut to the row's candidates: ``s`` [BM, BN] is S; slots come from one atomic add per row."""
-    WB: tl.constexpr = WB_MAX if WB_MAX < BN else BN  # bits per hit word
+    WB: tl.constexpr = BN if BN < 32 else 32  # bits per hit word (int32)
     if IS_INT:  # d is a non-decreasing function of the integer S: compare S, no float64 per element
         hit = s <= cut[:, None]
         val = s
@@ -1242,7 +1241,6 @@ def _filter_pass(
         BM=bm,
         BN=bn,
         BK=bk if is_int else 32,
-        WB=32,
         PRECISION="tf32x3",
         num_warps=warps,
         num_stages=stages,
