@@ -22,6 +22,7 @@ _LAZY_ATTRS = {
     "stream": ("memcore.sampling", "stream"),
     "extract": ("memcore.attacks.carlini", "extract"),
     "iter_extract": ("memcore.attacks.carlini", "iter_extract"),
+    "extraction_sampler": ("memcore.attacks.carlini", "extraction_sampler"),
 }
 _SUBMODULES = (
     "attacks",

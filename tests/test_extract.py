@@ -340,3 +340,52 @@ def test_nn_resume_recomputes_only_what_is_missing(tmp_path):
     # both finished: a third run does nothing and returns the stored NN result
     third = carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
     assert third.nn == first.nn
+
+
+def test_extraction_sampler_is_reused_across_runs(class_model, tmp_path, monkeypatch):
+    from memcore.sampling import Sampler
+
+    unet, sched = class_model
+    d = tmp_path / "model"
+    unet.save_pretrained(d)
+    sched.save_pretrained(d)
+    config = cfg()
+    sampler = carlini.extraction_sampler(d, config, device="cpu")
+    built = []
+    init = Sampler.__init__
+    monkeypatch.setattr(Sampler, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    # two runs on one Sampler build no other: the records equal those of runs given the model itself
+    a = carlini.extract(sampler, [0, 2], config=config)
+    b = carlini.extract(sampler, [1], config=config, out=tmp_path / "run")
+    assert built == []
+    direct_a = carlini.extract(d, [0, 2], config=config, device="cpu")
+    direct_b = carlini.extract(d, [1], config=config, out=tmp_path / "direct", device="cpu")
+    assert len(built) == 2
+    assert [r.to_record() for r in a.conditions] == [r.to_record() for r in direct_a.conditions]
+    assert [r.to_record() for r in b.conditions] == [r.to_record() for r in direct_b.conditions]
+    # the Sampler stands for the directory it was loaded from: a run started with the path resumes with it
+    carlini.extract(d, [1, 2], config=config, out=tmp_path / "mixed", device="cpu")
+    res = carlini.extract(sampler, [1, 2], config=config, out=tmp_path / "mixed")
+    assert len(R.load_results(tmp_path / "mixed")) == 2 and len(res.conditions) == 2
+
+
+def test_extraction_sampler_mismatches_are_refused(class_model):
+    config = cfg()
+    sampler = carlini.extraction_sampler(class_model, config, device="cpu")
+    with pytest.raises(
+        ValueError, match=r"num_inference_steps \(Sampler 3, config 4\); batch_size \(Sampler 5, config 6\)"
+    ):
+        carlini.extract(sampler, [0], config=cfg(num_inference_steps=4, batch_size=6))
+    with pytest.raises(ValueError, match=r"config\.dtype is 'bfloat16'"):
+        carlini.extract(sampler, [0], config=cfg(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="needs the model itself"):
+        carlini.extract(sampler, [0], config=cfg(sampler="reference"))
+    with pytest.raises(ValueError, match="runs on meta"):
+        carlini.extract(sampler, [0], config=config, device="meta")
+    with pytest.raises(TypeError, match="Sampler already"):
+        carlini.extraction_sampler(sampler, config)
+    with pytest.raises(ValueError, match="builds the memcore engine"):
+        carlini.extraction_sampler(class_model, cfg(sampler="reference"))
+    # parameters that do not touch sampling may differ
+    res = carlini.extract(sampler, [0], config=cfg(alpha=0.05, min_clique=3))
+    assert len(res.conditions) == 1

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -271,11 +272,23 @@ class _Model:
     identity: str
     handle: Any  # what the sampler needs
     unet: Any
+    sampler: Any = None  # a memcore.sampling.Sampler given as the model, reused as is
+
+
+def _as_sampler(model: Any) -> Any:
+    """``model`` if it is a ``memcore.sampling.Sampler``, else None (without importing diffusers)."""
+    engine = sys.modules.get("memcore.sampling.engine")  # a Sampler exists only once this was imported
+    return model if engine is not None and isinstance(model, engine.Sampler) else None
 
 
 def _identity(model: Any) -> str:
     if isinstance(model, (str, os.PathLike)):
         return os.path.abspath(os.fspath(model))
+    sampler = _as_sampler(model)
+    if sampler is not None:
+        # the model it was built from: a Sampler of a path resumes a run started with that path
+        src = sampler.model.source
+        return os.path.abspath(src) if src and os.path.exists(src) else f"<{src or 'Sampler'}:in-memory>"
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     if isinstance(model, tuple):
         name = getattr(getattr(model[0], "config", None), "_name_or_path", None)
@@ -286,6 +299,19 @@ def _load_model(model: Any, config: ExtractConfig, device: torch.device) -> _Mod
     from memcore.attacks.reference import load_reference_model
 
     dtype = getattr(torch, config.dtype)
+    sampler = _as_sampler(model)
+    if sampler is not None:
+        if config.sampler != "memcore":
+            raise ValueError(
+                f"a Sampler runs the memcore engine; config.sampler={config.sampler!r} needs the model itself"
+            )
+        lm = sampler.model
+        if lm.device != device:
+            raise ValueError(f"the Sampler's model is on {lm.device}, but the extraction runs on {device}")
+        if lm.dtype != dtype:
+            raise ValueError(f"the Sampler's model is {lm.dtype}, but config.dtype is {config.dtype!r}")
+        _check_sampler_config(sampler, lm.kind, config)
+        return _Model(lm.kind, tuple(lm.image_shape), lm.num_classes, _identity(model), lm, lm.unet, sampler)
     if config.sampler == "reference":
         m = load_reference_model(model, device=device)
         if dtype != torch.float32:
@@ -315,6 +341,74 @@ def _batched(it: Iterable[Job], n: int) -> Iterator[list[Job]]:
         yield buf
 
 
+def _sampler_config(kind: str, config: ExtractConfig) -> Any:
+    """The ``SamplerConfig`` an extraction with ``config`` samples a model of ``kind`` with."""
+    from memcore.sampling import SamplerConfig
+
+    return SamplerConfig(
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=_guidance_for(kind, config),
+        eta=config.eta,
+        mode=config.mode,
+        batch_size=config.micro_batch,
+        backend=config.backend,
+        compile=config.compile,
+        compile_mode=config.compile_mode,
+        fuse_norm=config.fuse_norm,
+        fuse_qkv=config.fuse_qkv,
+        attention=config.attention,
+    )
+
+
+def _check_sampler_config(sampler: Any, kind: str, config: ExtractConfig) -> None:
+    """Refuse a Sampler whose images would not be the ones ``config`` (and so the run's records) describes."""
+    want = _sampler_config(kind, config)
+    diff = [
+        f"{f.name} (Sampler {getattr(sampler.config, f.name)!r}, config {getattr(want, f.name)!r})"
+        for f in dataclasses.fields(want)
+        if getattr(sampler.config, f.name) != getattr(want, f.name)
+    ]
+    if diff:
+        raise ValueError(
+            "the Sampler was not built for this ExtractConfig: "
+            + "; ".join(diff)
+            + " (build it with memcore.attacks.carlini.extraction_sampler(model, config))"
+        )
+
+
+def extraction_sampler(
+    model: Any, config: ExtractConfig | None = None, *, device: torch.device | str | None = None
+) -> Any:
+    """A ``memcore.sampling.Sampler`` for running :func:`extract` with ``config`` several times on one model.
+
+    Pass it to :func:`extract` / :func:`iter_extract` as the model: every call then reuses the loaded model,
+    its text-embedding cache, its CUDA graphs and its compiled UNet instead of building them again (a tool
+    that calls ``extract`` per batch of prompts saves the graph capture and its warm-up UNet calls each time).
+    Images and records are the same as when the model itself is passed. A call whose ``config`` samples
+    differently (steps, guidance, micro-batch, mode, dtype, backend, compile, fusion, attention) is refused.
+
+    Args:
+        model: anything :func:`extract` accepts (but a Sampler).
+        config: the extraction parameters (default ``ExtractConfig()``); ``config.sampler`` must be "memcore".
+        device: where it samples (default: CUDA when available).
+
+    Returns:
+        A ``memcore.sampling.Sampler``.
+    """
+    config = config or ExtractConfig()
+    if config.sampler != "memcore":
+        raise ValueError(
+            f"extraction_sampler builds the memcore engine; config.sampler is {config.sampler!r}"
+        )
+    if _as_sampler(model) is not None:
+        raise TypeError("model is a Sampler already")
+    device = torch.device(device or _default_device())
+    from memcore.sampling import Sampler
+
+    m = _load_model(model, config, device)
+    return Sampler(m.handle, _sampler_config(m.kind, config), device=device)
+
+
 def _make_sampler(
     model: _Model, config: ExtractConfig, device: torch.device
 ) -> Callable[[Iterable[Job]], Iterator[torch.Tensor]]:
@@ -340,26 +434,11 @@ def _make_sampler(
 
         return ref
 
-    from memcore.sampling import Sampler, SamplerConfig
+    from memcore.sampling import Sampler
 
-    # one Sampler for the run: loaded model, caches and CUDA graphs are reused (also for regeneration)
-    engine = Sampler(
-        model.handle,
-        SamplerConfig(
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=_guidance(model, config),
-            eta=config.eta,
-            mode=config.mode,
-            batch_size=config.micro_batch,
-            backend=config.backend,
-            compile=config.compile,
-            compile_mode=config.compile_mode,
-            fuse_norm=config.fuse_norm,
-            fuse_qkv=config.fuse_qkv,
-            attention=config.attention,
-        ),
-        device=device,
-    )
+    # one Sampler for the run: loaded model, caches and CUDA graphs are reused (also for regeneration); a
+    # Sampler passed as the model (checked against the config in _load_model) is reused across runs too
+    engine = model.sampler or Sampler(model.handle, _sampler_config(model.kind, config), device=device)
 
     def eng(jobs: Iterable[Job]) -> Iterator[torch.Tensor]:
         for b in engine.stream(jobs):
@@ -675,8 +754,16 @@ def _resolve(v: Any) -> Any:
     return v.result() if isinstance(v, cf.Future) else v
 
 
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _guidance(model: _Model, config: ExtractConfig) -> float | None:
-    if model.kind == "sd_pipeline":
+    return _guidance_for(model.kind, config)
+
+
+def _guidance_for(kind: str, config: ExtractConfig) -> float | None:
+    if kind == "sd_pipeline":
         return 7.5 if config.guidance_scale is None else float(config.guidance_scale)
     return None
 
@@ -697,7 +784,8 @@ def iter_extract(
 
     Args:
         model: a local diffusers model/pipeline directory or a loaded model (see ``memcore.models``); with
-            ``config.sampler="reference"`` also a ``(UNet2DModel, scheduler)`` pair.
+            ``config.sampler="reference"`` also a ``(UNet2DModel, scheduler)`` pair; or a Sampler from
+            :func:`extraction_sampler` with the same ``config`` (reused across calls; it sets the default device).
         conditions: prompts (text models), class ids (class-conditional UNets), None for unconditional models.
         config: the attack parameters.
         train: training images, uint8 [T, C, H, W] (or float in [0, 1]) or a path readable by
@@ -712,7 +800,8 @@ def iter_extract(
         ConditionResult, in order of completion (condition order for a single process).
     """
     config = config or ExtractConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    given = _as_sampler(model)
+    device = torch.device(device or (given.device if given is not None else _default_device()))
     state = _state if _state is not None else {}
     timer = _Timer(device, config.sync_timing)
     t_start = time.perf_counter()

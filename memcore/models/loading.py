@@ -377,7 +377,7 @@ def load_model(
         unet = _finish_unet(lm.unet, device, dtype)
         return _describe_unet(unet, scheduler or lm.scheduler, device, lm.source, **extra)
     if isinstance(path_or_obj, (str, os.PathLike)):
-        p = _check_local(path_or_obj)
+        p = Path(os.path.abspath(_check_local(path_or_obj)))  # absolute: ``source`` names it from anywhere
         if p.is_file():
             if p.suffix != ".safetensors":
                 raise ValueError(f"{p}: a model file must be .safetensors (with config.json beside it)")
