@@ -100,3 +100,20 @@ def test_cuda_steady_state_loop_never_syncs():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(state.ratio).any()
+
+
+@pytest.mark.cuda
+def test_cuda_extraction_sampler_replays_its_graphs_across_runs(tmp_path):
+    """A Sampler reused by several extractions replays the CUDA graphs it captured in the first: the records
+    equal those of runs that each build their own Sampler (and capture again)."""
+    from test_extract import cfg, tiny_unet
+
+    model = tiny_unet(3)
+    config = cfg()
+    sampler = carlini.extraction_sampler(model, config, device="cuda")
+    assert sampler.use_graphs
+    runs = [carlini.extract(sampler, c, config=config) for c in ([0, 1], [2], [1, 0])]
+    assert sampler._graph is not None
+    for c, got in zip(([0, 1], [2], [1, 0]), runs):
+        want = carlini.extract(model, c, config=config, device="cuda")
+        assert [r.to_record() for r in got.conditions] == [r.to_record() for r in want.conditions]
