@@ -112,7 +112,11 @@ def test_cuda_extraction_sampler_replays_its_graphs_across_runs(tmp_path):
     config = cfg()
     sampler = carlini.extraction_sampler(model, config, device="cuda")
     assert sampler.use_graphs
-    runs = [carlini.extract(sampler, c, config=config) for c in ([0, 1], [2], [1, 0])]
+    here = f"cuda:{torch.cuda.current_device()}"  # the same device as "cuda", named with its index
+    runs = [
+        carlini.extract(sampler, c, config=config, device=d)
+        for c, d in zip(([0, 1], [2], [1, 0]), (None, here, "cuda"))
+    ]
     assert sampler._graph is not None
     for c, got in zip(([0, 1], [2], [1, 0]), runs):
         want = carlini.extract(model, c, config=config, device="cuda")

@@ -306,7 +306,7 @@ def _load_model(model: Any, config: ExtractConfig, device: torch.device) -> _Mod
                 f"a Sampler runs the memcore engine; config.sampler={config.sampler!r} needs the model itself"
             )
         lm = sampler.model
-        if lm.device != device:
+        if not _same_device(lm.device, device):
             raise ValueError(f"the Sampler's model is on {lm.device}, but the extraction runs on {device}")
         if lm.dtype != dtype:
             raise ValueError(f"the Sampler's model is {lm.dtype}, but config.dtype is {config.dtype!r}")
@@ -756,6 +756,16 @@ def _resolve(v: Any) -> Any:
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` are one device (a module's parameters report the index, users often not)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    cur = torch.cuda.current_device()
+    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
 
 
 def _guidance(model: _Model, config: ExtractConfig) -> float | None:
