@@ -284,7 +284,7 @@ def _dry_run(args, config, conditions, device) -> int:
         conditions=len(conds),
         per_condition=config.num_per_condition,
         steps=config.num_inference_steps,
-        cfg=carlini._guidance(m, config) not in (None,) and (carlini._guidance(m, config) or 0) > 1,
+        cfg=(carlini._guidance(m.kind, config) or 0) > 1,  # diffusers' rule: CFG runs only above 1
         throughput=args.throughput,
         extra_candidates=extra,
     )

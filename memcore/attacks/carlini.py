@@ -347,7 +347,7 @@ def _sampler_config(kind: str, config: ExtractConfig) -> Any:
 
     return SamplerConfig(
         num_inference_steps=config.num_inference_steps,
-        guidance_scale=_guidance_for(kind, config),
+        guidance_scale=_guidance(kind, config),
         eta=config.eta,
         mode=config.mode,
         batch_size=config.micro_batch,
@@ -746,7 +746,7 @@ def _run_params(
         "device_type": device.type,
         **cfg,
         "grid": list(config.grid),
-        "guidance_scale": _guidance(model, config),
+        "guidance_scale": _guidance(model.kind, config),
     }
 
 
@@ -768,11 +768,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
 
 
-def _guidance(model: _Model, config: ExtractConfig) -> float | None:
-    return _guidance_for(model.kind, config)
-
-
-def _guidance_for(kind: str, config: ExtractConfig) -> float | None:
+def _guidance(kind: str, config: ExtractConfig) -> float | None:
     if kind == "sd_pipeline":
         return 7.5 if config.guidance_scale is None else float(config.guidance_scale)
     return None

@@ -55,7 +55,7 @@ def run_profile(
     thr = cands / sample if sample > 0 else None
     m = carlini._load_model(model, config, dev)
     flops = unet_flops(m.handle)
-    g = carlini._guidance(m, config)
+    g = carlini._guidance(m.kind, config)
     proj = project(
         flops,
         conditions=full_conditions,

@@ -62,13 +62,13 @@ class Upload:
         self.device = device
         self._future: cf.Future | None = None
         self._done = None
-        cuda = device.type == "cuda"
-        if host.numel() == 0 or not (background or _staged(host, device)):
+        staged = _staged(host, device)
+        if host.numel() == 0 or not (background or staged):
             self._tensor = host.to(device).contiguous()  # nothing to copy, or not in the background
             return
         self._tensor = torch.empty(host.shape, dtype=host.dtype, device=device)
         stream = None
-        if cuda:
+        if staged:  # through pinned buffers on a side stream; other copies are plain, chunk by chunk
             stream = torch.cuda.Stream(device)
             # the new tensor's memory may have served earlier work of the current stream: copy after it
             stream.wait_stream(torch.cuda.current_stream(device))
@@ -81,7 +81,7 @@ class Upload:
 
     def _copy(self, host: torch.Tensor, rows: int, stream) -> None:
         out = self._tensor
-        if stream is None:  # not CUDA: plain chunked copies
+        if stream is None:  # not host to CUDA: plain chunked copies
             for s in range(0, host.shape[0], rows):
                 out[s : s + rows].copy_(host[s : s + rows])
             return
