@@ -23,6 +23,7 @@ _LAZY_ATTRS = {
     "extract": ("memcore.attacks.carlini", "extract"),
     "iter_extract": ("memcore.attacks.carlini", "iter_extract"),
     "extraction_sampler": ("memcore.attacks.carlini", "extraction_sampler"),
+    "extraction_training_set": ("memcore.attacks.carlini", "extraction_training_set"),
 }
 _SUBMODULES = (
     "attacks",

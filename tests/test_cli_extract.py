@@ -189,11 +189,22 @@ def test_torch_threads_untouched():
     assert torch.get_num_threads() >= 1
 
 
-def test_profile_writes_stage_costs(model_dir, tmp_path, capsys):
+def test_profile_writes_stage_costs(model_dir, tmp_path, capsys, monkeypatch):
+    from memcore.models import loading
+
+    loads = []
+    real = loading.load_model
+
+    def counted(obj, *a, **k):  # a LoadedModel handed on is returned as is: only reads from disk count
+        loads.extend([] if isinstance(obj, loading.LoadedModel) else [1])
+        return real(obj, *a, **k)
+
+    monkeypatch.setattr(loading, "load_model", counted)
     a = args(model_dir, tmp_path / "p")
     a[0] = "profile"
     a = [x for x in a if x != "--no-progress"] + ["--calib-conditions", "1", "--calib-n", "6"]
     assert main(a) == 0
+    assert loads == [1]  # calibration and FLOP count share one loaded model
     prof = json.loads((tmp_path / "p" / "profile.json").read_text())
     assert prof["calibration"]["conditions"] == 1 and prof["throughput_images_per_s"] > 0
     assert "sample" in prof["shares"] and 0 <= prof["outside_sampling_share"] < 1

@@ -389,3 +389,93 @@ def test_extraction_sampler_mismatches_are_refused(class_model):
     # parameters that do not touch sampling may differ
     res = carlini.extract(sampler, [0], config=cfg(alpha=0.05, min_clique=3))
     assert len(res.conditions) == 1
+
+
+def test_prepared_training_set_is_read_once_and_equals_the_path(class_model, tmp_path, monkeypatch):
+    import numpy as np
+
+    from memcore.io import data
+
+    config = cfg(num_per_condition=8, nn_candidates=13, nn_k=4, batch_size=5)
+    model = tiny_unet(None, seed=1)
+    seeds = [config.seed + i for i in (2, 9)]
+    planted = reference_generate(load_reference_model(model), seeds, None, num_inference_steps=3)
+    noise = torch.randint(
+        0, 256, (18, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    train = torch.cat([noise, planted])  # two candidates to extract: the NN results below are not empty
+    path = tmp_path / "train.npy"
+    np.save(path, train.numpy())
+    opened, hashed = [], []
+    real_open, real_digest = data.open_training_set, carlini._digest
+    monkeypatch.setattr(data, "open_training_set", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(carlini, "_digest", lambda t: hashed.append(1) or real_digest(t))
+    prepared = carlini.extraction_training_set(path, config, device="cpu")
+    assert len(prepared) == 20 and "whole" in repr(prepared) and opened == [1]
+    # two runs read nothing again; their records and NN results equal runs given the path
+    a = carlini.extract(model, None, config=config, train=prepared)
+    b = carlini.extract(model, None, config=config, train=prepared, out=tmp_path / "p")
+    assert opened == [1]
+    direct = carlini.extract(model, None, config=config, train=path, out=tmp_path / "d", device="cpu")
+    assert len(opened) == 2
+    assert set(direct.nn.extracted_train_indices) == {18, 19}
+    records = [c.to_record() for c in direct.conditions]
+    assert [c.to_record() for c in b.conditions] == records and b.nn == direct.nn
+    # without a results directory no PNG pair is written: the record names no image
+    assert [{**c.to_record(), "image": None} for c in a.conditions] == [{**r, "image": None} for r in records]
+    assert a.nn == dataclasses.replace(direct.nn, images=())
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["extracted_train_indices"] == list(
+        direct.nn.extracted_train_indices
+    )
+    # the prepared set stands for its file: a directory started with the path accepts it (nothing to redo)
+    again = carlini.extract(model, None, config=config, train=prepared, out=tmp_path / "d")
+    assert again.nn == direct.nn and len(opened) == 2
+    # a tensor is hashed once, when prepared, and copied: writing to it later changes nothing
+    t = train.clone()
+    from_tensor = carlini.extraction_training_set(t, config, device="cpu")
+    assert hashed == [1]
+    t.zero_()
+    c = carlini.extract(model, None, config=config, train=from_tensor, out=tmp_path / "t")
+    assert hashed == [1]
+    assert [x.to_record() for x in c.conditions] == records and c.nn == direct.nn
+    # and stands for the tensor's bytes: a directory started with an equal tensor resumes with it
+    carlini.extract(model, None, config=config, train=train.clone(), out=tmp_path / "t2", device="cpu")
+    assert carlini.extract(model, None, config=config, train=from_tensor, out=tmp_path / "t2").nn == c.nn
+
+
+def test_prepared_training_set_streamed_in_chunks_gives_the_same_records(class_model):
+    config = cfg()
+    train = torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    whole = carlini.extract(class_model, [0, 1], config=config, train=train, device="cpu")
+    prepared = carlini.extraction_training_set(train, cfg(train_chunk=4), device="cpu")
+    assert prepared.chunk == 4 and "streamed 4 at a time" in repr(prepared)
+    got = carlini.extract(class_model, [0, 1], config=cfg(train_chunk=4), train=prepared)
+    assert [c.to_record() for c in got.conditions] == [c.to_record() for c in whole.conditions]
+    assert any(c.nearest_train_index is not None for c in got.conditions)
+
+
+def test_prepared_training_set_mismatches_are_refused(class_model, tmp_path):
+    train = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    prepared = carlini.extraction_training_set(train, device="cpu")
+    with pytest.raises(ValueError, match="prepared on cpu, but the extraction runs on meta"):
+        carlini.extract(class_model, [0], config=cfg(), train=prepared, device="meta")
+    with pytest.raises(ValueError, match=r"prepared with train_chunk=None, config.train_chunk is 2"):
+        carlini.extract(class_model, [0], config=cfg(train_chunk=2), train=prepared)
+    small = carlini.extraction_training_set(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), device="cpu")
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"have shape \(1, 4, 4\) but the model generates \(1, 8, 8\)"):
+        carlini.extract(class_model, [0], config=cfg(), train=small, out=out)
+    assert not out.exists()
+    with pytest.raises(TypeError, match="PreparedTrainingSet already"):
+        carlini.extraction_training_set(prepared)
+    with pytest.raises(ValueError, match=r"must be \[T, C, H, W\]"):
+        carlini.extraction_training_set(torch.zeros(8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="hold no images"):
+        carlini.extraction_training_set(torch.zeros(0, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="NaN is an error"):
+        carlini.extraction_training_set(torch.full((2, 1, 8, 8), float("nan")))
+    with pytest.raises(TypeError, match="got list"):
+        carlini.extract(class_model, [0], config=cfg(), train=[1, 2], device="cpu")
+    # an explicit train_chunk equal to the prepared one, and other parameters, may be given
+    res = carlini.extract(class_model, [0], config=cfg(alpha=0.05), train=prepared)
+    assert len(res.conditions) == 1 and res.conditions[0].nearest_train_index is not None

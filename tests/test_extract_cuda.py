@@ -121,3 +121,30 @@ def test_cuda_extraction_sampler_replays_its_graphs_across_runs(tmp_path):
     for c, got in zip(([0, 1], [2], [1, 0]), runs):
         want = carlini.extract(model, c, config=config, device="cuda")
         assert [r.to_record() for r in got.conditions] == [r.to_record() for r in want.conditions]
+
+
+@pytest.mark.cuda
+def test_cuda_prepared_training_set_is_uploaded_once(tmp_path, monkeypatch):
+    """A training set prepared on the GPU serves several extractions (with a reused Sampler capturing its graph
+    after the upload) without another upload; the records equal runs given the tensor itself."""
+    from test_extract import cfg, tiny_unet
+
+    model = tiny_unet(None, seed=1)
+    config = cfg(num_per_condition=8, nn_candidates=20, nn_k=4, batch_size=8)
+    train = torch.randint(
+        0, 256, (30, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+    )
+    prepared = carlini.extraction_training_set(train, config, device="cuda")
+    sampler = carlini.extraction_sampler(model, config, device="cuda")
+    uploads = []
+    real = carlini.Upload
+    monkeypatch.setattr(carlini, "Upload", lambda *a, **k: uploads.append(1) or real(*a, **k))
+    runs = [carlini.extract(sampler, None, config=config, train=prepared) for _ in range(2)]
+    assert uploads == []
+    want = carlini.extract(model, None, config=config, train=train, device="cuda")
+    assert len(uploads) == 1
+    for got in runs:
+        assert [r.to_record() for r in got.conditions] == [r.to_record() for r in want.conditions]
+        assert got.nn == want.nn
+    with pytest.raises(ValueError, match="prepared on cuda, but the extraction runs on cpu"):
+        carlini.extract(model, None, config=config, train=prepared, device="cpu")

@@ -513,13 +513,21 @@ class _Train:
     PyTorch's default (global) mode forbids the upload thread's event waits and pinned allocations.
     """
 
-    def __init__(self, images: torch.Tensor, device: torch.device, backend: str, chunk: int | None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        device: torch.device,
+        backend: str,
+        chunk: int | None,
+        whole: Upload | None = None,
+    ) -> None:
         self.host = images
         self.backend = backend
         self.device = device
         n = images.shape[0]
-        self.chunk = min(n, chunk or _auto_train_chunk(images, device))
-        self.whole: Upload | None = None
+        # a prepared set's device copy (``whole``) fixes the layout: held whole, not streamed
+        self.chunk = n if whole is not None else min(n, chunk or _auto_train_chunk(images, device))
+        self.whole = whole
 
     def start(self) -> None:
         """Begin the background upload of a set held whole (no-op when streamed, or once started)."""
@@ -587,6 +595,106 @@ def _auto_train_chunk(images: torch.Tensor, device: torch.device) -> int:
     free, _total = torch.cuda.mem_get_info(device)
     budget = min(8 << 30, free // 4)
     return n if n * per <= budget else max(1, budget // 2 // per)
+
+
+class PreparedTrainingSet:
+    """Training images read, checked, described and placed on the device once, for several extractions.
+
+    Built by :func:`extraction_training_set`; pass it as ``train=`` to :func:`extract` / :func:`iter_extract`.
+    Each call then skips what it would otherwise repeat: reading and decoding the files (or hashing a
+    tensor: the sha256 that identifies it in a results directory) and uploading the set to the device; the
+    Triton k-NN's packed copy of the set is kept between calls too, as it is keyed on the device tensor.
+    Records are the same as when the path or tensor itself is given, and a results directory started with
+    either resumes with the prepared set (and the other way round): the run parameters are the same.
+
+    A tensor is copied when prepared, so later writes to it cannot make the recorded digest lie. The host
+    images stay in memory while the object lives (they feed streamed chunks and the PNG pairs); a set held
+    whole also keeps its device copy.
+
+    Attributes:
+        images: uint8 [T, C, H, W] host images (do not write to them).
+        device: the device the extractions must run on.
+        train_chunk: the ``train_chunk`` it was prepared with (None: the automatic budget).
+        chunk: training images on the device at once (T when held whole).
+    """
+
+    def __init__(self, images: torch.Tensor, info: dict, device: torch.device, train_chunk: int | None):
+        self.images = images
+        self.device = device
+        self.train_chunk = train_chunk
+        self._info = dict(info)
+        # the layout _Train would choose; a set held whole is uploaded now, blocking: an upload thread still
+        # running when a later extraction captures its first CUDA graph would break the capture (see _Train)
+        layout = _Train(images, device, "auto", train_chunk)
+        self.chunk = layout.chunk
+        self._whole: Upload | None = None
+        if layout.chunk >= len(self) > 0:
+            layout.start()
+            assert layout.whole is not None
+            layout.whole.wait()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self._whole = layout.whole
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def info(self) -> dict:
+        """How the set is identified in the run parameters: ``source``, ``num`` and, for a tensor, ``sha256``."""
+        return dict(self._info)
+
+    def __repr__(self) -> str:
+        c, h, w = self.images.shape[1:]
+        where = "whole" if self._whole is not None else f"streamed {self.chunk} at a time"
+        return f"PreparedTrainingSet({self._info['source']}, {len(self)}x{c}x{h}x{w} uint8, {self.device}, {where})"
+
+    def _for_run(self, device: torch.device, config: ExtractConfig) -> None:
+        """Refuse an extraction this set was not prepared for (before anything is loaded)."""
+        if not _same_device(self.device, device):
+            raise ValueError(
+                f"the training set was prepared on {self.device}, but the extraction runs on {device}"
+            )
+        if config.train_chunk is not None and config.train_chunk != self.train_chunk:
+            raise ValueError(
+                f"the training set was prepared with train_chunk={self.train_chunk}, "
+                f"config.train_chunk is {config.train_chunk}"
+            )
+
+    def _train(self, backend: str) -> _Train:
+        return _Train(self.images, self.device, backend, self.chunk, whole=self._whole)
+
+
+def extraction_training_set(
+    train: torch.Tensor | str | os.PathLike,
+    config: ExtractConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> PreparedTrainingSet:
+    """Prepare training images once for several :func:`extract` calls (see :class:`PreparedTrainingSet`).
+
+    Args:
+        train: uint8 [T, C, H, W] (or float in [0, 1]) or a path readable by
+            ``memcore.io.data.open_training_set``, as :func:`extract` takes.
+        config: the extraction parameters; only ``train_chunk`` is used (default ``ExtractConfig()``). Later
+            calls may pass another config, but not another explicit ``train_chunk``.
+        device: where the extractions will run (default: CUDA when available).
+
+    Returns:
+        The prepared set; its image shape is checked against the model by each extraction.
+    """
+    if isinstance(train, PreparedTrainingSet):
+        raise TypeError("train is a PreparedTrainingSet already")
+    if train is None:
+        raise TypeError("train is None: there is no training set to prepare")
+    config = config or ExtractConfig()
+    device = torch.device(device or _default_device())
+    t, info = _load_train(train, None)
+    assert t is not None and info is not None
+    host = t.cpu()
+    if host is train:  # the caller's own uint8 tensor: keep a copy that the recorded digest stays true for
+        host = host.clone()
+    return PreparedTrainingSet(host.contiguous(), info, device, config.train_chunk)
 
 
 def _to_host(ts: list[torch.Tensor | None], device: torch.device) -> tuple[list[torch.Tensor | None], Any]:
@@ -779,7 +887,7 @@ def iter_extract(
     conditions: Sequence[Any] | None = None,
     *,
     config: ExtractConfig | None = None,
-    train: torch.Tensor | str | os.PathLike | None = None,
+    train: PreparedTrainingSet | torch.Tensor | str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     shard: _results.ShardSpec | None = None,
@@ -795,10 +903,12 @@ def iter_extract(
         conditions: prompts (text models), class ids (class-conditional UNets), None for unconditional models.
         config: the attack parameters.
         train: training images, uint8 [T, C, H, W] (or float in [0, 1]) or a path readable by
-            ``memcore.io.data.open_training_set``; enables verification (and NN extraction for unconditional
-            models).
+            ``memcore.io.data.open_training_set``, or a set from :func:`extraction_training_set` (read and
+            uploaded once for many calls; it sets the default device); enables verification (and NN
+            extraction for unconditional models).
         out: results directory (resumable); None keeps everything in memory.
-        device: where sampling and distances run (default: CUDA when available).
+        device: where sampling and distances run (default: the Sampler's or prepared set's device, else CUDA
+            when available).
         shard: which part of the conditions this process runs (default: the torchrun rank, if any).
         progress: show a progress bar with ETA.
 
@@ -807,7 +917,12 @@ def iter_extract(
     """
     config = config or ExtractConfig()
     given = _as_sampler(model)
-    device = torch.device(device or (given.device if given is not None else _default_device()))
+    prepared = train if isinstance(train, PreparedTrainingSet) else None
+    if device is None:
+        device = given.device if given is not None else prepared.device if prepared is not None else None
+    device = torch.device(device or _default_device())
+    if prepared is not None:
+        prepared._for_run(device, config)
     state = _state if _state is not None else {}
     timer = _Timer(device, config.sync_timing)
     t_start = time.perf_counter()
@@ -828,7 +943,10 @@ def iter_extract(
         rd = _results.ResultsDir(out, _run_params(m, conds, config, train_info, device), shard=shard)
         done = rd.completed_ids()
     state.update(model=m, conditions=conds, results_dir=rd, timer=timer, device=device, train_info=train_info)
-    tr = _Train(train_t, device, config.backend, config.train_chunk) if train_t is not None else None
+    if prepared is not None:
+        tr: _Train | None = prepared._train(config.backend)
+    else:
+        tr = _Train(train_t, device, config.backend, config.train_chunk) if train_t is not None else None
     n = config.num_per_condition
     todo = [g for g in shard.select(range(len(conds))) if g not in done]
     # SPEC §3 on unconditional models: NN candidate indices [0, n_nn) (seeds seed + i). This process runs its
@@ -1136,23 +1254,32 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def _load_train(
-    train: Any, shape: tuple[int, int, int], *, lazy_digest: bool = False
+    train: Any, shape: tuple[int, int, int] | None, *, lazy_digest: bool = False
 ) -> tuple[torch.Tensor | None, dict | None]:
     """Training images as uint8 [T, C, H, W] and their description for the run parameters.
 
-    With ``lazy_digest`` a tensor's sha256 is a ``Future`` computed on a background thread (resolved by
-    ``_run_params``)."""
+    ``shape`` (C, H, W) is checked when given. With ``lazy_digest`` a tensor's sha256 is a ``Future``
+    computed on a background thread (resolved by ``_run_params``)."""
     if train is None:
         return None, None
+    if isinstance(train, PreparedTrainingSet):
+        if shape is not None:
+            _train_shape_check(train.images, shape, f"({train.info['source']})")
+        return train.images, train.info
     if isinstance(train, torch.Tensor):
         t = train
         if t.is_floating_point():
-            if t.numel() and (t.min() < 0 or t.max() > 1):
-                raise ValueError("float training images must be in [0, 1]")
+            if not bool(((t >= 0) & (t <= 1)).all()):  # NaN fails both comparisons
+                raise ValueError("float training images must be in [0, 1] (NaN is an error)")
             t = (t * 255).round().to(torch.uint8)
         elif t.dtype != torch.uint8:
             raise TypeError(f"training images must be uint8 or float in [0, 1], got {t.dtype}")
-        _train_shape_check(t, shape, "(tensor)")
+        if t.dim() != 4:
+            raise ValueError(f"training images (tensor) must be [T, C, H, W], got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError("training images (tensor) hold no images")
+        if shape is not None:
+            _train_shape_check(t, shape, "(tensor)")
         if lazy_digest:
             pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-digest")
             digest: Any = pool.submit(_digest, t)
@@ -1160,6 +1287,10 @@ def _load_train(
         else:
             digest = _digest(t)
         return t, {"source": "<tensor>", "num": int(t.shape[0]), "sha256": digest}
+    if not isinstance(train, (str, os.PathLike)):
+        raise TypeError(
+            f"train must be a tensor, a path or a PreparedTrainingSet, got {type(train).__name__}"
+        )
     from memcore.io.data import open_training_set
 
     ts = open_training_set(train, expected_shape=shape)
@@ -1175,7 +1306,7 @@ def extract(
     conditions: Sequence[Any] | None = None,
     *,
     config: ExtractConfig | None = None,
-    train: torch.Tensor | str | os.PathLike | None = None,
+    train: PreparedTrainingSet | torch.Tensor | str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     shard: _results.ShardSpec | None = None,
