@@ -479,3 +479,19 @@ def test_prepared_training_set_mismatches_are_refused(class_model, tmp_path):
     # an explicit train_chunk equal to the prepared one, and other parameters, may be given
     res = carlini.extract(class_model, [0], config=cfg(alpha=0.05), train=prepared)
     assert len(res.conditions) == 1 and res.conditions[0].nearest_train_index is not None
+
+
+def test_float_training_tensor_reads_as_the_same_array_from_a_file(tmp_path):
+    import numpy as np
+
+    # values whose float32 product with 255 lands on a half (0.8058823... -> 205.5 in float32, 205.49999 exact):
+    # a tensor must give the bytes the same array saved to .npy gives
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6000, 1, 4, 4, generator=g)
+    x[0, 0, 0, 0] = 0.8058823347091675
+    x[1, 0, 0, 0] = 0.9862744808197021
+    np.save(tmp_path / "x.npy", x.numpy())
+    from_file = carlini.extraction_training_set(tmp_path / "x.npy", device="cpu").images
+    from_tensor = carlini.extraction_training_set(x, device="cpu").images
+    assert from_file[0, 0, 0, 0] == 205 and from_file[1, 0, 0, 0] == 251
+    assert torch.equal(from_tensor, from_file)

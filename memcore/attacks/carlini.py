@@ -1253,6 +1253,18 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(a).cast("B")).hexdigest()
 
 
+def _unit_to_uint8(t: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8 ``round(x * 255)`` (half to even) computed in float64, as training files
+    are read (``memcore.io.data``): in float32 the product can land on a half and round the other way
+    (0.8058823 gives 206 against 205), so a tensor and the same array saved to a file would differ. Chunked,
+    so the float64 temporaries stay small whatever the size of the set."""
+    out = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
+    rows = max(1, (32 << 20) // max(1, t[0].numel()))
+    for s in range(0, t.shape[0], rows):
+        out[s : s + rows] = torch.round(t[s : s + rows].to(torch.float64) * 255.0)
+    return out
+
+
 def _load_train(
     train: Any, shape: tuple[int, int, int] | None, *, lazy_digest: bool = False
 ) -> tuple[torch.Tensor | None, dict | None]:
@@ -1268,16 +1280,16 @@ def _load_train(
         return train.images, train.info
     if isinstance(train, torch.Tensor):
         t = train
-        if t.is_floating_point():
-            if not bool(((t >= 0) & (t <= 1)).all()):  # NaN fails both comparisons
-                raise ValueError("float training images must be in [0, 1] (NaN is an error)")
-            t = (t * 255).round().to(torch.uint8)
-        elif t.dtype != torch.uint8:
+        if not t.is_floating_point() and t.dtype != torch.uint8:
             raise TypeError(f"training images must be uint8 or float in [0, 1], got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"training images (tensor) must be [T, C, H, W], got shape {tuple(t.shape)}")
         if t.shape[0] == 0:
             raise ValueError("training images (tensor) hold no images")
+        if t.is_floating_point():
+            if not bool(((t >= 0) & (t <= 1)).all()):  # NaN fails both comparisons
+                raise ValueError("float training images must be in [0, 1] (NaN is an error)")
+            t = _unit_to_uint8(t)
         if shape is not None:
             _train_shape_check(t, shape, "(tensor)")
         if lazy_digest:
