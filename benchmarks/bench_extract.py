@@ -8,6 +8,9 @@ Cases:
   filter on one condition + NN extraction against a random 50,000-image training set on the GPU).
 - ``sd``: a Stable-Diffusion-1.x-layout pipeline with random weights (SD-1.x UNet and VAE configurations, a
   CLIP-L-sized text encoder with a tiny offline tokenizer), text prompts with CFG 7.5, fp16 (GPU only).
+- ``reuse``: a tool's many small extractions (one condition per call, unconditional CIFAR-layout UNet, the
+  training set as an ``.npy`` file): the model and file given to every call against one
+  ``memcore.extraction_sampler`` and one ``memcore.extraction_training_set`` built up front; seconds per call.
 - ``memory``: peak host RSS and peak device memory of the unconditional NN extraction at 10^4, 10^5, 10^6
   candidates (``--quick`` and CPU: 10^3, 10^4, or ``--memory-sizes``) with a fixed training set, each in a
   fresh process; the target is flat memory (the model is a small 32x32 UNet run for one step: memory does not depend on the UNet).
@@ -174,6 +177,60 @@ def e2e(name, model, conditions, config, train, device, *, reference: bool) -> l
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------- reuse
+def reuse(name, model, calls, config, train_path, device) -> list[dict]:
+    """Many small extractions, as a tool embedding memcore makes them (one call per condition list): each call
+    given the model directory and the training file (``fresh``: the model loaded, the file read, the set
+    uploaded and the CUDA graphs captured again every call) against one ``extraction_sampler`` and one
+    ``extraction_training_set`` built up front (``reused``; their build time is counted). Both give the same
+    records (checked)."""
+    cfg = lambda i: dataclasses.replace(config, seed=config.seed + 1_000_003 * i)  # noqa: E731
+    carlini.extract(model, calls[0], config=cfg(0), train=train_path, device=device, report=False)  # warm-up
+
+    def fresh() -> list:
+        return [
+            carlini.extract(model, c, config=cfg(i), train=train_path, device=device, report=False)
+            for i, c in enumerate(calls)
+        ]
+
+    def reused() -> list:
+        sampler = carlini.extraction_sampler(model, config, device=device)
+        train = carlini.extraction_training_set(train_path, config, device=device)
+        return [
+            carlini.extract(sampler, c, config=cfg(i), train=train, report=False) for i, c in enumerate(calls)
+        ]
+
+    times, out = {}, {}
+    for label, fn in (("fresh", fresh), ("reused", reused)):
+        best = float("inf")
+        for _ in range(REPEATS):
+            _sync(device)
+            t0 = time.perf_counter()
+            out[label] = fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        times[label] = best
+    records = [[r.to_record() for r in res.conditions] for res in out["fresh"]]
+    assert records == [[r.to_record() for r in res.conditions] for res in out["reused"]], "records differ"
+    n_images = sum(r.num_candidates for res in out["fresh"] for r in res.conditions)
+    rows = [
+        {
+            "case": name, "path": label, "calls": len(calls), "seconds": round(times[label], 4),
+            "seconds_per_call": round(times[label] / len(calls), 4), "steps": config.num_inference_steps,
+            "batch_size": config.micro_batch, "images": n_images,
+        }
+        for label in ("fresh", "reused")
+    ]  # fmt: skip
+    rows[1]["speedup_vs_fresh"] = round(times["fresh"] / times["reused"], 3)
+    saved = (times["fresh"] - times["reused"]) / len(calls)
+    print(
+        f"[{name}] {len(calls)} calls: fresh {times['fresh']:.3f}s, reused {times['reused']:.3f}s "
+        f"({rows[1]['speedup_vs_fresh']}x; {saved * 1e3:.1f} ms saved per call)",
+        flush=True,
+    )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- memory
 def memory_child(n_candidates: int, device: torch.device, quick: bool) -> dict:
     model = cifar_unet(small=True) if not quick else _tiny_uncond()
@@ -239,7 +296,7 @@ def memory_case(device: torch.device, quick: bool, sizes: tuple[int, ...] | None
 
 
 # ------------------------------------------------------------------------------------------------------ main
-CASES = ("demo", "cifar", "sd", "memory")
+CASES = ("demo", "cifar", "sd", "memory", "reuse")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small CPU sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
-        "--cases", type=comma_list(CASES), default=None, help="comma list of demo,cifar,sd,memory"
+        "--cases", type=comma_list(CASES), default=None, help="comma list of demo,cifar,sd,memory,reuse"
     )
     ap.add_argument(
         "--memory-sizes",
@@ -277,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = (
         args.cases.split(",")
         if args.cases
-        else (["demo", "cifar", "sd", "memory"] if gpu else ["demo", "cifar", "memory"])
+        else (["demo", "cifar", "sd", "memory", "reuse"] if gpu else ["demo", "cifar", "memory", "reuse"])
     )
     rows: list[dict] = []
     if "demo" in cases:
@@ -319,6 +376,31 @@ def main(argv: list[str] | None = None) -> int:
                 save_images="none",
             )
             rows += e2e("sd", pipe, ["a photo of a cat", "an astronaut"], cfg, None, device, reference=True)
+    if "reuse" in cases:
+        import tempfile
+
+        import numpy as np
+
+        small = args.quick or not gpu
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "cifar"
+            unet, sched = cifar_unet(small=small)
+            unet.save_pretrained(model)
+            sched.save_pretrained(model)
+            n, steps, ntrain, k = (16, 3, 2_000, 4) if small else (250, 50, 50_000, 8)
+            train = np.random.default_rng(1).integers(0, 256, (ntrain, 3, 32, 32), dtype=np.uint8)
+            np.save(Path(tmp) / "train.npy", train)
+            cfg = carlini.ExtractConfig(
+                num_per_condition=n, num_inference_steps=steps, batch_size=n, save_images="none"
+            )
+            rows += reuse(
+                "reuse-cifar" + ("-small" if small else ""),
+                model,
+                [None] * k,
+                cfg,
+                Path(tmp) / "train.npy",
+                device,
+            )
     if "memory" in cases:
         sizes = tuple(int(x) for x in args.memory_sizes.split(",")) if args.memory_sizes else None
         rows += memory_case(device, args.quick or not gpu, sizes)

@@ -41,6 +41,7 @@ benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile 
 benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --batch sd15=48
 benchmarks/bench_sampling.py --device cuda --configs sd15 --mode fp32 --compile --fuse-qkv --batch sd15=32 --inductor conv_1x1_as_mm=1,coordinate_descent_tuning=1,epilogue_fusion=0
 benchmarks/bench_extract.py --device cuda --cases memory
+benchmarks/bench_extract.py --device cuda --cases reuse
 benchmarks/bench_sampling.py --device cuda --configs cifar10,celeba64 --compile --fuse-norm
 benchmarks/bench_extract.py --device cuda --cases sd"
   while IFS= read -r cmd; do
