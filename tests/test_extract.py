@@ -495,3 +495,33 @@ def test_float_training_tensor_reads_as_the_same_array_from_a_file(tmp_path):
     from_tensor = carlini.extraction_training_set(x, device="cpu").images
     assert from_file[0, 0, 0, 0] == 205 and from_file[1, 0, 0, 0] == 251
     assert torch.equal(from_tensor, from_file)
+
+
+def test_opened_training_set_stands_for_its_file(class_model, tmp_path):
+    import numpy as np
+
+    from memcore.io import open_training_set
+
+    train = torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    np.save(tmp_path / "t.npy", train.numpy())
+    opened = open_training_set(tmp_path / "t.npy")
+    by_path = carlini.extract(class_model, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=tmp_path / "a")
+    by_set = carlini.extract(class_model, [0, 1], config=cfg(), train=opened, out=tmp_path / "b")
+    assert [r.to_record() for r in by_set.conditions] == [r.to_record() for r in by_path.conditions]
+    # the same identity as the path: a directory started with the path resumes with the opened set
+    assert (tmp_path / "a" / "params.json").read_text() == (tmp_path / "b" / "params.json").read_text()
+    assert (
+        len(carlini.extract(class_model, [0, 1], config=cfg(), train=opened, out=tmp_path / "a").conditions)
+        == 2
+    )
+    # a channels-last tensor gets a hint; an opened set of the wrong size is refused like its path
+    with pytest.raises(ValueError, match=r"have shape \(8, 8, 1\) .* \(channels last\?"):
+        carlini.extract(class_model, [0], config=cfg(), train=train.permute(0, 2, 3, 1), device="cpu")
+    np.save(tmp_path / "s.npy", torch.zeros(2, 1, 4, 4, dtype=torch.uint8).numpy())
+    small = open_training_set(tmp_path / "s.npy")
+    with pytest.raises(
+        ValueError, match=r"s.npy\) have shape \(1, 4, 4\) but the model generates \(1, 8, 8\)$"
+    ):
+        carlini.extract(class_model, [0], config=cfg(), train=small, device="cpu")
+    with pytest.raises(TypeError, match="got ndarray"):
+        carlini.extract(class_model, [0], config=cfg(), train=train.numpy(), device="cpu")

@@ -674,8 +674,8 @@ def extraction_training_set(
     """Prepare training images once for several :func:`extract` calls (see :class:`PreparedTrainingSet`).
 
     Args:
-        train: uint8 [T, C, H, W] (or float in [0, 1]) or a path readable by
-            ``memcore.io.data.open_training_set``, as :func:`extract` takes.
+        train: uint8 [T, C, H, W] (or float in [0, 1]), a path readable by ``memcore.io.open_training_set``
+            or a set it opened, as :func:`extract` takes.
         config: the extraction parameters; only ``train_chunk`` is used (default ``ExtractConfig()``). Later
             calls may pass another config, but not another explicit ``train_chunk``.
         device: where the extractions will run (default: CUDA when available).
@@ -825,8 +825,11 @@ def _conditions_digest(conds: Sequence[Any]) -> str:
 
 def _train_shape_check(train: torch.Tensor, shape: tuple[int, int, int], source: str) -> None:
     if train.dim() != 4 or tuple(train.shape[1:]) != tuple(shape):
+        got = tuple(train.shape[1:])
+        # a channels-last tensor is the usual way to get here: say so rather than only print two shapes
+        hint = " (channels last? pass images as [T, C, H, W])" if got == (*shape[1:], shape[0]) else ""
         raise ValueError(
-            f"training images {source} have shape {tuple(train.shape[1:])} but the model generates {tuple(shape)}"
+            f"training images {source} have shape {got} but the model generates {tuple(shape)}{hint}"
         )
 
 
@@ -902,10 +905,10 @@ def iter_extract(
             :func:`extraction_sampler` with the same ``config`` (reused across calls; it sets the default device).
         conditions: prompts (text models), class ids (class-conditional UNets), None for unconditional models.
         config: the attack parameters.
-        train: training images, uint8 [T, C, H, W] (or float in [0, 1]) or a path readable by
-            ``memcore.io.data.open_training_set``, or a set from :func:`extraction_training_set` (read and
-            uploaded once for many calls; it sets the default device); enables verification (and NN
-            extraction for unconditional models).
+        train: training images, uint8 [T, C, H, W] (or float in [0, 1]), a path readable by
+            ``memcore.io.open_training_set`` or a set it opened (the same as its path), or a set from
+            :func:`extraction_training_set` (read and uploaded once for many calls; it sets the default
+            device); enables verification (and NN extraction for unconditional models).
         out: results directory (resumable); None keeps everything in memory.
         device: where sampling and distances run (default: the Sampler's or prepared set's device, else CUDA
             when available).
@@ -1299,13 +1302,19 @@ def _load_train(
         else:
             digest = _digest(t)
         return t, {"source": "<tensor>", "num": int(t.shape[0]), "sha256": digest}
-    if not isinstance(train, (str, os.PathLike)):
-        raise TypeError(
-            f"train must be a tensor, a path or a PreparedTrainingSet, got {type(train).__name__}"
-        )
-    from memcore.io.data import open_training_set
+    from memcore.io.data import TrainingSet, open_training_set
 
-    ts = open_training_set(train, expected_shape=shape)
+    if isinstance(train, TrainingSet):  # opened already (memcore.io.open_training_set): stands for its file
+        if shape is not None:
+            _train_shape_check(torch.empty((0, *train.image_shape)), shape, f"({train.source})")
+        ts, train = train, train.source
+    elif isinstance(train, (str, os.PathLike)):
+        ts = open_training_set(train, expected_shape=shape)
+    else:
+        raise TypeError(
+            "train must be a tensor, a path, an opened memcore.io TrainingSet or a PreparedTrainingSet, "
+            f"got {type(train).__name__}"
+        )
     t = ts.images
     if t.shape[0] == 0:
         raise ValueError(f"training data {train} holds no images")
