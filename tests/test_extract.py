@@ -214,6 +214,13 @@ def test_config_checks():
         carlini.ExtractConfig(alpha=float("nan"))
     with pytest.raises(ValueError, match="sampler"):
         carlini.ExtractConfig(sampler="x")
+    # the sampler's checks run when the config is built, not once a results directory exists
+    with pytest.raises(ValueError, match="backend must be one of"):
+        carlini.ExtractConfig(backend="gpu")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        carlini.ExtractConfig(mode="x")
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        carlini.ExtractConfig(eta=1.5)
     c = carlini.ExtractConfig(num_per_condition=10, seed=5)
     assert c.seed_of(2, 3) == 28 and c.micro_batch == 10
 
@@ -231,6 +238,10 @@ def test_bad_inputs_write_nothing(class_model, tmp_path):
             out=out,
             device="cpu",
         )
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        carlini.extract(class_model, [0], config=cfg(backend="cuda"), out=out, device="cpu")
+    with pytest.raises(ValueError, match="fuse_qkv=True needs a UNet with"):
+        carlini.extract(class_model, [0], config=cfg(fuse_qkv=True), out=out, device="cpu")
     with pytest.raises(ValueError, match="class id"):
         carlini.extract(class_model, [7], config=cfg(), out=out, device="cpu")
     with pytest.raises(ValueError, match="needs conditions"):

@@ -335,6 +335,8 @@ def test_bad_inputs(unet_pipe_dir, class_unet_dir, sd_dir):
         SamplerConfig(mode="fast")
     with pytest.raises(ValueError, match="fused"):
         SamplerConfig(mode="fp32", step_backend="diffusers")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SamplerConfig(backend="gpu")
     with pytest.raises(ValueError, match="unknown scheduler"):
         Sampler(unet_pipe_dir, SamplerConfig(scheduler="NoSuchScheduler"))
     with pytest.raises(ValueError, match="no fused step"):

@@ -186,6 +186,13 @@ class ExtractConfig:
         check_model_options(self)
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        from memcore.ops._backend import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.sampler == "memcore":
+            # the sampler's own checks (eta in [0, 1], mode, ...) now, not after a results directory exists
+            _sampler_config("unet", self)
 
     @property
     def micro_batch(self) -> int:
@@ -926,6 +933,12 @@ def iter_extract(
     device = torch.device(device or _default_device())
     if prepared is not None:
         prepared._for_run(device, config)
+    if config.backend != "auto":
+        from memcore.ops._backend import available
+
+        ok, why = available(config.backend, device)
+        if not ok:  # before anything is loaded or written (the distance ops would say it only mid-run)
+            raise ValueError(why)
     state = _state if _state is not None else {}
     timer = _Timer(device, config.sync_timing)
     t_start = time.perf_counter()
@@ -939,6 +952,9 @@ def iter_extract(
     # without a results directory nothing needs the training set's digest before the summary: hash it on a
     # thread (hashlib releases the GIL) while the device samples, instead of in front of the first batch
     train_t, train_info = _load_train(train, m.image_shape, lazy_digest=out is None)
+    # the sampler refuses what the model cannot do (fuse_norm off CUDA, fuse_qkv without the diffusers hook)
+    # when it is built: build it before the results directory exists, so a refused run writes nothing
+    sampler = _make_sampler(m, config, device)
     shard = shard or _results.shard_from_env()
     rd = None
     done: set[int] = set()
@@ -982,7 +998,6 @@ def iter_extract(
             for i in range(n):
                 yield (g, None if m.kind == "unet" else conds[g], config.seed_of(g, i))
 
-    sampler = _make_sampler(m, config, device)
     slots = [_Slot(n, m.image_shape, device) for _ in range(config.slots)]
     free = list(range(config.slots))
     active: dict[int, int] = {}  # condition id -> slot, while filling

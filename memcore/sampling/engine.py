@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from memcore.models.loading import LoadedModel, load_model
+from memcore.ops import _backend
 from memcore.sampling.seeds import check_seeds, initial_noise, step_noise
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import to_device
@@ -191,6 +192,8 @@ class SamplerConfig:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {self.backend!r}")
         if self.step_backend not in STEP_BACKENDS:
             raise ValueError(f"step_backend must be one of {STEP_BACKENDS}, got {self.step_backend!r}")
         if self.mode == "fp32" and self.step_backend == "diffusers":
