@@ -50,6 +50,8 @@ def _grid(text: str) -> tuple[int, int]:
 
 def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
     from memcore.attacks.carlini import ExtractConfig
+    from memcore.graph import DEFAULT_NODE_BUDGET
+    from memcore.ops._backend import BACKENDS
     from memcore.sampling.engine import ATTENTION_BACKENDS
 
     d = ExtractConfig()
@@ -64,27 +66,23 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
         "-n",
         type=int,
         default=d.num_per_condition,
-        help=f"candidates per condition (default {d.num_per_condition})",
+        help="candidates per condition",
     )
     p.add_argument("--train", help="training images (folder, .npz/.npy, .safetensors): enables verification")
-    p.add_argument("--steps", type=int, default=d.num_inference_steps, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=d.num_inference_steps, help="DDIM steps")
     p.add_argument(
         "--guidance-scale",
         type=float,
         default=None,
         help="classifier-free guidance of text models (default 7.5; unused otherwise)",
     )
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (default 0)")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="tiled-L2 edge threshold (default 0.1)")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="tiled-L2 edge threshold")
     p.add_argument("--grid", type=_grid, default=d.grid, help="tiled-L2 grid rows x cols (default 4x4)")
-    p.add_argument(
-        "--min-clique", type=int, default=d.min_clique, help="flag at this clique size (default 10)"
-    )
-    p.add_argument("--delta", type=float, default=d.delta, help="verification L2 threshold (default 0.15)")
-    p.add_argument("--nn-k", type=int, default=d.nn_k, help="NN extraction: neighbours (default 50)")
-    p.add_argument(
-        "--nn-alpha", type=float, default=d.nn_alpha, help="NN extraction: ratio alpha (default 0.5)"
-    )
+    p.add_argument("--min-clique", type=int, default=d.min_clique, help="flag at this clique size")
+    p.add_argument("--delta", type=float, default=d.delta, help="verification L2 threshold")
+    p.add_argument("--nn-k", type=int, default=d.nn_k, help="NN extraction: neighbours")
+    p.add_argument("--nn-alpha", type=float, default=d.nn_alpha, help="NN extraction: ratio alpha")
     p.add_argument(
         "--nn-candidates",
         type=int,
@@ -103,11 +101,14 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
         default=d.sampler,
         help="memcore's engine or the plain diffusers loop (reference path)",
     )
+    p.add_argument("--mode", default=d.mode, choices=("parity", "fp32"), help="sampling arithmetic")
     p.add_argument(
-        "--mode", default=d.mode, choices=("parity", "fp32"), help="sampling arithmetic (default parity)"
+        "--backend",
+        default=d.backend,
+        choices=BACKENDS,
+        help="backend of the distance, clique and sampling-step ops (auto: the fastest for the device)",
     )
-    p.add_argument("--backend", default=d.backend, choices=("auto", "reference", "cpu", "cuda", "triton"))
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="model dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (one-time compile cost)")
     p.add_argument(
         "--compile-mode",
@@ -130,7 +131,13 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK under torchrun)"
     )
-    p.add_argument("--clique-budget", type=int, default=None, help="clique search node budget")
+    p.add_argument(
+        "--clique-budget",
+        type=int,
+        default=None,
+        help=f"clique search node budget (default: the engine's, {DEFAULT_NODE_BUDGET:,} branch-and-bound "
+        "nodes); a condition whose search hits it is recorded with clique_exact false",
+    )
     p.add_argument(
         "--save-images",
         choices=("none", "flagged", "all"),
@@ -138,7 +145,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
         help="PNG pairs for flagged/extracted conditions (default), all, or none",
     )
     p.add_argument("--max-nn-images", type=int, default=d.max_nn_images, help="PNG pairs of NN extractions")
-    p.add_argument("--slots", type=int, default=d.slots, help="condition buffers on the device (default 3)")
+    p.add_argument("--slots", type=int, default=d.slots, help="condition buffers on the device")
     p.add_argument(
         "--train-chunk",
         type=int,
@@ -150,7 +157,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
         "--nn-checkpoint-s",
         type=float,
         default=d.nn_checkpoint_s,
-        help="NN extraction: checkpoint its state at most every this many seconds (default 60)",
+        help="NN extraction: checkpoint its state at most every this many seconds",
     )
 
 
@@ -398,6 +405,17 @@ def _cmd_train_demo(argv: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default unless its help already says it, or it has none worth showing (None, a flag
+    that is off): "(default 500) (default: 500)" and "(default: None)" only add noise."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="memcore", description="Audit diffusion models for memorized training data."
@@ -407,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "extract",
         help="Carlini et al. 2023 extraction (generate-and-filter, NN extraction)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     _add_attack_args(ex)
     ex.add_argument("--out", required=True, help="results directory (resumed when it exists)")
@@ -432,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--no-progress", action="store_true")
     de.set_defaults(fn=_cmd_demo)
 
-    pr = sub.add_parser("profile", help="short calibration: per-stage cost and projected GPU-hours")
+    pr = sub.add_parser(
+        "profile", help="short calibration: per-stage cost and projected GPU-hours", formatter_class=_Defaults
+    )
     _add_attack_args(pr)
     pr.add_argument("--out", required=True, help="folder for profile.json")
     pr.add_argument("--calib-conditions", type=int, default=2, help="conditions of the calibration run")

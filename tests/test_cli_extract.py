@@ -74,6 +74,8 @@ def test_changed_parameter_refused_in_one_line(model_dir, tmp_path, capsys):
     [
         (["--grid", "3x3"], "does not divide"),
         (["--classes", "0,12"], "out of range"),
+        (["--eta", "1.5"], "eta must be in [0, 1]"),
+        (["--backend", "cuda", "--device", "cpu"], "backend 'cuda' needs CUDA tensors"),
     ],
 )
 def test_bad_input_one_line_nothing_written(model_dir, tmp_path, capsys, extra, match):
@@ -183,6 +185,12 @@ def test_help_lists_defaults(capsys):
     ):
         assert flag in text
     assert "0.15" in text and "500" in text
+    # each default said once, and no "(default: None)" for options whose help explains their absence
+    flat = " ".join(text.split())
+    assert "(default: 500)" in flat and "(default: 0.0)" in flat and "(default: auto)" in flat
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    for option in flat.split(" --")[1:]:
+        assert option.count("(default") <= 1, option
 
 
 def test_torch_threads_untouched():
