@@ -21,6 +21,10 @@ conditions.
 The training set is held on the device whole when it fits (``train_chunk``), else streamed through it in
 chunks from the host for every verification and NN batch (same results, more transfer).
 
+A tool that runs many extractions builds what does not change between them once: the sampler
+(:func:`extraction_sampler`: loaded model, caches, CUDA graphs) and the training set
+(:func:`extraction_training_set`: read or hashed, checked, on the device), and passes them to every call.
+
 Unconditional models with training data also run SPEC §3: every candidate batch is matched against the whole
 training set with the streamed k-NN (k = 50), ``ratio = d_1 / (alpha · mean(d_1..d_k))``, and an O(train)
 state keeps, per training image, the best ratio and the seed of the candidate that achieved it (ties: smaller
