@@ -274,12 +274,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args, config, conditions, device) -> int:
-    import torch
-
     from memcore.attacks import carlini
     from memcore.attacks.cost import project, unet_flops
+    from memcore.utils.device import resolve_device
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     m = carlini._load_model(args.model, config, dev)
     conds = carlini._conditions_for(m, conditions)
     flops = unet_flops(m.handle)

@@ -76,6 +76,7 @@ def test_changed_parameter_refused_in_one_line(model_dir, tmp_path, capsys):
         (["--classes", "0,12"], "out of range"),
         (["--eta", "1.5"], "eta must be in [0, 1]"),
         (["--backend", "cuda", "--device", "cpu"], "backend 'cuda' needs CUDA tensors"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
 def test_bad_input_one_line_nothing_written(model_dir, tmp_path, capsys, extra, match):

@@ -60,6 +60,7 @@ from memcore.attacks import nn as _nn
 from memcore.attacks.nn import NNExtraction, NNState
 from memcore.io import results as _results
 from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
+from memcore.utils.device import resolve_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import Upload, to_device
 
@@ -413,7 +414,7 @@ def extraction_sampler(
         )
     if _as_sampler(model) is not None:
         raise TypeError("model is a Sampler already")
-    device = torch.device(device or _default_device())
+    device = resolve_device(device)
     from memcore.sampling import Sampler
 
     m = _load_model(model, config, device)
@@ -699,7 +700,7 @@ def extraction_training_set(
     if train is None:
         raise TypeError("train is None: there is no training set to prepare")
     config = config or ExtractConfig()
-    device = torch.device(device or _default_device())
+    device = resolve_device(device)
     t, info = _load_train(train, None)
     assert t is not None and info is not None
     host = t.cpu()
@@ -876,10 +877,6 @@ def _resolve(v: Any) -> Any:
     return v.result() if isinstance(v, cf.Future) else v
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:<current>`` are one device (a module's parameters report the index, users often not)."""
     if a.type != b.type:
@@ -934,7 +931,7 @@ def iter_extract(
     prepared = train if isinstance(train, PreparedTrainingSet) else None
     if device is None:
         device = given.device if given is not None else prepared.device if prepared is not None else None
-    device = torch.device(device or _default_device())
+    device = resolve_device(device)
     if prepared is not None:
         prepared._for_run(device, config)
     if config.backend != "auto":

@@ -17,6 +17,7 @@ import torch
 
 from memcore.attacks import carlini
 from memcore.attacks.cost import project, unet_flops
+from memcore.utils.device import resolve_device
 
 STAGES = ("sample", "graph", "clique_wait", "clique_stats", "verify", "nn", "write", "regenerate")
 
@@ -34,7 +35,7 @@ def run_profile(
     """Measure, project, and return a JSON-able dict (with ``lines`` for printing)."""
     if calib_conditions < 1 or calib_n < 2:
         raise ValueError("calibration needs at least 1 condition and 2 candidates per condition")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     full_conditions = len(conditions) if conditions is not None else 1
     calib = None if conditions is None else list(conditions)[:calib_conditions]
     cfg = dataclasses.replace(

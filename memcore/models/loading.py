@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from memcore.utils.device import resolve_device
+
 KINDS = ("unet", "class_unet", "sd_pipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -362,7 +364,7 @@ def load_model(
         ValueError: a hub id that is not a local path, a corrupt safetensors file, an unsupported model.
         FileNotFoundError: a missing path, config or weights file.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if isinstance(path_or_obj, LoadedModel):

@@ -39,6 +39,7 @@ import torch
 from memcore.models.loading import LoadedModel, load_model
 from memcore.ops import _backend
 from memcore.sampling.seeds import check_seeds, initial_noise, step_noise
+from memcore.utils.device import default_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import to_device
 
@@ -318,7 +319,7 @@ class Sampler:
             elif hasattr(model, "unet") and isinstance(model.unet, torch.nn.Module):
                 device = next(model.unet.parameters()).device
             else:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+                device = default_device()
         self.model = lm = load_model(model, device=device, dtype=dtype)
         self.device = lm.device
         if self.device.type == "cuda" and torch.backends.cudnn.benchmark:

@@ -1,0 +1,39 @@
+"""The ``device`` argument of the public functions: parsed once, with a one-line error for a device this
+process cannot use (instead of torch's assertion deep inside a model's ``.to()``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is usable, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: torch.device | str | int | None) -> torch.device:
+    """``device`` as a ``torch.device`` (None: :func:`default_device`).
+
+    Raises:
+        ValueError: a name torch does not know, or a CUDA device that this torch build or machine lacks.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"device {str(dev)!r}: this torch ({torch.__version__}) is a CPU-only build")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r}: no CUDA device is visible to this process")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(
+                f"device {str(dev)!r}: this process sees {n} CUDA device(s), cuda:0..cuda:{n - 1}"
+            )
+    return dev
+
+
+__all__ = ["default_device", "resolve_device"]
