@@ -480,12 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train-demo":
-        return _cmd_train_demo(argv[1:])
-    ap = build_parser()
-    args = ap.parse_args(argv)
+    if argv and argv[0] == "train-demo":  # its own parser; the same one-line errors
+        run = lambda: _cmd_train_demo(argv[1:])  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        run = lambda: args.fn(args)  # noqa: E731
     try:
-        return int(args.fn(args) or 0)
+        return int(run() or 0)
     except (
         _CliError,
         ValueError,

@@ -246,3 +246,13 @@ def test_non_utf8_prompts_and_corrupt_train(model_dir, tmp_path, capsys):
     assert main(args(model_dir, out, "--train", str(corrupt))) == 2
     assert "memcore: error:" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_demo_errors_are_one_line(tmp_path, capsys):
+    out = tmp_path / "td"
+    assert main(["train-demo", "--out", str(out), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memcore: error: steps must be an int >= 1") and err.strip().count("\n") == 0
+    assert main(["train-demo", "--out", str(out), "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    assert not out.exists()

@@ -41,6 +41,7 @@ from memcore.models.demo import (
     demo_training_set,
     load_demo,
 )
+from memcore.utils.device import resolve_device
 
 # The defaults that produced the bundled weights.
 DEFAULT_STEPS = 2000
@@ -153,7 +154,7 @@ def train_demo(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    device = torch.device(device)
+    device = resolve_device(device)
     config = unet_config(variant, block_out_channels)
     recipe = recipe or DemoRecipe()
     ts = build_training_set(recipe)
