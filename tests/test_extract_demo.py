@@ -98,3 +98,24 @@ def test_demo_command_small(tmp_path, capsys):
     assert set(rep["found_classes"]) <= set(rep["planted_classes"])
     for sub in ("", "conditional/", "unconditional/"):
         assert (tmp_path / f"{sub}report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--steps", "0"], "num_inference_steps must be an integer >= 1, got 0"),  # 0 is not "the default"
+        (["-n", "0"], "num_per_condition must be an integer >= 1, got 0"),
+        (["--nn-candidates", "0"], "nn_candidates must be an integer >= 1, got 0"),  # before the first attack
+    ],
+)
+def test_demo_bad_options_write_nothing(tmp_path, capsys, extra, match):
+    from memcore.cli import main
+
+    out = tmp_path / "d"
+    assert main(["demo", "--out", str(out), *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+    afile = tmp_path / "f"
+    afile.write_text("")
+    assert main(["demo", "--out", str(afile)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err

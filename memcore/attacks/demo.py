@@ -91,19 +91,24 @@ def run_demo(
     from memcore.models.demo import demo_model_dir, demo_training_set
 
     out = Path(out)
-    n = num_per_condition or DEMO_N
-    nn_n = nn_candidates or DEMO_NN
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    # None means the demo's own value; anything else (0 too) goes to ExtractConfig, which refuses bad values
+    n = DEMO_N if num_per_condition is None else num_per_condition
+    nn_n = DEMO_NN if nn_candidates is None else nn_candidates
+    steps = DEMO_STEPS if steps is None else steps
     ts = demo_training_set("cond")
     train = ts.images  # the 1,797 unique digits: indices refer to them
     planted = dict(zip(ts.planted_classes, ts.planted))
     t0 = time.perf_counter()
     cfg = carlini.ExtractConfig(
         num_per_condition=n,
-        num_inference_steps=steps or DEMO_STEPS,
+        num_inference_steps=steps,
         backend=backend,
         sampler=sampler,
         batch_size=min(n, 100),
     )
+    ucfg = dataclasses.replace(cfg, nn_candidates=nn_n)  # checked now, before the first attack writes
     cond = carlini.extract(
         demo_model_dir("cond"),
         list(range(10)),
@@ -124,7 +129,6 @@ def run_demo(
             fps.append(c)
     uts = demo_training_set("uncond")
     uplanted = set(uts.planted)
-    ucfg = dataclasses.replace(cfg, nn_candidates=nn_n)
     unc = carlini.extract(
         demo_model_dir("uncond"),
         None,
