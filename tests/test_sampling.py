@@ -528,3 +528,16 @@ def test_cudnn_attention_takes_sd_shapes_and_captures(sd_dir):
     ea = Sampler(sd_dir, SamplerConfig(cuda_graphs=False, **kw), device="cuda", dtype=torch.bfloat16)
     assert gr.use_graphs
     assert torch.equal(gr.run_batch([1, 2], prompts), ea.run_batch([1, 2], prompts))
+
+
+def test_dtype_names_and_missing_conditions(class_unet_dir):
+    # dtype by name, as ExtractConfig and the CLI spell it, gives the same images as the torch.dtype
+    a = ms.sample(class_unet_dir, seeds=[3], conditions=[1], num_inference_steps=2, dtype="float32")
+    b = ms.sample(class_unet_dir, seeds=[3], conditions=[1], num_inference_steps=2, dtype=torch.float32)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match=r"floating torch\.dtype"):
+        ms.sample(class_unet_dir, seeds=[3], conditions=[1], num_inference_steps=2, dtype="int8")
+    with pytest.raises(
+        TypeError, match=r"class-conditional model needs a condition per seed \(a class id in"
+    ):
+        ms.sample(class_unet_dir, seeds=[3], num_inference_steps=2)

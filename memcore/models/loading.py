@@ -344,7 +344,7 @@ def load_model(
     path_or_obj: str | os.PathLike | Any,
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     scheduler: Any = None,
 ) -> LoadedModel:
     """Load a diffusers model or pipeline from a local path (or wrap a loaded one) for sampling.
@@ -354,7 +354,7 @@ def load_model(
             weights), a ``.safetensors`` file with ``config.json`` beside it, a ``LoadedModel`` (returned as is
             when device and dtype agree), or a loaded ``UNet2DModel`` / diffusers pipeline.
         device: where to put the modules.
-        dtype: parameter dtype (e.g. ``torch.bfloat16``); None keeps the stored dtype.
+        dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"); None keeps the stored dtype.
         scheduler: a diffusers scheduler instance overriding the stored one.
 
     Returns:
@@ -365,6 +365,8 @@ def load_model(
         FileNotFoundError: a missing path, config or weights file.
     """
     device = resolve_device(device)
+    if isinstance(dtype, str) and dtype in ("float32", "float16", "bfloat16", "float64"):
+        dtype = getattr(torch, dtype)  # the names ExtractConfig and the CLI use
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if isinstance(path_or_obj, LoadedModel):

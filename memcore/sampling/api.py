@@ -40,7 +40,7 @@ def sample(
     batch_size: int | None = None,
     backend: str = "auto",
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Sample one image per seed (SPEC §7).
@@ -63,7 +63,7 @@ def sample(
             with the same ``batch_size`` reproduces it bit-identically alone. None -> ``min(N, 32)``.
         backend: backend of the fused step.
         device: device for a model given by path (default CUDA when available).
-        dtype: parameter dtype (e.g. ``torch.bfloat16``).
+        dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16").
         **options: further ``SamplerConfig`` fields (``scheduler``, ``step_backend``, ``cuda_graphs``,
             ``channels_last``, ``compile``, ``compile_mode``, ``fuse_norm``, ``guidance_rescale``).
 
@@ -107,7 +107,7 @@ def stream(
     batch_size: int = 16,
     backend: str = "auto",
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     **options: Any,
 ) -> Iterator[SampleBatch]:
     """Stream finished micro-batches of images for ``jobs``.

@@ -58,6 +58,9 @@ _CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
+_KIND_NAMES = {"unet": "unconditional", "class_unet": "class-conditional", "sd_pipeline": "text-to-image"}
+
+
 def check_model_options(cfg) -> None:
     """Validate the model options a config carries (``compile``, ``fuse_norm``, ``fuse_qkv``: bools;
     ``compile_mode``: one of COMPILE_MODES; ``attention``: one of ATTENTION_BACKENDS) — shared by
@@ -299,7 +302,7 @@ class Sampler:
         config: ``SamplerConfig``.
         device: device for a model given by path (default CUDA when available); ignored for loaded objects
             unless given.
-        dtype: parameter dtype (e.g. ``torch.bfloat16``); None keeps the stored dtype.
+        dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"); None keeps the stored dtype.
     """
 
     def __init__(
@@ -308,7 +311,7 @@ class Sampler:
         config: SamplerConfig | None = None,
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> None:
         self.config = config = config or SamplerConfig()
         if device is None:
@@ -513,6 +516,9 @@ class Sampler:
             if condition is not None:
                 raise ValueError(f"an unconditional model takes no condition, got {condition!r}")
             return None
+        if condition is None:  # the usual slip: conditions not given to a conditional model
+            what = f"a class id in [0, {self.model.num_classes})" if kind == "class_unet" else "a prompt"
+            raise TypeError(f"a {_KIND_NAMES[kind]} model needs a condition per seed ({what}), got None")
         if kind == "class_unet":
             if isinstance(condition, torch.Tensor) and condition.numel() == 1:
                 condition = int(condition)
