@@ -344,11 +344,18 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ merge / report
+def _results_dir_arg(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise _CliError(f"{path} is a file, not a results directory")
+    if not p.is_dir():
+        raise _CliError(f"{path}: no such results directory")
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from memcore.attacks.carlini import summarize_dir
 
-    if not Path(args.dir).is_dir():
-        raise _CliError(f"{args.dir}: no such results directory")
+    _results_dir_arg(args.dir)
     s = summarize_dir(args.dir, merge=True, report=not args.no_report)
     c = s["counts"]
     print(f"memcore merge: {c['conditions_done']}/{c['conditions_total']} conditions, {c['flagged']} flagged")
@@ -358,8 +365,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from memcore.attacks.carlini import summarize_dir
 
-    if not Path(args.dir).is_dir():
-        raise _CliError(f"{args.dir}: no such results directory")
+    _results_dir_arg(args.dir)
     summarize_dir(args.dir, merge=False, report=True)
     print(f"wrote {Path(args.dir) / 'report.html'}")
     return 0

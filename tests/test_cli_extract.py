@@ -228,6 +228,10 @@ def test_report_and_bench_commands(model_dir, tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such results directory" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["merge", str(tmp_path / "f")]) == 2
+    assert "is a file, not a results directory" in capsys.readouterr().err
     assert main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
 
