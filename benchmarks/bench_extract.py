@@ -101,6 +101,19 @@ def sd_pipeline():
 
 
 # ---------------------------------------------------------------------------------------------------- timing
+def _best_of(fn, device: torch.device) -> tuple[float, object]:
+    """(least wall seconds of ``REPEATS`` synchronized calls of ``fn``, the last call's result): the minimum
+    because CPU timings on a shared machine are noisy."""
+    best, res = float("inf"), None
+    for _ in range(REPEATS):
+        _sync(device)
+        t0 = time.perf_counter()
+        res = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
 def sampling_only(model, conditions, config, device) -> float:
     """Seconds for memcore's sampler alone to stream the jobs of the run (the UNet-bound floor)."""
     m = carlini._load_model(model, config, device)
@@ -145,14 +158,12 @@ def e2e(name, model, conditions, config, train, device, *, reference: bool) -> l
             device=device,
             report=False,
         )
-        best = float("inf")
-        for _ in range(REPEATS):  # min over repeats: CPU timings on a shared machine are noisy
-            _sync(device)
-            t0 = time.perf_counter()
-            res = carlini.extract(model, conditions, config=cfg, train=train, device=device, report=False)
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-        times[label] = best
+        times[label], res = _best_of(
+            lambda cfg=cfg: carlini.extract(
+                model, conditions, config=cfg, train=train, device=device, report=False
+            ),
+            device,
+        )
         rows.append({
             "case": name, "path": label, "images": n_images, "seconds": round(times[label], 4),
             "images_per_s": round(n_images / times[label], 3), "flagged": res.summary["counts"]["flagged"],
@@ -202,14 +213,7 @@ def reuse(name, model, calls, config, train_path, device) -> list[dict]:
 
     times, out = {}, {}
     for label, fn in (("fresh", fresh), ("reused", reused)):
-        best = float("inf")
-        for _ in range(REPEATS):
-            _sync(device)
-            t0 = time.perf_counter()
-            out[label] = fn()
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-        times[label] = best
+        times[label], out[label] = _best_of(fn, device)
     records = [[r.to_record() for r in res.conditions] for res in out["fresh"]]
     assert records == [[r.to_record() for r in res.conditions] for res in out["reused"]], "records differ"
     n_images = sum(r.num_candidates for res in out["fresh"] for r in res.conditions)

@@ -49,7 +49,7 @@ def _grid(text: str) -> tuple[int, int]:
 
 
 def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    from memcore.attacks.carlini import ExtractConfig
+    from memcore.attacks.carlini import DTYPES, ExtractConfig
     from memcore.graph import DEFAULT_NODE_BUDGET
     from memcore.ops._backend import BACKENDS
     from memcore.sampling.engine import ATTENTION_BACKENDS
@@ -108,7 +108,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
         choices=BACKENDS,
         help="backend of the distance, clique and sampling-step ops (auto: the fastest for the device)",
     )
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="model dtype")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="model dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (one-time compile cost)")
     p.add_argument(
         "--compile-mode",

@@ -60,11 +60,12 @@ from memcore.attacks import nn as _nn
 from memcore.attacks.nn import NNExtraction, NNState
 from memcore.io import results as _results
 from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
-from memcore.utils.device import resolve_device
+from memcore.utils.device import resolve_device, same_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import Upload, to_device
 
 SAMPLERS = ("memcore", "reference")
+DTYPES = ("float32", "float16", "bfloat16")  # model dtypes an extraction runs in
 #: NN extraction runs its k-NN on blocks of candidates of at most this many bytes of images ...
 NN_BLOCK_BYTES = 64 << 20
 #: ... and at most this many candidates (at least one sampled batch either way).
@@ -189,7 +190,7 @@ class ExtractConfig:
         from memcore.sampling.engine import check_model_options
 
         check_model_options(self)
-        if self.dtype not in ("float32", "float16", "bfloat16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         from memcore.ops._backend import BACKENDS
 
@@ -318,7 +319,7 @@ def _load_model(model: Any, config: ExtractConfig, device: torch.device) -> _Mod
                 f"a Sampler runs the memcore engine; config.sampler={config.sampler!r} needs the model itself"
             )
         lm = sampler.model
-        if not _same_device(lm.device, device):
+        if not same_device(lm.device, device):
             raise ValueError(f"the Sampler's model is on {lm.device}, but the extraction runs on {device}")
         if lm.dtype != dtype:
             raise ValueError(f"the Sampler's model is {lm.dtype}, but config.dtype is {config.dtype!r}")
@@ -538,7 +539,7 @@ class _Train:
         self.device = device
         n = images.shape[0]
         # a prepared set's device copy (``whole``) fixes the layout: held whole, not streamed
-        self.chunk = n if whole is not None else min(n, chunk or _auto_train_chunk(images, device))
+        self.chunk = n if whole is not None else _train_chunk(images, device, chunk)
         self.whole = whole
 
     def start(self) -> None:
@@ -598,6 +599,11 @@ class _Train:
         return best_j, best_d, cnt, match
 
 
+def _train_chunk(images: torch.Tensor, device: torch.device, chunk: int | None) -> int:
+    """Training images on the device at once: ``chunk`` (``train_chunk``) or the automatic budget, at most all."""
+    return min(images.shape[0], chunk or _auto_train_chunk(images, device))
+
+
 def _auto_train_chunk(images: torch.Tensor, device: torch.device) -> int:
     """Whole set on the CPU or when it fits the budget; else chunks of half the budget (two in flight)."""
     n = images.shape[0]
@@ -635,18 +641,15 @@ class PreparedTrainingSet:
         self.device = device
         self.train_chunk = train_chunk
         self._info = dict(info)
-        # the layout _Train would choose; a set held whole is uploaded now, blocking: an upload thread still
-        # running when a later extraction captures its first CUDA graph would break the capture (see _Train)
-        layout = _Train(images, device, "auto", train_chunk)
-        self.chunk = layout.chunk
+        self.chunk = _train_chunk(images, device, train_chunk)
+        # a set held whole is uploaded now, blocking: an upload thread still running when a later extraction
+        # captures its first CUDA graph would break the capture (see _Train)
         self._whole: Upload | None = None
-        if layout.chunk >= len(self) > 0:
-            layout.start()
-            assert layout.whole is not None
-            layout.whole.wait()
+        if self.chunk >= len(self) > 0:
+            self._whole = Upload(images, device)
+            self._whole.wait()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            self._whole = layout.whole
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -663,7 +666,7 @@ class PreparedTrainingSet:
 
     def _for_run(self, device: torch.device, config: ExtractConfig) -> None:
         """Refuse an extraction this set was not prepared for (before anything is loaded)."""
-        if not _same_device(self.device, device):
+        if not same_device(self.device, device):
             raise ValueError(
                 f"the training set was prepared on {self.device}, but the extraction runs on {device}"
             )
@@ -835,14 +838,13 @@ def _conditions_digest(conds: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps(list(conds), ensure_ascii=False).encode()).hexdigest()
 
 
-def _train_shape_check(train: torch.Tensor, shape: tuple[int, int, int], source: str) -> None:
-    if train.dim() != 4 or tuple(train.shape[1:]) != tuple(shape):
-        got = tuple(train.shape[1:])
+def _train_shape_check(got: Sequence[int], shape: tuple[int, int, int], source: str) -> None:
+    """Refuse training images of shape ``got`` (C, H, W) for a model that generates ``shape``."""
+    got, shape = tuple(got), tuple(shape)
+    if got != shape:
         # a channels-last tensor is the usual way to get here: say so rather than only print two shapes
         hint = " (channels last? pass images as [T, C, H, W])" if got == (*shape[1:], shape[0]) else ""
-        raise ValueError(
-            f"training images {source} have shape {got} but the model generates {tuple(shape)}{hint}"
-        )
+        raise ValueError(f"training images {source} have shape {got} but the model generates {shape}{hint}")
 
 
 def _run_params(
@@ -875,16 +877,6 @@ def _run_params(
 
 def _resolve(v: Any) -> Any:
     return v.result() if isinstance(v, cf.Future) else v
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:<current>`` are one device (a module's parameters report the index, users often not)."""
-    if a.type != b.type:
-        return False
-    if a.type != "cuda" or a.index == b.index:
-        return True
-    cur = torch.cuda.current_device()
-    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
 
 
 def _guidance(kind: str, config: ExtractConfig) -> float | None:
@@ -1272,18 +1264,6 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(a).cast("B")).hexdigest()
 
 
-def _unit_to_uint8(t: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> uint8 ``round(x * 255)`` (half to even) computed in float64, as training files
-    are read (``memcore.io.data``): in float32 the product can land on a half and round the other way
-    (0.8058823 gives 206 against 205), so a tensor and the same array saved to a file would differ. Chunked,
-    so the float64 temporaries stay small whatever the size of the set."""
-    out = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
-    rows = max(1, (32 << 20) // max(1, t[0].numel()))
-    for s in range(0, t.shape[0], rows):
-        out[s : s + rows] = torch.round(t[s : s + rows].to(torch.float64) * 255.0)
-    return out
-
-
 def _load_train(
     train: Any, shape: tuple[int, int, int] | None, *, lazy_digest: bool = False
 ) -> tuple[torch.Tensor | None, dict | None]:
@@ -1295,8 +1275,10 @@ def _load_train(
         return None, None
     if isinstance(train, PreparedTrainingSet):
         if shape is not None:
-            _train_shape_check(train.images, shape, f"({train.info['source']})")
+            _train_shape_check(train.images.shape[1:], shape, f"({train.info['source']})")
         return train.images, train.info
+    from memcore.io.data import TrainingSet, open_training_set, unit_to_uint8
+
     if isinstance(train, torch.Tensor):
         t = train
         if not t.is_floating_point() and t.dtype != torch.uint8:
@@ -1308,9 +1290,9 @@ def _load_train(
         if t.is_floating_point():
             if not bool(((t >= 0) & (t <= 1)).all()):  # NaN fails both comparisons
                 raise ValueError("float training images must be in [0, 1] (NaN is an error)")
-            t = _unit_to_uint8(t)
+            t = unit_to_uint8(t)  # the rule training files are read with
         if shape is not None:
-            _train_shape_check(t, shape, "(tensor)")
+            _train_shape_check(t.shape[1:], shape, "(tensor)")
         if lazy_digest:
             pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-digest")
             digest: Any = pool.submit(_digest, t)
@@ -1318,11 +1300,9 @@ def _load_train(
         else:
             digest = _digest(t)
         return t, {"source": "<tensor>", "num": int(t.shape[0]), "sha256": digest}
-    from memcore.io.data import TrainingSet, open_training_set
-
     if isinstance(train, TrainingSet):  # opened already (memcore.io.open_training_set): stands for its file
         if shape is not None:
-            _train_shape_check(torch.empty((0, *train.image_shape)), shape, f"({train.source})")
+            _train_shape_check(train.image_shape, shape, f"({train.source})")
         ts, train = train, train.source
     elif isinstance(train, (str, os.PathLike)):
         ts = open_training_set(train, expected_shape=shape)

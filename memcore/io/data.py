@@ -306,13 +306,30 @@ def _detect_layout(shape: tuple[int, ...], exp: tuple[int, int, int] | None, p: 
     return "NCHW"
 
 
+def unit_to_uint8(t: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (range-checked by the caller) -> uint8 ``round(x * 255)``, half to even, computed
+    in float64: in float32 the product can land on a half and round the other way (0.8058823 gives 206
+    against 205), so a tensor and the same array saved to a file would differ. Chunked over the first axis,
+    so the float64 temporaries stay small whatever the size of the set.
+
+    Args:
+        t: float [N, ...] images.
+
+    Returns:
+        uint8 [N, ...] on ``t``'s device.
+    """
+    out = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
+    rows = max(1, (32 << 20) // max(1, t[0].numel())) if t.shape[0] else 1
+    for s in range(0, t.shape[0], rows):
+        out[s : s + rows] = torch.round(t[s : s + rows].to(torch.float64) * 255.0)
+    return out
+
+
 def _to_uint8(arr: np.ndarray | torch.Tensor, p: Path) -> torch.Tensor:
     """Convert one chunk to uint8 (already range-checked)."""
     # np.array copies: a memory-mapped chunk becomes an ordinary, writable array.
     t = torch.from_numpy(np.array(arr, copy=True)) if isinstance(arr, np.ndarray) else arr
-    if t.dtype == torch.uint8:
-        return t
-    return torch.round(t.to(torch.float64) * 255.0).to(torch.uint8)
+    return t if t.dtype == torch.uint8 else unit_to_uint8(t)
 
 
 def _check_values(arr: np.ndarray | torch.Tensor, p: Path) -> None:

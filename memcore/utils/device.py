@@ -36,4 +36,14 @@ def resolve_device(device: torch.device | str | int | None) -> torch.device:
     return dev
 
 
-__all__ = ["default_device", "resolve_device"]
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` are one device (a module's parameters report the index, users often not)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    cur = torch.cuda.current_device()
+    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
+
+
+__all__ = ["default_device", "resolve_device", "same_device"]
