@@ -165,6 +165,43 @@ def test_changed_parameters_are_refused(class_model, tmp_path):
         carlini.extract(class_model, [1], config=cfg(), out=tmp_path, device="cpu")
 
 
+def test_other_weights_or_a_rewritten_training_file_are_refused(class_model, tmp_path):
+    import numpy as np
+
+    train = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    np.save(tmp_path / "t.npy", train.numpy())
+    out = tmp_path / "o"
+    first = carlini.extract(
+        class_model, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu"
+    )
+    params = json.loads((out / "params.json").read_text())["params"]
+    assert params["train"]["sha256"] == carlini._digest(train) and len(params["model_sha256"]) == 64
+    lines = (out / "results.jsonl").read_text()
+    # same architecture and in-memory description, other weights: the digest tells them apart
+    other = tiny_unet(3, seed=1)
+    assert carlini._identity(other) == carlini._identity(class_model) == params["model"]
+    with pytest.raises(ValueError, match=r"model_sha256: directory has \"[0-9a-f]+"):
+        carlini.extract(other, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu")
+    # the training file rewritten in place: same path, same count, other images
+    np.save(tmp_path / "t.npy", (255 - train).numpy())
+    with pytest.raises(ValueError, match=r"^[^.]*\. train: directory has .*sha256"):
+        carlini.extract(class_model, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu")
+    assert (out / "results.jsonl").read_text() == lines
+    # a directory started before the digests were recorded resumes (and keeps its parameters)
+    np.save(tmp_path / "t.npy", train.numpy())
+    old = {k: v for k, v in params.items() if k != "model_sha256"}
+    old["train"] = {k: v for k, v in params["train"].items() if k != "sha256"}
+    R.atomic_write_json(
+        out / "params.json", {"format": R.FORMAT_VERSION, "fingerprint": R.fingerprint(old), "params": old}
+    )
+    before = (out / "params.json").read_text()
+    again = carlini.extract(
+        class_model, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu"
+    )
+    assert [r.to_record() for r in again.conditions] == [r.to_record() for r in first.conditions]
+    assert (out / "params.json").read_text() == before and (out / "results.jsonl").read_text() == lines
+
+
 def test_shards_merge_to_the_single_run(class_model, tmp_path):
     config = cfg()
     single = carlini.extract(class_model, [0, 1, 2], config=config, out=tmp_path / "one", device="cpu")
@@ -422,13 +459,13 @@ def test_prepared_training_set_is_read_once_and_equals_the_path(class_model, tmp
     monkeypatch.setattr(data, "open_training_set", lambda *a, **k: opened.append(1) or real_open(*a, **k))
     monkeypatch.setattr(carlini, "_digest", lambda t: hashed.append(1) or real_digest(t))
     prepared = carlini.extraction_training_set(path, config, device="cpu")
-    assert len(prepared) == 20 and "whole" in repr(prepared) and opened == [1]
-    # two runs read nothing again; their records and NN results equal runs given the path
+    assert len(prepared) == 20 and "whole" in repr(prepared) and opened == [1] and hashed == [1]
+    # two runs read and hash nothing again; their records and NN results equal runs given the path
     a = carlini.extract(model, None, config=config, train=prepared)
     b = carlini.extract(model, None, config=config, train=prepared, out=tmp_path / "p")
-    assert opened == [1]
+    assert opened == [1] and hashed == [1]
     direct = carlini.extract(model, None, config=config, train=path, out=tmp_path / "d", device="cpu")
-    assert len(opened) == 2
+    assert len(opened) == 2 and len(hashed) == 2
     assert set(direct.nn.extracted_train_indices) == {18, 19}
     records = [c.to_record() for c in direct.conditions]
     assert [c.to_record() for c in b.conditions] == records and b.nn == direct.nn
@@ -444,10 +481,10 @@ def test_prepared_training_set_is_read_once_and_equals_the_path(class_model, tmp
     # a tensor is hashed once, when prepared, and copied: writing to it later changes nothing
     t = train.clone()
     from_tensor = carlini.extraction_training_set(t, config, device="cpu")
-    assert hashed == [1]
+    assert len(hashed) == 3
     t.zero_()
     c = carlini.extract(model, None, config=config, train=from_tensor, out=tmp_path / "t")
-    assert hashed == [1]
+    assert len(hashed) == 3
     assert [x.to_record() for x in c.conditions] == records and c.nn == direct.nn
     # and stands for the tensor's bytes: a directory started with an equal tensor resumes with it
     carlini.extract(model, None, config=config, train=train.clone(), out=tmp_path / "t2", device="cpu")

@@ -79,6 +79,31 @@ def test_param_mismatch_refused_listing_each_difference(tmp_path):
     assert json.loads((tmp_path / "params.json").read_text())["params"] == PARAMS
 
 
+def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
+    old = {**PARAMS, "train": {"source": "t.npy", "num": 3}}
+    with R.ResultsDir(tmp_path, old) as rd:
+        rd.append(rec(0))
+    before = (tmp_path / "params.json").read_text()
+    added = ("model_sha256", "train.sha256")
+    newer = {**PARAMS, "model_sha256": "ab", "train": {"source": "t.npy", "num": 3, "sha256": "cd"}}
+    with R.ResultsDir(tmp_path, newer, added=added) as rd:  # started before those keys existed: resumes
+        assert rd.params == old and rd.completed_ids() == {0}
+        rd.append(rec(1))
+    assert (tmp_path / "params.json").read_text() == before
+    # without ``added`` they are differences; and other differences are still refused with them
+    with pytest.raises(ValueError, match=r"model_sha256: directory has no value, this run has \"ab\""):
+        R.ResultsDir(tmp_path, newer)
+    with pytest.raises(ValueError, match=r"results\. alpha: directory has 0.1, this run has 0.2\. Use"):
+        R.ResultsDir(tmp_path, {**newer, "alpha": 0.2}, added=added)
+    # a directory that has the key compares it like any other
+    R.ResultsDir(tmp_path / "new", newer, added=added).close()
+    R.ResultsDir(tmp_path / "new", newer, added=added).close()
+    with pytest.raises(ValueError, match=r"model_sha256: directory has \"ab\", this run has \"ef\""):
+        R.ResultsDir(tmp_path / "new", {**newer, "model_sha256": "ef"}, added=added)
+    with pytest.raises(ValueError, match=r"train: directory has .*\"cd\".*this run has .*\"ef\""):
+        R.ResultsDir(tmp_path / "new", {**newer, "train": {**newer["train"], "sha256": "ef"}}, added=added)
+
+
 def test_no_resume_refuses_existing_records(tmp_path):
     with R.ResultsDir(tmp_path, PARAMS) as rd:
         rd.append(rec(0))

@@ -619,8 +619,8 @@ class PreparedTrainingSet:
     """Training images read, checked, described and placed on the device once, for several extractions.
 
     Built by :func:`extraction_training_set`; pass it as ``train=`` to :func:`extract` / :func:`iter_extract`.
-    Each call then skips what it would otherwise repeat: reading and decoding the files (or hashing a
-    tensor: the sha256 that identifies it in a results directory) and uploading the set to the device; the
+    Each call then skips what it would otherwise repeat: reading and decoding the files, hashing the images
+    (the sha256 that identifies them in a results directory) and uploading the set to the device; the
     Triton k-NN's packed copy of the set is kept between calls too, as it is keyed on the device tensor.
     Records are the same as when the path or tensor itself is given, and a results directory started with
     either resumes with the prepared set (and the other way round): the run parameters are the same.
@@ -656,7 +656,8 @@ class PreparedTrainingSet:
 
     @property
     def info(self) -> dict:
-        """How the set is identified in the run parameters: ``source``, ``num`` and, for a tensor, ``sha256``."""
+        """How the set is identified in the run parameters: ``source`` (a path, or ``<tensor>``), ``num`` and
+        ``sha256`` (of the uint8 images)."""
         return dict(self._info)
 
     def __repr__(self) -> str:
@@ -863,6 +864,7 @@ def _run_params(
         cfg.pop("attention")
     return {
         "model": model.identity,
+        "model_sha256": _model_sha256(model),
         "model_kind": model.kind,
         "image_shape": list(model.image_shape),
         "num_conditions": len(conds),
@@ -873,6 +875,25 @@ def _run_params(
         "grid": list(config.grid),
         "guidance_scale": _guidance(model.kind, config),
     }
+
+
+def _model_sha256(model: _Model) -> str:
+    """The digest of the weights the run samples with (``memcore.models.fingerprint``): with it a results
+    directory refuses another model behind the same path or in-memory description."""
+    from memcore.models.fingerprint import weights_sha256
+
+    parts = getattr(model.handle, "pipeline", None) or model.handle  # the reference path's SD pipeline
+    return weights_sha256(
+        {
+            "unet": model.unet,
+            "text_encoder": getattr(parts, "text_encoder", None),
+            "vae": getattr(parts, "vae", None),
+        }
+    )
+
+
+# run parameters added after the first results format: a directory started without them still resumes
+_ADDED_PARAMS = ("model_sha256", "train.sha256")
 
 
 def _resolve(v: Any) -> Any:
@@ -952,7 +973,8 @@ def iter_extract(
     rd = None
     done: set[int] = set()
     if out is not None:
-        rd = _results.ResultsDir(out, _run_params(m, conds, config, train_info, device), shard=shard)
+        params = _run_params(m, conds, config, train_info, device)
+        rd = _results.ResultsDir(out, params, shard=shard, added=_ADDED_PARAMS)
         done = rd.completed_ids()
     state.update(model=m, conditions=conds, results_dir=rd, timer=timer, device=device, train_info=train_info)
     if prepared is not None:
@@ -1269,7 +1291,7 @@ def _load_train(
 ) -> tuple[torch.Tensor | None, dict | None]:
     """Training images as uint8 [T, C, H, W] and their description for the run parameters.
 
-    ``shape`` (C, H, W) is checked when given. With ``lazy_digest`` a tensor's sha256 is a ``Future``
+    ``shape`` (C, H, W) is checked when given. With ``lazy_digest`` the images' sha256 is a ``Future``
     computed on a background thread (resolved by ``_run_params``)."""
     if train is None:
         return None, None
@@ -1293,13 +1315,7 @@ def _load_train(
             t = unit_to_uint8(t)  # the rule training files are read with
         if shape is not None:
             _train_shape_check(t.shape[1:], shape, "(tensor)")
-        if lazy_digest:
-            pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-digest")
-            digest: Any = pool.submit(_digest, t)
-            pool.shutdown(wait=False)
-        else:
-            digest = _digest(t)
-        return t, {"source": "<tensor>", "num": int(t.shape[0]), "sha256": digest}
+        return t, {"source": "<tensor>", "num": int(t.shape[0]), "sha256": _digest_of(t, lazy_digest)}
     if isinstance(train, TrainingSet):  # opened already (memcore.io.open_training_set): stands for its file
         if shape is not None:
             _train_shape_check(train.image_shape, shape, f"({train.source})")
@@ -1314,7 +1330,19 @@ def _load_train(
     t = ts.images
     if t.shape[0] == 0:
         raise ValueError(f"training data {train} holds no images")
-    return t, {"source": os.path.abspath(os.fspath(train)), "num": int(t.shape[0])}
+    # the digest of the decoded images, as for a tensor: a file rewritten in place is another training set
+    info = {"source": os.path.abspath(os.fspath(train)), "num": int(t.shape[0])}
+    return t, {**info, "sha256": _digest_of(t, lazy_digest)}
+
+
+def _digest_of(t: torch.Tensor, lazy: bool) -> Any:
+    """``_digest(t)``, or with ``lazy`` a ``Future`` of it computed on a thread (hashlib releases the GIL)."""
+    if not lazy:
+        return _digest(t)
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memcore-digest")
+    digest = pool.submit(_digest, t)
+    pool.shutdown(wait=False)
+    return digest
 
 
 # ----------------------------------------------------------------------------------------------- extract()

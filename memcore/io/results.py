@@ -20,7 +20,9 @@ the first record of each id, so no record is ever duplicated.
 Parameters. ``params.json`` holds the parameters that decide the records (model, conditions, seeds, N,
 thresholds, sampler, micro-batch size, ...). Re-opening a directory with different parameters is refused
 with one line naming every differing parameter; parameters that do not change records (progress bars,
-output paths, the number of shards) are simply not put into it by the caller.
+output paths, the number of shards) are simply not put into it by the caller. A parameter added to the
+format later (``ResultsDir(added=...)``, e.g. the model's weight digest) is not held against a directory
+started before it existed: such a directory resumes, and keeps the parameters it was started with.
 
 Sharding and multi-GPU / multi-node runs. Conditions are assigned round-robin: condition ``g`` belongs to
 part ``g % n``. Part ``p`` of ``n`` writes ``parts/results.part{p}-of-{n}.jsonl``; since every record is
@@ -49,6 +51,7 @@ whatever the number of parts of earlier, interrupted attempts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -56,7 +59,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +308,19 @@ def fingerprint(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def _without_added(new: Mapping[str, Any], old: Mapping[str, Any], added: Sequence[str]) -> dict[str, Any]:
+    """``new`` less each dotted key of ``added`` that ``old`` does not have."""
+    out = copy.deepcopy(dict(new))
+    for dotted in added:
+        *parents, leaf = dotted.split(".")
+        n, o = out, old
+        for k in parents:
+            n, o = n.get(k) if isinstance(n, dict) else None, o.get(k) if isinstance(o, dict) else None
+        if isinstance(n, dict) and leaf in n and not (isinstance(o, dict) and leaf in o):
+            del n[leaf]
+    return out
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, sort_keys=True)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -331,6 +347,8 @@ class ResultsDir:
         params: the parameters that decide the records; JSON-serialisable.
         shard: which part of the run this process writes.
         resume: when False and the directory already holds records, refuse instead of resuming.
+        added: dotted keys of ``params`` (``"train.sha256"``) newer than some directories: when the
+            directory's parameters lack one, it is left out of the comparison (and of ``self.params``).
     """
 
     def __init__(
@@ -340,6 +358,7 @@ class ResultsDir:
         *,
         shard: ShardSpec | None = None,
         resume: bool = True,
+        added: Sequence[str] = (),
     ) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
@@ -348,7 +367,7 @@ class ResultsDir:
         self.params = _jsonable(dict(params))
         self.fingerprint = fingerprint(self.params)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._check_or_write_params()
+        self._check_or_write_params(added)
         done = self.completed_ids()
         if done and not resume:
             raise ValueError(
@@ -358,16 +377,22 @@ class ResultsDir:
         self._writer: RecordWriter | None = None
 
     # params -------------------------------------------------------------------------------------------
-    def _check_or_write_params(self) -> None:
+    def _check_or_write_params(self, added: Sequence[str]) -> None:
         pfile = self.path / PARAMS_FILE
         if pfile.exists():
             try:
                 stored = json.loads(pfile.read_text("utf-8"))
                 old = stored["params"]
+                if not isinstance(old, dict):
+                    raise TypeError("params is not an object")
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{pfile} is corrupt ({exc}); remove it or choose another --out") from exc
-            if stored.get("fingerprint") != self.fingerprint:
-                diffs = diff_params(old, self.params)
+            # a directory started before some keys existed is compared (and resumed) without them
+            cmp = _without_added(self.params, old, added) if added else self.params
+            if fingerprint(cmp) == stored.get("fingerprint"):
+                self.params, self.fingerprint = cmp, stored["fingerprint"]
+            else:
+                diffs = diff_params(old, cmp)
                 raise ValueError(
                     f"{self.path} was started with different parameters; refusing to mix results. "
                     + "; ".join(diffs or ["parameter encoding changed"])
