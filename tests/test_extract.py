@@ -184,12 +184,25 @@ def test_other_weights_or_a_rewritten_training_file_are_refused(class_model, tmp
         carlini.extract(other, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu")
     # the training file rewritten in place: same path, same count, other images
     np.save(tmp_path / "t.npy", (255 - train).numpy())
-    with pytest.raises(ValueError, match=r"^[^.]*\. train: directory has .*sha256"):
+    with pytest.raises(ValueError, match=r"results\. train\.sha256: directory has \"[0-9a-f]+"):
         carlini.extract(class_model, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu")
-    assert (out / "results.jsonl").read_text() == lines
-    # a directory started before the digests were recorded resumes (and keeps its parameters)
     np.save(tmp_path / "t.npy", train.numpy())
-    old = {k: v for k, v in params.items() if k != "model_sha256"}
+    # the scheduler config edited (what DDIM builds from it): another schedule, other images
+    unet, sched = class_model
+    from diffusers import DDIMScheduler
+
+    edited = (unet, DDIMScheduler.from_config(sched.config, beta_end=0.03))
+    with pytest.raises(
+        ValueError, match=r"results\. scheduler\.beta_end: directory has 0\.02, this run has 0\.03\. Use"
+    ):
+        carlini.extract(edited, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu")
+    assert (
+        params["scheduler"]["prediction_type"] == "sample"
+        and params["scheduler"]["num_train_timesteps"] == 100
+    )
+    assert (out / "results.jsonl").read_text() == lines
+    # a directory started before the digests and the schedule were recorded resumes (and keeps its parameters)
+    old = {k: v for k, v in params.items() if k not in ("model_sha256", "scheduler")}
     old["train"] = {k: v for k, v in params["train"].items() if k != "sha256"}
     R.atomic_write_json(
         out / "params.json", {"format": R.FORMAT_VERSION, "fingerprint": R.fingerprint(old), "params": old}

@@ -100,8 +100,18 @@ def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
     R.ResultsDir(tmp_path / "new", newer, added=added).close()
     with pytest.raises(ValueError, match=r"model_sha256: directory has \"ab\", this run has \"ef\""):
         R.ResultsDir(tmp_path / "new", {**newer, "model_sha256": "ef"}, added=added)
-    with pytest.raises(ValueError, match=r"train: directory has .*\"cd\".*this run has .*\"ef\""):
+    with pytest.raises(
+        ValueError, match=r"results\. train\.sha256: directory has \"cd\", this run has \"ef\"\. Use"
+    ):
         R.ResultsDir(tmp_path / "new", {**newer, "train": {**newer["train"], "sha256": "ef"}}, added=added)
+
+
+def test_arrays_in_records_become_lists():
+    import numpy as np
+    import torch
+
+    rec = {"a": np.array([0.5, 1.0]), "b": torch.tensor([[1, 2]]), "c": np.float32(0.25), "d": torch.tensor(3)}
+    assert json.loads(R.encode_record(rec)) == {"a": [0.5, 1.0], "b": [[1, 2]], "c": 0.25, "d": 3}
 
 
 def test_no_resume_refuses_existing_records(tmp_path):

@@ -865,6 +865,7 @@ def _run_params(
     return {
         "model": model.identity,
         "model_sha256": _model_sha256(model),
+        "scheduler": _schedule_params(model),
         "model_kind": model.kind,
         "image_shape": list(model.image_shape),
         "num_conditions": len(conds),
@@ -892,8 +893,41 @@ def _model_sha256(model: _Model) -> str:
     )
 
 
+# DDIMScheduler's arguments: the schedule both samplers build from the model's scheduler config
+_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "clip_sample",
+    "set_alpha_to_one",
+    "steps_offset",
+    "prediction_type",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "clip_sample_range",
+    "sample_max_value",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
+)
+
+
+def _schedule_params(model: _Model) -> dict[str, Any]:
+    """The DDIM schedule the run samples with, as both samplers build it (``DDIMScheduler.from_config`` of the
+    model's scheduler config): an edited ``scheduler_config.json`` changes images, so it is a run parameter.
+    A fixed list of keys, so that a diffusers release adding an argument does not refuse a directory."""
+    from diffusers import DDIMScheduler
+
+    eff = DDIMScheduler.from_config(model.handle.scheduler.config).config
+    out = {k: eff[k] for k in _SCHEDULE_KEYS if k in eff}
+    if out.get("trained_betas") is not None:
+        out["trained_betas"] = [float(b) for b in out["trained_betas"]]
+    return out
+
+
 # run parameters added after the first results format: a directory started without them still resumes
-_ADDED_PARAMS = ("model_sha256", "train.sha256")
+_ADDED_PARAMS = ("model_sha256", "scheduler", "train.sha256")
 
 
 def _resolve(v: Any) -> Any:

@@ -186,6 +186,8 @@ def _jsonable(obj: Any) -> Any:
         return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
+    if hasattr(obj, "tolist") and getattr(obj, "ndim", 0) > 0:  # numpy / torch arrays
+        return _jsonable(obj.tolist())
     if hasattr(obj, "item"):  # numpy / torch scalars
         return _jsonable(obj.item())
     if hasattr(obj, "tolist"):
@@ -326,15 +328,17 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def diff_params(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences, one entry per differing key."""
+def diff_params(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences, one entry per differing key (``train.sha256``: nested objects by key)."""
     out = []
     absent = object()
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, absent), new.get(key, absent)
-        if a != b:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += diff_params(a, b, f"{prefix}{key}.")
+        elif a != b:
             sa, sb = ("no value" if v is absent else _short(v) for v in (a, b))
-            out.append(f"{key}: directory has {sa}, this run has {sb}")
+            out.append(f"{prefix}{key}: directory has {sa}, this run has {sb}")
     return out
 
 
