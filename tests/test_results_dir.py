@@ -110,7 +110,12 @@ def test_arrays_in_records_become_lists():
     import numpy as np
     import torch
 
-    rec = {"a": np.array([0.5, 1.0]), "b": torch.tensor([[1, 2]]), "c": np.float32(0.25), "d": torch.tensor(3)}
+    rec = {
+        "a": np.array([0.5, 1.0]),
+        "b": torch.tensor([[1, 2]]),
+        "c": np.float32(0.25),
+        "d": torch.tensor(3),
+    }
     assert json.loads(R.encode_record(rec)) == {"a": [0.5, 1.0], "b": [[1, 2]], "c": 0.25, "d": 3}
 
 
