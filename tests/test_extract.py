@@ -129,6 +129,9 @@ def test_engine_agrees_with_reference_path(class_model, tmp_path):
     assert summary["params"]["alpha"] == config.alpha
     html = (tmp_path / "run" / "report.html").read_text()
     assert "<svg" in html and "Ranked conditions" in html
+    # nested parameters by dotted key, whole (not one JSON object cut at 120 characters)
+    sha = summary["params"]["train"]["sha256"]
+    assert f"<th>train.sha256</th><td>{sha}</td>" in html and "<th>scheduler.timestep_spacing</th>" in html
 
 
 def test_reference_sampler_equals_engine_sampler(class_model, tmp_path):

@@ -82,8 +82,16 @@ def _img_tag(path: Path) -> str:
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested objects as dotted keys (``scheduler.beta_end``), so none is cut short like a long value."""
+    out: list[tuple[str, Any]] = []
+    for k, v in sorted(d.items()):
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
+    return out
+
+
 def _kv_table(d: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in sorted(d.items()))
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in _flat(d))
     return f"<table>{rows}</table>"
 
 
