@@ -218,6 +218,35 @@ def test_other_weights_or_a_rewritten_training_file_are_refused(class_model, tmp
     assert (out / "params.json").read_text() == before and (out / "results.jsonl").read_text() == lines
 
 
+def test_schedule_parameters_are_what_ddim_builds_from_the_config(monkeypatch):
+    import types
+
+    import numpy as np
+    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+    for sched in (
+        PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1),
+        DDPMScheduler(variance_type="fixed_large", clip_sample_range=2.0, timestep_spacing="trailing"),
+        DDIMScheduler(num_train_timesteps=4, trained_betas=np.array([0.1, 0.2, 0.3, 0.4])),
+    ):
+        got = carlini._schedule_params(types.SimpleNamespace(handle=types.SimpleNamespace(scheduler=sched)))
+        eff = DDIMScheduler.from_config(sched.config).config
+        assert set(got) == set(carlini._SCHEDULE_KEYS)
+        assert json.dumps(got, sort_keys=True) == json.dumps(
+            R._jsonable({k: eff[k] for k in carlini._SCHEDULE_KEYS}), sort_keys=True
+        )
+    # built once per scheduler (from_config is slow for a per-call cost)
+    built = []
+    real = DDIMScheduler.from_config.__func__
+    monkeypatch.setattr(
+        DDIMScheduler, "from_config", classmethod(lambda c, *a, **k: built.append(1) or real(c, *a, **k))
+    )
+    m = types.SimpleNamespace(handle=types.SimpleNamespace(scheduler=DDIMScheduler()))
+    assert carlini._schedule_params(m) == carlini._schedule_params(m) and len(built) == 1
+    m.handle.scheduler = DDIMScheduler(beta_end=0.03)
+    assert carlini._schedule_params(m)["beta_end"] == 0.03 and len(built) == 2
+
+
 def test_shards_merge_to_the_single_run(class_model, tmp_path):
     config = cfg()
     single = carlini.extract(class_model, [0, 1, 2], config=config, out=tmp_path / "one", device="cpu")

@@ -49,6 +49,7 @@ import os
 import platform
 import sys
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -917,13 +918,23 @@ def _schedule_params(model: _Model) -> dict[str, Any]:
     """The DDIM schedule the run samples with, as both samplers build it (``DDIMScheduler.from_config`` of the
     model's scheduler config): an edited ``scheduler_config.json`` changes images, so it is a run parameter.
     A fixed list of keys, so that a diffusers release adding an argument does not refuse a directory."""
+    sched = model.handle.scheduler
+    cfg = sched.config
+    hit = _SCHEDULES.get(sched)
+    if hit is not None and hit[0] is cfg:  # from_config costs ~8 ms: once per scheduler, not per call
+        return dict(hit[1])
     from diffusers import DDIMScheduler
 
-    eff = DDIMScheduler.from_config(model.handle.scheduler.config).config
+    eff = DDIMScheduler.from_config(cfg).config
     out = {k: eff[k] for k in _SCHEDULE_KEYS if k in eff}
     if out.get("trained_betas") is not None:
         out["trained_betas"] = [float(b) for b in out["trained_betas"]]
-    return out
+    _SCHEDULES[sched] = (cfg, out)
+    return dict(out)
+
+
+# scheduler -> (its config object when read, the schedule parameters)
+_SCHEDULES: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 # run parameters added after the first results format: a directory started without them still resumes
