@@ -92,7 +92,8 @@ def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
     assert (tmp_path / "params.json").read_text() == before
     # without ``added`` they are differences; and other differences are still refused with them
     with pytest.raises(ValueError, match=r"model_sha256: directory has no value, this run has \"ab\""):
-        R.ResultsDir(tmp_path, newer)
+        R.ResultsDir(tmp_path, newer, added=())
+    assert R.ResultsDir(tmp_path, newer).params == old  # the extraction's keys are the default
     with pytest.raises(ValueError, match=r"results\. alpha: directory has 0.1, this run has 0.2\. Use"):
         R.ResultsDir(tmp_path, {**newer, "alpha": 0.2}, added=added)
     # a directory that has the key compares it like any other
@@ -104,6 +105,61 @@ def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
         ValueError, match=r"results\. train\.sha256: directory has \"cd\", this run has \"ef\"\. Use"
     ):
         R.ResultsDir(tmp_path / "new", {**newer, "train": {**newer["train"], "sha256": "ef"}}, added=added)
+
+
+def test_where_the_model_was_found_does_not_count_when_its_digest_is_equal(tmp_path):
+    start = {
+        **PARAMS,
+        "model": "/a/model",
+        "model_sha256": "ab",
+        "train": {"source": "/a/t.npy", "num": 3, "sha256": "cd"},
+    }
+    with R.ResultsDir(tmp_path, start) as rd:
+        rd.append(rec(0))
+    moved = {**start, "model": "/b/model", "train": {**start["train"], "source": "<tensor>"}}
+    with R.ResultsDir(
+        tmp_path, moved
+    ) as rd:  # the same weights and images, found elsewhere: resumes as started
+        assert rd.params == start and rd.completed_ids() == {0}
+    other = {**moved, "model_sha256": "ef"}
+    with pytest.raises(
+        ValueError,
+        match=r"results\. model: directory has \"/a/model\", this run has \"/b/model\"; model_sha256",
+    ):
+        R.ResultsDir(tmp_path, other)
+    # without a digest the location is all there is to compare
+    R.ResultsDir(tmp_path / "plain", PARAMS).close()
+    with pytest.raises(ValueError, match=r"results\. model: directory has \"m\", this run has \"/b\"\. Use"):
+        R.ResultsDir(tmp_path / "plain", {**PARAMS, "model": "/b"})
+
+
+def test_parts_gathered_from_another_run_are_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with R.ResultsDir(a, PARAMS, shard=R.ShardSpec(0, 2)) as rd:
+        rd.append(rec(0))
+    assert (a / "parts" / "results.part0-of-2.params.json").is_file()
+    with R.ResultsDir(b, {**PARAMS, "alpha": 0.2}, shard=R.ShardSpec(1, 2)) as rd:
+        rd.append(rec(1))
+    # another machine's shard copied in (as the multi-node recipe without a shared filesystem does)
+    for name in ("results.part1-of-2.jsonl", "results.part1-of-2.params.json"):
+        (a / "parts" / name).write_bytes((b / "parts" / name).read_bytes())
+    before = (a / "parts" / "results.part0-of-2.jsonl").read_bytes()
+    msg = r"results\.part1-of-2\.jsonl was written by another run than .*: alpha: the directory has 0\.1, the part has 0\.2\. Move it"
+    with pytest.raises(ValueError, match=msg):
+        R.merge_parts(a)
+    assert (
+        not (a / "results.jsonl").exists()
+        and (a / "parts" / "results.part0-of-2.jsonl").read_bytes() == before
+    )
+    with pytest.raises(ValueError, match=msg):
+        R.ResultsDir(a, PARAMS, shard=R.ShardSpec(0, 2))
+    with pytest.raises(ValueError, match=msg):
+        R.load_results(a)
+    # the same run's part (its own parameters, or none: written before parts carried them) merges
+    (a / "parts" / "results.part1-of-2.params.json").unlink()
+    assert [r["condition_id"] for r in R.merge_parts(a)] == [0, 1]
+    R.atomic_write_json(a / "parts" / "results.part1-of-2.params.json", {"params": {**PARAMS, "model": "m"}})
+    assert [r["condition_id"] for r in R.merge_parts(a)] == [0, 1]
 
 
 def test_arrays_in_records_become_lists():

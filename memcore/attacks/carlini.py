@@ -937,10 +937,6 @@ def _schedule_params(model: _Model) -> dict[str, Any]:
 _SCHEDULES: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
-# run parameters added after the first results format: a directory started without them still resumes
-_ADDED_PARAMS = ("model_sha256", "scheduler", "train.sha256")
-
-
 def _resolve(v: Any) -> Any:
     return v.result() if isinstance(v, cf.Future) else v
 
@@ -1019,7 +1015,7 @@ def iter_extract(
     done: set[int] = set()
     if out is not None:
         params = _run_params(m, conds, config, train_info, device)
-        rd = _results.ResultsDir(out, params, shard=shard, added=_ADDED_PARAMS)
+        rd = _results.ResultsDir(out, params, shard=shard)
         done = rd.completed_ids()
     state.update(model=m, conditions=conds, results_dir=rd, timer=timer, device=device, train_info=train_info)
     if prepared is not None:
@@ -1226,7 +1222,7 @@ def iter_extract(
                     if nn_file is not None and time.perf_counter() - t_ckpt >= config.nn_checkpoint_s:
                         nn_flush()
                         with timer.span("nn_checkpoint"):
-                            nn_state.save(nn_file)
+                            nn_state.save(nn_file, {"params": rd.params})
                         t_ckpt = time.perf_counter()
             r = 0
             while r < b:  # contiguous runs of one condition
@@ -1276,7 +1272,7 @@ def iter_extract(
             else:
                 with timer.span("nn_checkpoint"):
                     if nn_todo:  # else this part is unchanged (or this process had nothing to fold in)
-                        nn_state.save(nn_file)
+                        nn_state.save(nn_file, {"params": rd.params})
                     nn = _nn.finalize(out, n_nn, k_eff, config.nn_alpha)
                 if nn is None:  # other parts still running: the last one to finish merges
                     state["nn_progress"] = _nn.progress(out, n_nn)

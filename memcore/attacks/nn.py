@@ -252,7 +252,9 @@ def load_parts(out: str | Path, num_train: int | None = None) -> tuple[NNState |
     files = part_files(out)
     merged: NNState | None = None
     for f in files:
-        st, _ = NNState.load(f)
+        st, info = NNState.load(f)
+        # a part gathered from another run's directory (parts written before they carried parameters pass)
+        _results.check_foreign(Path(out), f, info.get("params"))
         if num_train is not None and st.num_train != num_train:
             raise ValueError(
                 f"NN checkpoint {f} covers {st.num_train} training images, this run has {num_train}; it belongs "

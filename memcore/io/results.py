@@ -20,9 +20,16 @@ the first record of each id, so no record is ever duplicated.
 Parameters. ``params.json`` holds the parameters that decide the records (model, conditions, seeds, N,
 thresholds, sampler, micro-batch size, ...). Re-opening a directory with different parameters is refused
 with one line naming every differing parameter; parameters that do not change records (progress bars,
-output paths, the number of shards) are simply not put into it by the caller. A parameter added to the
-format later (``ResultsDir(added=...)``, e.g. the model's weight digest) is not held against a directory
-started before it existed: such a directory resumes, and keeps the parameters it was started with.
+output paths, the number of shards) are simply not put into it by the caller. Two kinds of difference are
+not held against a directory, which then resumes with the parameters it was started with: a parameter added
+to the format later (``ADDED_PARAMS``, e.g. the model's weight digest) that the directory predates, and
+where the model or training set was found (``LOCATION_PARAMS``: a path, or ``<tensor>``) when its content
+digest is recorded and equal (a moved checkpoint, another node's mount point).
+
+Each part file has its run's parameters beside it (``parts/results.part{p}-of-{n}.params.json``; NN
+checkpoints carry them inside), so a part gathered from another directory is checked where it lands: one
+written by another run is refused by name (merge, resume, reading) before anything is merged. Parts written
+before they carried parameters are taken as they are.
 
 Sharding and multi-GPU / multi-node runs. Conditions are assigned round-robin: condition ``g`` belongs to
 part ``g % n``. Part ``p`` of ``n`` writes ``parts/results.part{p}-of-{n}.jsonl``; since every record is
@@ -30,8 +37,8 @@ keyed by condition id, the parts are merged into ``results.jsonl`` without dupli
 whatever the number of parts of earlier, interrupted attempts.
 
 - Manual sharding: ``memcore extract ... --shard i/n --out DIR`` on n machines or processes (0 <= i < n),
-  then ``memcore merge DIR`` once every shard has finished (copy the ``parts/`` files into one directory
-  first when the machines do not share a filesystem).
+  then ``memcore merge DIR`` once every shard has finished (copy the ``parts/`` and ``nn/`` files into one
+  directory first when the machines do not share a filesystem).
 - One node, several GPUs: ``torchrun --standalone --nproc-per-node=8 -m memcore extract ... --out DIR``.
   Each rank reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment, uses ``cuda:LOCAL_RANK``,
   takes part ``RANK`` of ``WORLD_SIZE`` and writes its own part file; the last rank to finish merges (every
@@ -44,7 +51,7 @@ whatever the number of parts of earlier, interrupted attempts.
   torchrun sets the global ``RANK``/``WORLD_SIZE``; memcore needs no collective communication (ranks do
   not talk to each other), so the rendezvous only starts the processes. Without a shared filesystem run
   each node with ``--shard K/M`` (and torchrun inside the node: part = K * nproc + local rank), gather the
-  ``parts/`` folders, and run ``memcore merge DIR``.
+  ``parts/`` and ``nn/`` folders, and run ``memcore merge DIR``.
 - ``--shard i/n`` combined with torchrun: part ``i * WORLD_SIZE + RANK`` of ``n * WORLD_SIZE``.
 """
 
@@ -310,17 +317,55 @@ def fingerprint(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def _without_added(new: Mapping[str, Any], old: Mapping[str, Any], added: Sequence[str]) -> dict[str, Any]:
-    """``new`` less each dotted key of ``added`` that ``old`` does not have."""
-    out = copy.deepcopy(dict(new))
+# Run parameters added after the first results format: a directory started without one still resumes.
+ADDED_PARAMS = ("model_sha256", "scheduler", "train.sha256")
+# Where a model or training set was found, with the key of its content digest: equal digests make a difference
+# in where it was no difference at all (a moved checkpoint, another node's mount point, a tensor holding a
+# file's images give the same records).
+LOCATION_PARAMS = {"model": "model_sha256", "train.source": "train.sha256"}
+_ABSENT = object()
+
+
+def _parent(d: Any, dotted: str) -> tuple[Any, str]:
+    """(the object holding the dotted key's last part or None, that part)."""
+    *parents, leaf = dotted.split(".")
+    for k in parents:
+        d = d.get(k) if isinstance(d, dict) else None
+    return (d if isinstance(d, dict) else None), leaf
+
+
+def _get(d: Any, dotted: str) -> Any:
+    parent, leaf = _parent(d, dotted)
+    return _ABSENT if parent is None else parent.get(leaf, _ABSENT)
+
+
+def param_differences(
+    directory: Mapping[str, Any],
+    run: Mapping[str, Any],
+    *,
+    labels: tuple[str, str] = ("directory", "this run"),
+    added: Sequence[str] = ADDED_PARAMS,
+    located: Mapping[str, str] = LOCATION_PARAMS,
+) -> list[str]:
+    """What makes ``run`` another run than the one ``directory``'s parameters describe (empty: the same).
+
+    A key of ``added`` that ``directory`` lacks is not compared; a key of ``located`` is not compared when its
+    digest key is present and equal on both sides. One readable entry per remaining difference.
+    """
+    a, b = copy.deepcopy(_jsonable(dict(directory))), copy.deepcopy(_jsonable(dict(run)))
     for dotted in added:
-        *parents, leaf = dotted.split(".")
-        n, o = out, old
-        for k in parents:
-            n, o = n.get(k) if isinstance(n, dict) else None, o.get(k) if isinstance(o, dict) else None
-        if isinstance(n, dict) and leaf in n and not (isinstance(o, dict) and leaf in o):
-            del n[leaf]
-    return out
+        if _get(a, dotted) is _ABSENT:
+            parent, leaf = _parent(b, dotted)
+            if parent is not None:
+                parent.pop(leaf, None)
+    for where, digest in located.items():
+        da = _get(a, digest)
+        if da is not _ABSENT and da is not None and da == _get(b, digest):
+            for d in (a, b):
+                parent, leaf = _parent(d, where)
+                if parent is not None:
+                    parent.pop(leaf, None)
+    return diff_params(a, b, labels=labels)
 
 
 def _short(v: Any) -> str:
@@ -328,17 +373,22 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def diff_params(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+def diff_params(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    prefix: str = "",
+    *,
+    labels: tuple[str, str] = ("directory", "this run"),
+) -> list[str]:
     """Human-readable differences, one entry per differing key (``train.sha256``: nested objects by key)."""
     out = []
-    absent = object()
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, absent), new.get(key, absent)
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += diff_params(a, b, f"{prefix}{key}.")
+            out += diff_params(a, b, f"{prefix}{key}.", labels=labels)
         elif a != b:
-            sa, sb = ("no value" if v is absent else _short(v) for v in (a, b))
-            out.append(f"{prefix}{key}: directory has {sa}, this run has {sb}")
+            sa, sb = ("no value" if v is _ABSENT else _short(v) for v in (a, b))
+            out.append(f"{prefix}{key}: {labels[0]} has {sa}, {labels[1]} has {sb}")
     return out
 
 
@@ -351,8 +401,13 @@ class ResultsDir:
         params: the parameters that decide the records; JSON-serialisable.
         shard: which part of the run this process writes.
         resume: when False and the directory already holds records, refuse instead of resuming.
-        added: dotted keys of ``params`` (``"train.sha256"``) newer than some directories: when the
-            directory's parameters lack one, it is left out of the comparison (and of ``self.params``).
+        added: dotted keys of ``params`` newer than some directories: when the directory's parameters lack
+            one, it is not compared.
+        located: dotted keys saying where something was found -> the key of its content digest: not compared
+            when the digests are equal.
+
+    A run the directory's parameters describe, differences aside that ``added`` and ``located`` allow, goes
+    on with them (``self.params``).
     """
 
     def __init__(
@@ -362,7 +417,8 @@ class ResultsDir:
         *,
         shard: ShardSpec | None = None,
         resume: bool = True,
-        added: Sequence[str] = (),
+        added: Sequence[str] = ADDED_PARAMS,
+        located: Mapping[str, str] = LOCATION_PARAMS,
     ) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
@@ -371,8 +427,9 @@ class ResultsDir:
         self.params = _jsonable(dict(params))
         self.fingerprint = fingerprint(self.params)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._check_or_write_params(added)
-        done = self.completed_ids()
+        self._check_or_write_params(added, located)
+        done = self.completed_ids()  # checks the part files gathered here, too
+        self._write_part_params()
         if done and not resume:
             raise ValueError(
                 f"{self.path} already holds {len(done)} finished conditions; pass resume=True (the CLI "
@@ -381,7 +438,7 @@ class ResultsDir:
         self._writer: RecordWriter | None = None
 
     # params -------------------------------------------------------------------------------------------
-    def _check_or_write_params(self, added: Sequence[str]) -> None:
+    def _check_or_write_params(self, added: Sequence[str], located: Mapping[str, str]) -> None:
         pfile = self.path / PARAMS_FILE
         if pfile.exists():
             try:
@@ -391,23 +448,32 @@ class ResultsDir:
                     raise TypeError("params is not an object")
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{pfile} is corrupt ({exc}); remove it or choose another --out") from exc
-            # a directory started before some keys existed is compared (and resumed) without them
-            cmp = _without_added(self.params, old, added) if added else self.params
-            if fingerprint(cmp) == stored.get("fingerprint"):
-                self.params, self.fingerprint = cmp, stored["fingerprint"]
-            else:
-                diffs = diff_params(old, cmp)
-                raise ValueError(
-                    f"{self.path} was started with different parameters; refusing to mix results. "
-                    + "; ".join(diffs or ["parameter encoding changed"])
-                    + ". Use another --out or the original parameters."
-                )
+            if stored.get("fingerprint") != self.fingerprint:
+                diffs = param_differences(old, self.params, added=added, located=located)
+                if diffs:
+                    raise ValueError(
+                        f"{self.path} was started with different parameters; refusing to mix results. "
+                        + "; ".join(diffs)
+                        + ". Use another --out or the original parameters."
+                    )
+                # the same run described otherwise (keys it predates, the model found elsewhere): it goes on
+                # as the directory describes it
+                self.params, self.fingerprint = old, stored["fingerprint"]
             return
         if any(self.path.glob("results*.jsonl")) or (self.path / PARTS_DIR).exists():
             raise ValueError(f"{self.path} holds results but no {PARAMS_FILE}; refusing to append to it")
         atomic_write_json(
             pfile, {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
         )
+
+    def _write_part_params(self) -> None:
+        """A part file's own copy of the parameters: gathered into another directory, it is checked there."""
+        side = part_params_path(self.part_path)
+        if not self.shard.is_whole and not side.exists():
+            side.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                side, {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
+            )
 
     # files --------------------------------------------------------------------------------------------
     @property
@@ -419,11 +485,7 @@ class ResultsDir:
         return self.results_path if self.shard.is_whole else self.path / PARTS_DIR / self.shard.filename
 
     def result_files(self) -> list[Path]:
-        files = [self.results_path] if self.results_path.exists() else []
-        parts = self.path / PARTS_DIR
-        if parts.is_dir():
-            files += sorted(p for p in parts.iterdir() if _PART_RE.match(p.name))
-        return files
+        return _result_files(self.path)
 
     def iter_records(self) -> Iterator[dict[str, Any]]:
         """Every intact record of every results file, the first per condition id only."""
@@ -505,12 +567,45 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [seen[k] for k in sorted(seen)]
 
 
-def _collect(path: Path) -> dict[int, dict[str, Any]]:
-    seen: dict[int, dict[str, Any]] = {}
+def part_params_path(part: Path) -> Path:
+    """``parts/results.part0-of-2.jsonl`` -> ``parts/results.part0-of-2.params.json``."""
+    return part.with_name(part.name.removesuffix(".jsonl") + ".params.json")
+
+
+def check_foreign(path: Path, what: Path, theirs: Mapping[str, Any] | None) -> None:
+    """Refuse ``what`` (a part file found in ``path``) if the run that wrote it, with parameters ``theirs``,
+    is not the run ``path/params.json`` describes; None (written before parts carried them) passes."""
+    pfile = path / PARAMS_FILE
+    if theirs is None or not pfile.exists():
+        return
+    diffs = param_differences(load_params(path), theirs, labels=("the directory", "the part"))
+    if diffs:
+        raise ValueError(
+            f"{what} was written by another run than {path} describes: "
+            + "; ".join(diffs)
+            + ". Move it out of the directory (or run that part again here)."
+        )
+
+
+def _result_files(path: Path) -> list[Path]:
+    """``results.jsonl`` and the part files, each part checked against the directory's parameters."""
     files = [path / RESULTS_FILE] if (path / RESULTS_FILE).exists() else []
     if (path / PARTS_DIR).is_dir():
-        files += sorted(p for p in (path / PARTS_DIR).iterdir() if _PART_RE.match(p.name))
-    for f in files:
+        for p in sorted(p for p in (path / PARTS_DIR).iterdir() if _PART_RE.match(p.name)):
+            side = part_params_path(p)
+            if side.exists():
+                try:
+                    theirs = json.loads(side.read_text("utf-8"))["params"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{side} is corrupt ({exc}); remove it with its part file") from exc
+                check_foreign(path, p, theirs)
+            files.append(p)
+    return files
+
+
+def _collect(path: Path) -> dict[int, dict[str, Any]]:
+    seen: dict[int, dict[str, Any]] = {}
+    for f in _result_files(path):
         for rec in read_records(f).records:
             seen.setdefault(int(rec["condition_id"]), rec)
     return seen
