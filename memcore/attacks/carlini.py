@@ -1014,8 +1014,7 @@ def iter_extract(
     rd = None
     done: set[int] = set()
     if out is not None:
-        params = _run_params(m, conds, config, train_info, device)
-        rd = _results.ResultsDir(out, params, shard=shard)
+        rd = _results.ResultsDir(out, _run_params(m, conds, config, train_info, device), shard=shard)
         done = rd.completed_ids()
     state.update(model=m, conditions=conds, results_dir=rd, timer=timer, device=device, train_info=train_info)
     if prepared is not None:

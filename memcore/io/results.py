@@ -429,12 +429,12 @@ class ResultsDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self._check_or_write_params(added, located)
         done = self.completed_ids()  # checks the part files gathered here, too
-        self._write_part_params()
         if done and not resume:
             raise ValueError(
                 f"{self.path} already holds {len(done)} finished conditions; pass resume=True (the CLI "
                 "resumes by default) or choose another --out"
             )
+        self._write_part_params()
         self._writer: RecordWriter | None = None
 
     # params -------------------------------------------------------------------------------------------
