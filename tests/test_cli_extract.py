@@ -219,6 +219,22 @@ def test_profile_writes_stage_costs(model_dir, tmp_path, capsys, monkeypatch):
     assert "sample" in prof["shares"] and 0 <= prof["outside_sampling_share"] < 1
     assert prof["projection"]["candidates"] == 36 and "measured" in prof["projection"]["basis"]
     assert "projected GPU-hours" in capsys.readouterr().out
+    # the reference sampler's model is loaded once too
+    from memcore.attacks import reference
+
+    ref_loads = []
+    real_ref = reference.load_reference_model
+
+    def counted_ref(obj, *a, **k):
+        ref_loads.extend([] if isinstance(obj, reference.ReferenceModel) else [1])
+        return real_ref(obj, *a, **k)
+
+    monkeypatch.setattr(reference, "load_reference_model", counted_ref)
+    a[a.index("--out") + 1] = str(tmp_path / "r")
+    assert main([*a, "--sampler", "reference"]) == 0
+    assert ref_loads == [1] and loads == [1]
+    prof_ref = json.loads((tmp_path / "r" / "profile.json").read_text())
+    assert prof_ref["flops"] == prof["flops"] and prof_ref["throughput_images_per_s"] > 0
 
 
 def test_report_and_bench_commands(model_dir, tmp_path, capsys):

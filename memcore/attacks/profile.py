@@ -46,11 +46,13 @@ def run_profile(
         sync_timing=True,
         save_images="none",
     )
-    # the model is loaded once: the calibration runs on a Sampler built here, whose model the FLOPs are
-    # counted on (the reference sampler cannot be handed over loaded, so that path loads it again below)
+    # the model is loaded once: the calibration runs on a Sampler (or, for the reference sampler, a
+    # ReferenceModel) built here, whose model the FLOPs are counted on
     sampler = carlini._as_sampler(model)
     if sampler is None and cfg.sampler == "memcore":
         sampler = model = carlini.extraction_sampler(model, cfg, device=dev)
+    elif sampler is None:
+        model = carlini._load_model(model, cfg, dev).handle  # a ReferenceModel, in cfg.dtype
     res = carlini.extract(model, calib, config=cfg, train=train, out=None, device=dev, report=False)
     t = res.summary["timings"]
     cands = calib_n * len(res.conditions)
@@ -59,7 +61,7 @@ def run_profile(
     shares = {k: t[k] / total for k in STAGES if k in t and total > 0}
     outside = (total - sample) / total if total > 0 else float("nan")
     thr = cands / sample if sample > 0 else None
-    handle = sampler.model if sampler is not None else carlini._load_model(model, config, dev).handle
+    handle = sampler.model if sampler is not None else model
     flops = unet_flops(handle)
     g = carlini._guidance(handle.kind, config)
     proj = project(

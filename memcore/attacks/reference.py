@@ -213,13 +213,17 @@ def load_reference_model(model: Any, *, device: torch.device | str = "cpu") -> R
 
     Args:
         model: a directory (pipeline with ``model_index.json``, or a UNet2DModel with ``config.json`` and an
-            optional ``scheduler_config.json``), a ``(unet, scheduler)`` pair, or a diffusers pipeline object.
+            optional ``scheduler_config.json``), a ``(unet, scheduler)`` pair, a diffusers pipeline object, or a
+            ``ReferenceModel`` (moved to ``device`` and returned: loaded once, used by several calls).
     """
     import os
 
     from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
 
     device = torch.device(device)
+    if isinstance(model, ReferenceModel):
+        (model.pipeline if model.pipeline is not None else model.unet).to(device)
+        return model
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isdir(path):
