@@ -387,6 +387,16 @@ def test_text_model_with_cfg_engine_equals_reference_path(tmp_path):
     assert a.summary["params"]["guidance_scale"] == 7.5 and a.conditions[1].condition == "ca ab"
     with pytest.raises(ValueError, match="not a prompt"):
         carlini.extract(pipe, [3], config=config, device="cpu")
+    # the tokenizer is not a weight: the run's token ids pin it (another BPE merge table tokenizes "ab"
+    # differently), and an equal tokenizer resumes
+    from memcore.models.offline import offline_clip_tokenizer
+
+    assert len(a.summary["params"]["prompt_tokens_sha256"]) == 64
+    pipe.tokenizer = offline_clip_tokenizer(12, merges=[("a", "b"), ("ab", "c</w>"), ("c", "a</w>")])
+    assert len(carlini.extract(pipe, prompts, config=config, out=tmp_path, device="cpu").conditions) == 2
+    pipe.tokenizer = offline_clip_tokenizer(12, merges=[("c", "a</w>")])
+    with pytest.raises(ValueError, match=r"results\. prompt_tokens_sha256: directory has"):
+        carlini.extract(pipe, prompts, config=config, out=tmp_path, device="cpu")
 
 
 @pytest.mark.parametrize("n, step", [(130, 37), (64, 64), (5, 2), (1, 1)])

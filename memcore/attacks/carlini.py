@@ -876,6 +876,7 @@ def _run_params(
         **cfg,
         "grid": list(config.grid),
         "guidance_scale": _guidance(model.kind, config),
+        **({"prompt_tokens_sha256": _tokens_sha256(model, conds)} if model.kind == "sd_pipeline" else {}),
     }
 
 
@@ -892,6 +893,19 @@ def _model_sha256(model: _Model) -> str:
             "vae": getattr(parts, "vae", None),
         }
     )
+
+
+def _tokens_sha256(model: _Model, conds: list[Any]) -> str:
+    """sha256 of the token ids the text encoder gets for the run's prompts and the empty (unconditional)
+    prompt, tokenized as the samplers tokenize them. The tokenizer is not a weight: this pins what of it a run
+    depends on, stable across tokenizer library versions that serialize tokenizers differently."""
+    parts = getattr(model.handle, "pipeline", None) or model.handle
+    tok = parts.tokenizer
+    enc = tok(["", *map(str, conds)], padding="max_length", max_length=tok.model_max_length, truncation=True)
+    ids = {"input_ids": [list(map(int, x)) for x in enc["input_ids"]]}
+    if getattr(parts.text_encoder.config, "use_attention_mask", False):  # then the mask is an input too
+        ids["attention_mask"] = [list(map(int, x)) for x in enc["attention_mask"]]
+    return hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
 
 
 # DDIMScheduler's arguments: the schedule both samplers build from the model's scheduler config

@@ -318,7 +318,7 @@ def fingerprint(params: Mapping[str, Any]) -> str:
 
 
 # Run parameters added after the first results format: a directory started without one still resumes.
-ADDED_PARAMS = ("model_sha256", "scheduler", "train.sha256")
+ADDED_PARAMS = ("model_sha256", "scheduler", "prompt_tokens_sha256", "train.sha256")
 # Where a model or training set was found, with the key of its content digest: equal digests make a difference
 # in where it was no difference at all (a moved checkpoint, another node's mount point, a tensor holding a
 # file's images give the same records).

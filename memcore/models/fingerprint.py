@@ -5,12 +5,12 @@ models of one architecture, would otherwise resume each other's results director
 hashes the weights themselves, as the extraction runs them (in their dtype, in C order whatever the memory
 format), so a change of any single weight is a different digest.
 
-What it does not cover: the scheduler configuration (an extraction records its DDIM schedule beside the
-digest) and the tokenizer (neither is a weight; edit them and the digest stays). Derived copies that
-memcore's own speed options add in place are left out, so that the digest of a shared model does not depend
-on which Sampler touched it first: diffusers' ``fuse_qkv_projections()`` adds ``to_qkv`` / ``to_kv`` /
-``to_added_qkv`` (concatenations of ``to_q``, ``to_k``, ``to_v``, which stay), ``channels_last`` changes
-only the layout, and the fused GroupNorm+SiLU keeps its modules' state-dict keys.
+What it does not cover: the scheduler configuration and the tokenizer (neither is a weight; edit them and
+the digest stays; an extraction records its DDIM schedule and its prompts' token ids beside the digest).
+Derived copies that memcore's own speed options add in place are left out, so that the digest of a shared
+model does not depend on which Sampler touched it first: diffusers' ``fuse_qkv_projections()`` adds
+``to_qkv`` / ``to_kv`` / ``to_added_qkv`` (concatenations of ``to_q``, ``to_k``, ``to_v``, which stay),
+``channels_last`` changes only the layout, and the fused GroupNorm+SiLU keeps its modules' state-dict keys.
 """
 
 from __future__ import annotations
