@@ -175,6 +175,17 @@ def test_arrays_in_records_become_lists():
     assert json.loads(R.encode_record(rec)) == {"a": [0.5, 1.0], "b": [[1, 2]], "c": 0.25, "d": 3}
 
 
+def test_a_newer_format_is_not_appended_to(tmp_path):
+    R.ResultsDir(tmp_path, PARAMS).close()
+    stored = json.loads((tmp_path / "params.json").read_text())
+    v = R.FORMAT_VERSION
+    R.atomic_write_json(tmp_path / "params.json", {**stored, "format": v + 1})
+    with pytest.raises(
+        ValueError, match=rf"a newer memcore \(results format {v + 1}, this one reads up to {v}\)"
+    ):
+        R.ResultsDir(tmp_path, PARAMS)
+
+
 def test_no_resume_refuses_existing_records(tmp_path):
     with R.ResultsDir(tmp_path, PARAMS) as rd:
         rd.append(rec(0))

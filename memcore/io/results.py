@@ -446,8 +446,14 @@ class ResultsDir:
                 old = stored["params"]
                 if not isinstance(old, dict):
                     raise TypeError("params is not an object")
+                fmt = int(stored.get("format", 1))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{pfile} is corrupt ({exc}); remove it or choose another --out") from exc
+            if fmt > FORMAT_VERSION:  # its records may mean what this version cannot read: do not append
+                raise ValueError(
+                    f"{self.path} was written by a newer memcore (results format {fmt}, this one reads up to "
+                    f"{FORMAT_VERSION}); upgrade memcore or choose another --out"
+                )
             if stored.get("fingerprint") != self.fingerprint:
                 diffs = param_differences(old, self.params, added=added, located=located)
                 if diffs:
