@@ -434,7 +434,6 @@ class ResultsDir:
                 f"{self.path} already holds {len(done)} finished conditions; pass resume=True (the CLI "
                 "resumes by default) or choose another --out"
             )
-        self._write_part_params()
         self._writer: RecordWriter | None = None
 
     # params -------------------------------------------------------------------------------------------
@@ -467,6 +466,8 @@ class ResultsDir:
                 self.params, self.fingerprint = old, stored["fingerprint"]
             return
         if any(self.path.glob("results*.jsonl")) or (self.path / PARTS_DIR).exists():
+            if pfile.exists():  # a rank started beside this one wrote it and its first record meanwhile
+                return self._check_or_write_params(added, located)
             raise ValueError(f"{self.path} holds results but no {PARAMS_FILE}; refusing to append to it")
         atomic_write_json(
             pfile, {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
@@ -509,6 +510,9 @@ class ResultsDir:
     # writing ------------------------------------------------------------------------------------------
     def writer(self) -> RecordWriter:
         if self._writer is None:
+            # with the first record, not at open: parts/ appears no earlier than it did (a rank starting beside
+            # this one tells a directory without params.json by it), and a run that writes nothing leaves nothing
+            self._write_part_params()
             self._writer = RecordWriter(self.part_path)
         return self._writer
 
