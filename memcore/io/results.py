@@ -58,7 +58,6 @@ whatever the number of parts of earlier, interrupted attempts.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import errno
 import hashlib
@@ -319,9 +318,9 @@ def fingerprint(params: Mapping[str, Any]) -> str:
 
 # Run parameters added after the first results format: a directory started without one still resumes.
 ADDED_PARAMS = ("model_sha256", "scheduler", "prompt_tokens_sha256", "train.sha256")
-# Where a model or training set was found, with the key of its content digest: equal digests make a difference
-# in where it was no difference at all (a moved checkpoint, another node's mount point, a tensor holding a
-# file's images give the same records).
+# Where a model or training set was found -> the key of its content digest: when both sides record the digest
+# and it is equal, the location is not compared (a moved checkpoint, another node's mount point, a tensor
+# holding a file's images give the same records).
 LOCATION_PARAMS = {"model": "model_sha256", "train.source": "train.sha256"}
 _ABSENT = object()
 
@@ -352,7 +351,7 @@ def param_differences(
     A key of ``added`` that ``directory`` lacks is not compared; a key of ``located`` is not compared when its
     digest key is present and equal on both sides. One readable entry per remaining difference.
     """
-    a, b = copy.deepcopy(_jsonable(dict(directory))), copy.deepcopy(_jsonable(dict(run)))
+    a, b = _jsonable(dict(directory)), _jsonable(dict(run))  # fresh containers: popped from below
     for dotted in added:
         if _get(a, dotted) is _ABSENT:
             parent, leaf = _parent(b, dotted)
