@@ -114,3 +114,11 @@ def test_inference_mode_weights_are_hashed_every_call():
         d = F.weights_sha256({"unet": a})
         a.conv_out.bias.add_(1.0)  # no version counter to see this by
         assert F.weights_sha256({"unet": a}) != d
+
+
+@pytest.mark.cuda
+def test_the_digest_does_not_depend_on_the_device():
+    a = _unet(seed=7).to(torch.bfloat16)
+    on_cpu = F.weights_sha256({"unet": a})
+    b = copy.deepcopy(a).to("cuda").to(memory_format=torch.channels_last)
+    assert F.weights_sha256({"unet": b}) == on_cpu
