@@ -155,6 +155,11 @@ def test_parts_gathered_from_another_run_are_refused(tmp_path):
         R.ResultsDir(a, PARAMS, shard=R.ShardSpec(0, 2))
     with pytest.raises(ValueError, match=msg):
         R.load_results(a)
+    (a / "parts" / "results.part1-of-2.params.json").write_text("{not json")
+    with pytest.raises(
+        ValueError, match=r"params\.json is corrupt .*delete it to take results\.part1-of-2\.jsonl unchecked"
+    ):
+        R.merge_parts(a)
     # the same run's part (its own parameters, or none: written before parts carried them) merges
     (a / "parts" / "results.part1-of-2.params.json").unlink()
     assert [r["condition_id"] for r in R.merge_parts(a)] == [0, 1]

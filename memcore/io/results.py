@@ -606,7 +606,9 @@ def _result_files(path: Path) -> list[Path]:
                 try:
                     theirs = json.loads(side.read_text("utf-8"))["params"]
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{side} is corrupt ({exc}); remove it with its part file") from exc
+                    raise ValueError(
+                        f"{side} is corrupt ({exc}); restore it, or delete it to take {p.name} unchecked"
+                    ) from exc
                 check_foreign(path, p, theirs)
             files.append(p)
     return files
