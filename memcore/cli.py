@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -484,7 +485,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """memcore's own notices (UserWarning) as one line, like its errors; others as Python prints them."""
+    if issubclass(category, UserWarning):
+        return f"memcore: warning: {' '.join(str(message).split())}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _main(argv)
+    finally:  # main() is also called in-process (tests, tools): leave Python's formatting as it was
+        warnings.formatwarning = previous
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train-demo":  # its own parser; the same one-line errors
         run = lambda: _cmd_train_demo(argv[1:])  # noqa: E731

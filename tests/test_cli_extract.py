@@ -237,6 +237,29 @@ def test_profile_writes_stage_costs(model_dir, tmp_path, capsys, monkeypatch):
     assert prof_ref["flops"] == prof["flops"] and prof_ref["throughput_images_per_s"] > 0
 
 
+def test_a_moved_model_resumes_with_a_one_line_notice(model_dir, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(model_dir, moved)
+    out = tmp_path / "o"
+    assert main(args(moved, out, "--classes", "0")) == 0
+    first = (out / "results.jsonl").read_text()
+    moved.rename(tmp_path / "elsewhere")
+    with pytest.warns(UserWarning) as seen:
+        assert main(args(tmp_path / "elsewhere", out, "--classes", "0")) == 0
+    assert (out / "results.jsonl").read_text() == first
+    # as the CLI prints it (pytest captures warnings before they reach stderr): one line, paths whole
+    from memcore.cli import _format_warning
+
+    w = seen[0]
+    line = _format_warning(w.message, w.category, w.filename, w.lineno)
+    assert line == (
+        f'memcore: warning: resuming {out}: model: this run has "{tmp_path / "elsewhere"}", the directory '
+        f'"{moved}" (same model_sha256)\n'
+    )
+
+
 def test_report_and_bench_commands(model_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(args(model_dir, out, "--no-report")) == 0

@@ -86,14 +86,20 @@ def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
     before = (tmp_path / "params.json").read_text()
     added = ("model_sha256", "train.sha256")
     newer = {**PARAMS, "model_sha256": "ab", "train": {"source": "t.npy", "num": 3, "sha256": "cd"}}
-    with R.ResultsDir(tmp_path, newer, added=added) as rd:  # started before those keys existed: resumes
+    with (  # started before those keys existed: resumes, and says what it cannot check
+        pytest.warns(
+            UserWarning, match=r": not checked, as the directory predates them: model_sha256, train\.sha256$"
+        ),
+        R.ResultsDir(tmp_path, newer, added=added) as rd,
+    ):
         assert rd.params == old and rd.completed_ids() == {0}
         rd.append(rec(1))
     assert (tmp_path / "params.json").read_text() == before
     # without ``added`` they are differences; and other differences are still refused with them
     with pytest.raises(ValueError, match=r"model_sha256: directory has no value, this run has \"ab\""):
         R.ResultsDir(tmp_path, newer, added=())
-    assert R.ResultsDir(tmp_path, newer).params == old  # the extraction's keys are the default
+    with pytest.warns(UserWarning, match="predates them"):
+        assert R.ResultsDir(tmp_path, newer).params == old  # the extraction's keys are the default
     with pytest.raises(ValueError, match=r"results\. alpha: directory has 0.1, this run has 0.2\. Use"):
         R.ResultsDir(tmp_path, {**newer, "alpha": 0.2}, added=added)
     # a directory that has the key compares it like any other
@@ -117,9 +123,10 @@ def test_where_the_model_was_found_does_not_count_when_its_digest_is_equal(tmp_p
     with R.ResultsDir(tmp_path, start) as rd:
         rd.append(rec(0))
     moved = {**start, "model": "/b/model", "train": {**start["train"], "source": "<tensor>"}}
-    with R.ResultsDir(
-        tmp_path, moved
-    ) as rd:  # the same weights and images, found elsewhere: resumes as started
+    # the same weights and images, found elsewhere: resumes as started, and says so
+    notice = r'resuming .*: model: this run has "/b/model", the directory "/a/model" \(same model_sha256\); '
+    notice += r'train\.source: this run has "<tensor>", the directory "/a/t\.npy" \(same train\.sha256\)$'
+    with pytest.warns(UserWarning, match=notice), R.ResultsDir(tmp_path, moved) as rd:
         assert rd.params == start and rd.completed_ids() == {0}
     other = {**moved, "model_sha256": "ef"}
     with pytest.raises(

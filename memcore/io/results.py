@@ -65,6 +65,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -351,25 +352,48 @@ def param_differences(
     A key of ``added`` that ``directory`` lacks is not compared; a key of ``located`` is not compared when its
     digest key is present and equal on both sides. One readable entry per remaining difference.
     """
+    return _compare(directory, run, added, located, labels)[0]
+
+
+def _compare(
+    directory: Mapping[str, Any],
+    run: Mapping[str, Any],
+    added: Sequence[str],
+    located: Mapping[str, str],
+    labels: tuple[str, str] = ("directory", "this run"),
+) -> tuple[list[str], list[str]]:
+    """(the differences, what the allowances let pass: one readable note each)."""
     a, b = _jsonable(dict(directory)), _jsonable(dict(run))  # fresh containers: popped from below
+    notes, predated = [], []
     for dotted in added:
         if _get(a, dotted) is _ABSENT:
             parent, leaf = _parent(b, dotted)
-            if parent is not None:
-                parent.pop(leaf, None)
+            if parent is not None and leaf in parent:
+                del parent[leaf]
+                predated.append(dotted)
+    if predated:
+        notes.append(f"not checked, as the {labels[0]} predates them: {', '.join(predated)}")
     for where, digest in located.items():
         da = _get(a, digest)
         if da is not _ABSENT and da is not None and da == _get(b, digest):
+            wa, wb = _get(a, where), _get(b, where)
+            if wa != wb:
+                notes.append(
+                    f"{where}: {labels[1]} has {_short(wb)}, the {labels[0]} {_short(wa)} (same {digest})"
+                )
             for d in (a, b):
                 parent, leaf = _parent(d, where)
                 if parent is not None:
                     parent.pop(leaf, None)
-    return diff_params(a, b, labels=labels)
+    return diff_params(a, b, labels=labels), notes
 
 
 def _short(v: Any) -> str:
-    s = json.dumps(v, sort_keys=True)
-    return s if len(s) <= 60 else s[:57] + "..."
+    """A value for a one-line message: strings (paths, digests) whole up to 300 characters, since their
+    difference may be anywhere; other values (lists, objects) cut at 60."""
+    s = json.dumps(v, sort_keys=True, ensure_ascii=False)
+    limit = 300 if isinstance(v, str) else 60
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def diff_params(
@@ -453,7 +477,7 @@ class ResultsDir:
                     f"{FORMAT_VERSION}); upgrade memcore or choose another --out"
                 )
             if stored.get("fingerprint") != self.fingerprint:
-                diffs = param_differences(old, self.params, added=added, located=located)
+                diffs, notes = _compare(old, self.params, added, located)
                 if diffs:
                     raise ValueError(
                         f"{self.path} was started with different parameters; refusing to mix results. "
@@ -461,8 +485,10 @@ class ResultsDir:
                         + ". Use another --out or the original parameters."
                     )
                 # the same run described otherwise (keys it predates, the model found elsewhere): it goes on
-                # as the directory describes it
+                # as the directory describes it, and says what it let pass
                 self.params, self.fingerprint = old, stored["fingerprint"]
+                if notes:
+                    warnings.warn(f"resuming {self.path}: " + "; ".join(notes), stacklevel=3)
             return
         if any(self.path.glob("results*.jsonl")) or (self.path / PARTS_DIR).exists():
             if pfile.exists():  # a rank started beside this one wrote it and its first record meanwhile
