@@ -53,7 +53,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
     from memcore.attacks.carlini import DTYPES, ExtractConfig
     from memcore.graph import DEFAULT_NODE_BUDGET
     from memcore.ops._backend import BACKENDS
-    from memcore.sampling.engine import ATTENTION_BACKENDS
+    from memcore.sampling.engine import ATTENTION_BACKENDS, MODES
 
     d = ExtractConfig()
     p.add_argument("--model", required=model_required, help="local diffusers model or pipeline directory")
@@ -102,7 +102,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
         default=d.sampler,
         help="memcore's engine or the plain diffusers loop (reference path)",
     )
-    p.add_argument("--mode", default=d.mode, choices=("parity", "fp32"), help="sampling arithmetic")
+    p.add_argument("--mode", default=d.mode, choices=MODES, help="sampling arithmetic")
     p.add_argument(
         "--backend",
         default=d.backend,

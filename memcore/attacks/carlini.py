@@ -885,7 +885,7 @@ def _model_sha256(model: _Model) -> str:
     directory refuses another model behind the same path or in-memory description."""
     from memcore.models.fingerprint import weights_sha256
 
-    parts = getattr(model.handle, "pipeline", None) or model.handle  # the reference path's SD pipeline
+    parts = _components(model)
     return weights_sha256(
         {
             "unet": model.unet,
@@ -895,11 +895,16 @@ def _model_sha256(model: _Model) -> str:
     )
 
 
+def _components(model: _Model) -> Any:
+    """What holds the text encoder, tokenizer and VAE: a LoadedModel, or the reference path's SD pipeline."""
+    return getattr(model.handle, "pipeline", None) or model.handle
+
+
 def _tokens_sha256(model: _Model, conds: list[Any]) -> str:
     """sha256 of the token ids the text encoder gets for the run's prompts and the empty (unconditional)
     prompt, tokenized as the samplers tokenize them. The tokenizer is not a weight: this pins what of it a run
     depends on, stable across tokenizer library versions that serialize tokenizers differently."""
-    parts = getattr(model.handle, "pipeline", None) or model.handle
+    parts = _components(model)
     tok = parts.tokenizer
     enc = tok(["", *map(str, conds)], padding="max_length", max_length=tok.model_max_length, truncation=True)
     ids = {"input_ids": [list(map(int, x)) for x in enc["input_ids"]]}
@@ -1385,8 +1390,8 @@ def _load_train(
     if t.shape[0] == 0:
         raise ValueError(f"training data {train} holds no images")
     # the digest of the decoded images, as for a tensor: a file rewritten in place is another training set
-    info = {"source": os.path.abspath(os.fspath(train)), "num": int(t.shape[0])}
-    return t, {**info, "sha256": _digest_of(t, lazy_digest)}
+    source = os.path.abspath(os.fspath(train))
+    return t, {"source": source, "num": int(t.shape[0]), "sha256": _digest_of(t, lazy_digest)}
 
 
 def _digest_of(t: torch.Tensor, lazy: bool) -> Any:

@@ -250,11 +250,12 @@ def part_files(out: str | Path) -> list[Path]:
 def load_parts(out: str | Path, num_train: int | None = None) -> tuple[NNState | None, list[Path]]:
     """Every part of a results directory merged into one host state (None when there is none)."""
     files = part_files(out)
+    directory = _results.dir_params(Path(out)) if files else None
     merged: NNState | None = None
     for f in files:
         st, info = NNState.load(f)
         # a part gathered from another run's directory (parts written before they carried parameters pass)
-        _results.check_foreign(Path(out), f, info.get("params"))
+        _results.check_foreign(directory, Path(out), f, info.get("params"))
         if num_train is not None and st.num_train != num_train:
             raise ValueError(
                 f"NN checkpoint {f} covers {st.num_train} training images, this run has {num_train}; it belongs "

@@ -607,13 +607,20 @@ def part_params_path(part: Path) -> Path:
     return part.with_name(part.name.removesuffix(".jsonl") + ".params.json")
 
 
-def check_foreign(path: Path, what: Path, theirs: Mapping[str, Any] | None) -> None:
-    """Refuse ``what`` (a part file found in ``path``) if the run that wrote it, with parameters ``theirs``,
-    is not the run ``path/params.json`` describes; None (written before parts carried them) passes."""
-    pfile = path / PARAMS_FILE
-    if theirs is None or not pfile.exists():
+def dir_params(path: Path) -> dict[str, Any] | None:
+    """The parameters of the results directory ``path``; None when it has no ``params.json`` (yet)."""
+    return load_params(path) if (path / PARAMS_FILE).exists() else None
+
+
+def check_foreign(
+    directory: Mapping[str, Any] | None, path: Path, what: Path, theirs: Mapping[str, Any] | None
+) -> None:
+    """Refuse ``what`` (a part file found in the results directory ``path``, whose parameters are
+    ``directory``) if the run that wrote it, with parameters ``theirs``, is another run; None on either side
+    (no ``params.json``, or a part written before parts carried parameters) passes."""
+    if theirs is None or directory is None:
         return
-    diffs = param_differences(load_params(path), theirs, labels=("the directory", "the part"))
+    diffs = param_differences(directory, theirs, labels=("the directory", "the part"))
     if diffs:
         raise ValueError(
             f"{what} was written by another run than {path} describes: "
@@ -626,6 +633,7 @@ def _result_files(path: Path) -> list[Path]:
     """``results.jsonl`` and the part files, each part checked against the directory's parameters."""
     files = [path / RESULTS_FILE] if (path / RESULTS_FILE).exists() else []
     if (path / PARTS_DIR).is_dir():
+        directory = dir_params(path)  # read once for all the parts
         for p in sorted(p for p in (path / PARTS_DIR).iterdir() if _PART_RE.match(p.name)):
             side = part_params_path(p)
             if side.exists():
@@ -635,7 +643,7 @@ def _result_files(path: Path) -> list[Path]:
                     raise ValueError(
                         f"{side} is corrupt ({exc}); restore it, or delete it to take {p.name} unchecked"
                     ) from exc
-                check_foreign(path, p, theirs)
+                check_foreign(directory, path, p, theirs)
             files.append(p)
     return files
 
