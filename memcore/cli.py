@@ -50,7 +50,7 @@ def _grid(text: str) -> tuple[int, int]:
 
 
 def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    from memcore.attacks.carlini import DTYPES, ExtractConfig
+    from memcore.attacks.carlini import DTYPES, SAMPLERS, ExtractConfig
     from memcore.graph import DEFAULT_NODE_BUDGET
     from memcore.ops._backend import BACKENDS
     from memcore.sampling.engine import ATTENTION_BACKENDS, MODES
@@ -98,7 +98,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, model_required: bool = True)
     )
     p.add_argument(
         "--sampler",
-        choices=("memcore", "reference"),
+        choices=SAMPLERS,
         default=d.sampler,
         help="memcore's engine or the plain diffusers loop (reference path)",
     )

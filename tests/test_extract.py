@@ -266,6 +266,8 @@ def test_nn_extraction_matches_brute_force(tmp_path):
     model = tiny_unet(None, seed=1)
     config = cfg(num_per_condition=8, nn_candidates=23, nn_k=5, batch_size=6)
     rm = load_reference_model(model)
+    with pytest.raises(ValueError, match=r"unknown device 'gpu0'"):
+        load_reference_model(model, device="gpu0")
     seeds = [config.seed + i for i in range(23)]
     cands = torch.cat(
         [reference_generate(rm, seeds[i : i + 6], None, num_inference_steps=3) for i in range(0, 23, 6)]
@@ -545,6 +547,12 @@ def test_prepared_training_set_is_read_once_and_equals_the_path(class_model, tmp
     # and stands for the tensor's bytes: a directory started with an equal tensor resumes with it
     carlini.extract(model, None, config=config, train=train.clone(), out=tmp_path / "t2", device="cpu")
     assert carlini.extract(model, None, config=config, train=from_tensor, out=tmp_path / "t2").nn == c.nn
+    # its own images are read-only: written to in place, the set is refused (the digest would lie)
+    from_tensor.images[0] ^= 1
+    with pytest.raises(ValueError, match="written to since it was prepared; prepare it again"):
+        carlini.extract(model, None, config=config, train=from_tensor)
+    with pytest.raises(AttributeError):
+        from_tensor.images = train
 
 
 def test_prepared_training_set_streamed_in_chunks_gives_the_same_records(class_model):

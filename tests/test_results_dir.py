@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -113,7 +114,7 @@ def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
         R.ResultsDir(tmp_path / "new", {**newer, "train": {**newer["train"], "sha256": "ef"}}, added=added)
 
 
-def test_where_the_model_was_found_does_not_count_when_its_digest_is_equal(tmp_path):
+def test_where_the_model_was_found_does_not_count_when_its_digest_is_equal(tmp_path, monkeypatch):
     start = {
         **PARAMS,
         "model": "/a/model",
@@ -128,6 +129,16 @@ def test_where_the_model_was_found_does_not_count_when_its_digest_is_equal(tmp_p
     notice += r'train\.source: this run has "<tensor>", the directory "/a/t\.npy" \(same train\.sha256\)$'
     with pytest.warns(UserWarning, match=notice), R.ResultsDir(tmp_path, moved) as rd:
         assert rd.params == start and rd.completed_ids() == {0}
+    # under torchrun only local rank 0 says it (once per node, not once per rank)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with R.ResultsDir(tmp_path, moved) as rd:
+            assert rd.params == start
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.warns(UserWarning, match=notice):
+        R.ResultsDir(tmp_path, moved).close()
+    monkeypatch.delenv("LOCAL_RANK")
     other = {**moved, "model_sha256": "ef"}
     with pytest.raises(
         ValueError,

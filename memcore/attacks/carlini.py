@@ -631,14 +631,18 @@ class PreparedTrainingSet:
     whole also keeps its device copy.
 
     Attributes:
-        images: uint8 [T, C, H, W] host images (do not write to them).
+        images: uint8 [T, C, H, W] host images, read-only: an extraction refuses a set whose images were
+            written to in place since it was prepared (the recorded digest and the device copy would lie).
         device: the device the extractions must run on.
         train_chunk: the ``train_chunk`` it was prepared with (None: the automatic budget).
         chunk: training images on the device at once (T when held whole).
     """
 
     def __init__(self, images: torch.Tensor, info: dict, device: torch.device, train_chunk: int | None):
-        self.images = images
+        self._images = images
+        # torch has no read-only tensor; its version counter moves on every in-place write (not on writes
+        # through .data), which is what _for_run checks
+        self._version = images._version
         self.device = device
         self.train_chunk = train_chunk
         self._info = dict(info)
@@ -653,7 +657,12 @@ class PreparedTrainingSet:
                 torch.cuda.synchronize(device)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self._images.shape[0]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 [T, C, H, W] host images (read them; see the class docstring)."""
+        return self._images
 
     @property
     def info(self) -> dict:
@@ -668,6 +677,11 @@ class PreparedTrainingSet:
 
     def _for_run(self, device: torch.device, config: ExtractConfig) -> None:
         """Refuse an extraction this set was not prepared for (before anything is loaded)."""
+        if self._images._version != self._version:
+            raise ValueError(
+                "the prepared training set's images were written to since it was prepared; prepare it again "
+                "with extraction_training_set (its recorded sha256 and device copy describe the old images)"
+            )
         if not same_device(self.device, device):
             raise ValueError(
                 f"the training set was prepared on {self.device}, but the extraction runs on {device}"

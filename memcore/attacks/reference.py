@@ -220,7 +220,9 @@ def load_reference_model(model: Any, *, device: torch.device | str = "cpu") -> R
 
     from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
 
-    device = torch.device(device)
+    from memcore.utils.device import resolve_device
+
+    device = resolve_device(device)
     if isinstance(model, ReferenceModel):
         (model.pipeline if model.pipeline is not None else model.unet).to(device)
         return model

@@ -487,7 +487,8 @@ class ResultsDir:
                 # the same run described otherwise (keys it predates, the model found elsewhere): it goes on
                 # as the directory describes it, and says what it let pass
                 self.params, self.fingerprint = old, stored["fingerprint"]
-                if notes:
+                # once per node under torchrun (local rank 0): eight ranks saying the same line is noise
+                if notes and not local_rank_from_env():
                     warnings.warn(f"resuming {self.path}: " + "; ".join(notes), stacklevel=3)
             return
         if any(self.path.glob("results*.jsonl")) or (self.path / PARTS_DIR).exists():
