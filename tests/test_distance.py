@@ -101,6 +101,25 @@ def test_float64_reference_matches_oracle(rng):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_float_duplicates_across_sets_are_at_distance_zero(backend, dtype, rng):
+    if dtype == torch.float64 and backend != "reference":
+        pytest.skip("float64 runs on the reference backend only")
+    # the Gram trick alone left the float reference ~1e-8 from an exact duplicate in cross mode, so a graph
+    # at alpha = 0 missed the pair that every other backend reports
+    a = images(rng, 5, 3, 8, 8, dtype)
+    b = torch.cat([a.flip(0), images(rng, 2, 3, 8, 8, dtype)])
+    d = D.tiled_l2(a, b, grid=(2, 2), backend=backend)
+    assert torch.equal(d[:, :5].flip(1).diagonal(), torch.zeros(5, dtype=d.dtype))
+    near = a.clone()
+    near[0, 0, 0, 0] += 1e-3  # a near-duplicate keeps its (small) distance
+    want = oracle(a[:1], near[:1], (2, 2))
+    torch.testing.assert_close(D.tiled_l2(a[:1], near[:1], grid=(2, 2), backend=backend).double(), want)
+    bits = D.tiled_l2_graph(a, 0.0, b=b, grid=(2, 2), backend=backend)
+    assert [int(w) for w in bits[:, 0]] == [1 << (4 - i) for i in range(5)]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_l2_is_one_tile(backend, rng):
     a = images(rng, 6, 3, 8, 4, torch.uint8)
     whole = ((a[:, None].double() - a[None].double()) / 255).pow(2).mean((2, 3, 4)).sqrt().float()
@@ -275,6 +294,16 @@ def test_errors(rng):
         D.l2([1, 2, 3])
     with pytest.raises(ValueError, match="alpha"):
         D.tiled_l2_graph(a, float("nan"))
+    with pytest.raises(TypeError, match="check_finite must be a bool, got 'no'"):
+        D.tiled_l2(a.float(), check_finite="no")
+
+
+def test_meta_tensors_give_shapes():
+    # no values to check for NaN: the ops' fake implementations answer (shape inference, as under compile)
+    a = torch.empty(5, 3, 8, 8, device="meta")
+    assert D.tiled_l2(a).shape == (5, 5) and D.tiled_l2(a, a[:3]).device.type == "meta"
+    d, i = D.knn(a, a, 2)
+    assert d.shape == i.shape == (5, 2) and D.tiled_l2_graph(a, 0.1).shape == (5, 1)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

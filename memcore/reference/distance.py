@@ -40,7 +40,9 @@ def _work(x: torch.Tensor) -> torch.Tensor:
     """Working representation, always float64: uint8 shifted by -128 (then every GEMM is exact), floats upcast.
 
     Floats are computed in float64 too: a float32 Gram product loses the small distances of near-duplicates
-    to cancellation (an exact duplicate comes out near 2e-6 instead of 0), and the oracle must not.
+    to cancellation (an exact duplicate comes out near 2e-6 instead of 0). In float64 a duplicate still comes
+    out near 1e-8, so pairs within the Gram product's rounding of zero are summed again directly
+    (:func:`_refine_near_zero`).
     """
     if x.dtype == torch.uint8:
         return x.to(torch.float64) - 128.0
@@ -67,11 +69,34 @@ def squared_tile_max(a: torch.Tensor, b: torch.Tensor, grid: tuple[int, int]) ->
     for rs, cs in tile_slices(h, w, grid):
         ta = wa[:, :, rs, cs].reshape(n_img, tile)
         tb = wb[:, :, rs, cs].reshape(m_img, tile)
-        s = (ta * ta).sum(1)[:, None] + (tb * tb).sum(1)[None, :] - 2.0 * (ta @ tb.T)
+        na, nb = (ta * ta).sum(1), (tb * tb).sum(1)
+        s = na[:, None] + nb[None, :] - 2.0 * (ta @ tb.T)
+        if a.dtype != torch.uint8:
+            _refine_near_zero(s, ta, tb, na, nb)
         best = s if best is None else torch.maximum(best, s)
     if best is None:  # impossible with a valid grid; keeps type checkers honest
         raise ValueError("grid has no tiles")
     return best.clamp_min_(0.0)
+
+
+def _refine_near_zero(
+    s: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
+) -> None:
+    """Replace, in place, the Gram-trick sums ``s`` [N, M] that lie within its rounding error of zero by
+    ``Σ (a − b)²`` summed directly (float64 tiles ``ta`` [N, n], ``tb`` [M, n], squared norms ``na``, ``nb``).
+
+    ``‖a‖² + ‖b‖² − 2 a·b`` cancels: an exact duplicate comes out as a few ulps of ``‖a‖²`` (distance ~1e-8)
+    rather than 0, and a threshold graph at alpha = 0 would miss it. The bound is the worst-case rounding of
+    an n-term float64 dot product, ``n · eps · (‖a‖² + ‖b‖²)``: only pairs that are duplicates to ~1e-6 are
+    summed again, so the reference keeps its GEMM speed on real data.
+    """
+    n = ta.shape[1]
+    bound = n * torch.finfo(torch.float64).eps * (na[:, None] + nb[None, :])
+    pairs = (s <= bound).nonzero()
+    step = max(1, (8 << 20) // max(n, 1))  # pairs per chunk: 64 MiB of float64 differences
+    for k in range(0, pairs.shape[0], step):
+        i, j = pairs[k : k + step].unbind(1)
+        s[i, j] = (ta[i] - tb[j]).square().sum(1)
 
 
 def finish(s: torch.Tensor, dtype: torch.dtype, n: int, scale: float) -> torch.Tensor:
