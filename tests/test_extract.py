@@ -306,6 +306,16 @@ def test_config_checks():
         carlini.ExtractConfig(mode="x")
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         carlini.ExtractConfig(eta=1.5)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        carlini.ExtractConfig(eta=2.0, sampler="reference")
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 9223372036854775807\]"):
+        carlini.ExtractConfig(seed=2**63)
+    with pytest.raises(ValueError, match="grid must be two positive integers"):
+        carlini.ExtractConfig(grid=(True, True))
+    with pytest.raises(ValueError, match="grid must be two positive integers"):
+        carlini.ExtractConfig(grid=4)
+    with pytest.raises(TypeError, match="sync_timing must be a bool"):
+        carlini.ExtractConfig(sync_timing="no")
     c = carlini.ExtractConfig(num_per_condition=10, seed=5)
     assert c.seed_of(2, 3) == 28 and c.micro_batch == 10
 
@@ -331,7 +341,31 @@ def test_bad_inputs_write_nothing(class_model, tmp_path):
         carlini.extract(class_model, [7], config=cfg(), out=out, device="cpu")
     with pytest.raises(ValueError, match="needs conditions"):
         carlini.extract(class_model, [], config=cfg(), out=out, device="cpu")
+    # a bare string is not iterated into characters ("35" as classes 3 and 5), nor a bare id taken
+    with pytest.raises(TypeError, match=r"got the string '35': pass \['35'\]"):
+        carlini.extract(class_model, "35", config=cfg(), out=out, device="cpu")
+    with pytest.raises(TypeError, match=r"conditions must be a sequence .* got int 3"):
+        carlini.extract(class_model, 3, config=cfg(), out=out, device="cpu")
+    with pytest.raises(TypeError, match="must be 1-D class ids"):
+        carlini.extract(class_model, torch.tensor([[1]]), config=cfg(), out=out, device="cpu")
+    with pytest.raises(ValueError, match=r"condition 1\.5 is not a class id"):
+        carlini.extract(class_model, [1.5], config=cfg(), out=out, device="cpu")
+    with pytest.raises(ValueError, match="condition True is not a class id"):
+        carlini.extract(class_model, [True], config=cfg(), out=out, device="cpu")
+    # seeds past 2**63 - 1 are refused before the results directory is begun
+    with pytest.raises(ValueError, match=r"seeds go up to 9223372036854775826 .* beyond the largest seed"):
+        carlini.extract(class_model, [0, 1], config=cfg(seed=2**63 - 1 - 4), out=out, device="cpu")
     assert not out.exists()
+
+
+def test_class_ids_may_be_numpy_or_tensor_integers(class_model):
+    import numpy as np
+
+    want = [r.to_record() for r in carlini.iter_extract(class_model, [2, 0], config=cfg(), device="cpu")]
+    for conds in (np.array([2, 0]), torch.tensor([2, 0]), [np.int64(2), torch.tensor(0)], ("2", "0")):
+        got = [r.to_record() for r in carlini.iter_extract(class_model, conds, config=cfg(), device="cpu")]
+        assert got == want, conds
+        assert all(type(r["condition"]) is int for r in got)
 
 
 def test_streaming_iterator_yields_records(class_model):

@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import platform
 import sys
@@ -55,12 +56,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from memcore.attacks import nn as _nn
 from memcore.attacks.nn import NNExtraction, NNState
 from memcore.io import results as _results
 from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
+from memcore.sampling.seeds import MAX_SEED
 from memcore.utils.device import resolve_device, same_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import Upload, to_device
@@ -151,9 +154,10 @@ class ExtractConfig:
     train_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        def pos_int(name: str, v: Any, lo: int = 1) -> None:
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        def pos_int(name: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+                bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise ValueError(f"{name} must be an integer {bound}, got {v!r}")
 
         pos_int("num_per_condition", self.num_per_condition)
         pos_int("num_inference_steps", self.num_inference_steps)
@@ -161,7 +165,7 @@ class ExtractConfig:
         pos_int("nn_k", self.nn_k)
         pos_int("max_nn_images", self.max_nn_images, 0)
         pos_int("slots", self.slots)
-        pos_int("seed", self.seed, 0)
+        pos_int("seed", self.seed, 0, MAX_SEED)
         if self.batch_size is not None:
             pos_int("batch_size", self.batch_size)
         if self.nn_candidates is not None:
@@ -176,12 +180,16 @@ class ExtractConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.nn_alpha == 0:
             raise ValueError("nn_alpha must be > 0")
+        if self.eta > 1:  # the reference sampler's too (diffusers' DDIM step turns NaN beyond 1)
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if not isinstance(self.sync_timing, bool):
+            raise TypeError(f"sync_timing must be a bool, got {self.sync_timing!r}")
         if self.guidance_scale is not None and (
             not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale)
         ):
             raise ValueError(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
-        g = tuple(self.grid)
-        if len(g) != 2 or not all(isinstance(x, int) and x >= 1 for x in g):
+        g = tuple(self.grid) if isinstance(self.grid, (tuple, list)) else ()
+        if len(g) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in g):
             raise ValueError(f"grid must be two positive integers (rows, cols), got {self.grid!r}")
         object.__setattr__(self, "grid", g)
         if self.sampler not in SAMPLERS:
@@ -822,32 +830,64 @@ class _Timer:
         return _S()
 
 
-def _conditions_for(model: _Model, conditions: Sequence[Any] | None) -> list[Any]:
+def _conditions_arg(conditions: Any) -> list[Any] | None:
+    """The ``conditions`` argument as a list (or None), refusing what is not a sequence of conditions.
+
+    A bare string would otherwise be iterated character by character ("a cat" as five prompts, "35" as the
+    class ids 3 and 5) and a bare class id fail deep inside: both are one condition the caller meant as a list.
+    """
+    if conditions is None:
+        return None
+    if isinstance(conditions, (str, bytes)):
+        raise TypeError(
+            f"conditions must be a sequence of conditions, got the string {conditions!r}: pass [{conditions!r}]"
+        )
+    if isinstance(conditions, torch.Tensor) and conditions.dim() != 1:
+        raise TypeError(f"conditions as a tensor must be 1-D class ids, got shape {tuple(conditions.shape)}")
+    if not isinstance(conditions, Iterable) or getattr(conditions, "ndim", 1) != 1:
+        raise TypeError(
+            "conditions must be a sequence (prompts for a text model, class ids for a class-conditional UNet), "
+            f"got {type(conditions).__name__} {conditions!r}"
+        )
+    return list(conditions)
+
+
+def _class_id(c: Any) -> int:
+    """A class id as an int: Python, numpy and 0-d tensor integers, or a string of digits; else ValueError."""
+    if isinstance(c, str) and c.strip().isdigit():
+        return int(c)
+    if not isinstance(c, (bool, np.bool_, str)) and not (
+        isinstance(c, torch.Tensor) and c.dtype == torch.bool
+    ):
+        try:
+            return operator.index(c)
+        except TypeError:
+            pass
+    raise ValueError(f"class-conditional model: condition {c!r} is not a class id")
+
+
+def _conditions_for(model: _Model, conditions: list[Any] | None) -> list[Any]:
+    """The run's conditions for this model (``conditions`` as :func:`_conditions_arg` returns it)."""
     if model.kind == "unet":
-        if conditions not in (None, [], [""], ("",)):
+        if conditions not in (None, [], [""]):
             raise ValueError("an unconditional model takes no conditions (use --unconditional)")
         return [""]
-    if conditions is None or len(conditions) == 0:
+    if not conditions:
         raise ValueError(
             "a conditional model needs conditions: prompts for a text model, class ids for a class-conditional UNet"
         )
-    conds = list(conditions)
     if model.kind == "class_unet":
         out = []
-        for c in conds:
-            if isinstance(c, bool) or (
-                not isinstance(c, int) and not (isinstance(c, str) and c.strip().isdigit())
-            ):
-                raise ValueError(f"class-conditional model: condition {c!r} is not a class id")
-            c = int(c)
+        for c in conditions:
+            c = _class_id(c)
             if model.num_classes is not None and not 0 <= c < model.num_classes:
                 raise ValueError(f"class id {c} out of range for a model with {model.num_classes} classes")
             out.append(c)
         return out
-    for c in conds:
+    for c in conditions:
         if not isinstance(c, str):
             raise ValueError(f"text model: condition {c!r} is not a prompt string")
-    return conds
+    return [str(c) for c in conditions]  # numpy strings as plain ones (JSON records, token digest)
 
 
 def _conditions_digest(conds: Sequence[Any]) -> str:
@@ -1027,12 +1067,20 @@ def iter_extract(
         ok, why = available(config.backend, device)
         if not ok:  # before anything is loaded or written (the distance ops would say it only mid-run)
             raise ValueError(why)
+    conditions = _conditions_arg(conditions)  # before the model is loaded: a type error costs nothing
     state = _state if _state is not None else {}
     timer = _Timer(device, config.sync_timing)
     t_start = time.perf_counter()
     with timer.span("load"):
         m = _load_model(model, config, device)
     conds = _conditions_for(m, conditions)
+    n_cands = max(config.num_per_condition, config.nn_candidates or 0) if m.kind == "unet" else None
+    last_seed = config.seed_of(len(conds) - 1, (n_cands or config.num_per_condition) - 1)
+    if last_seed > MAX_SEED:  # now, not when the sampler reaches it with a results directory begun
+        raise ValueError(
+            f"the run's seeds go up to {last_seed} (seed + conditions x num_per_condition), beyond the largest "
+            f"seed {MAX_SEED}: choose a smaller seed"
+        )
     _c, h, w = m.image_shape
     gh, gw = config.grid
     if h % gh or w % gw:
