@@ -120,5 +120,13 @@ def test_parse_classes():
             parse_classes(bad)
     with pytest.raises(ValueError, match="out of range for 10"):
         parse_classes("3,10", num_classes=10)
+    with pytest.raises(ValueError, match="class 10 is out of range for 10"):
+        parse_classes("5-12", num_classes=10)
+    # a typo naming billions of classes is refused before the range is built (it used to fill the memory)
+    with pytest.raises(ValueError, match="class 10 is out of range for 10"):
+        parse_classes("0-3000000000", num_classes=10)
+    with pytest.raises(ValueError, match="more than 1,000,000 class ids"):
+        parse_classes("0-3000000000")
+    assert len(parse_classes("0-999999")) == 1_000_000
     with pytest.raises(TypeError):
         parse_classes([1, 2])  # type: ignore[arg-type]

@@ -60,6 +60,10 @@ def load_conditions(path: str | Path, *, column: str | None = None) -> list[str]
     return prompts
 
 
+#: The most class ids a class list may name (an embedding table of more classes is not a diffusion UNet's).
+MAX_CLASS_IDS = 1_000_000
+
+
 def parse_classes(spec: str, *, num_classes: int | None = None) -> list[int]:
     """Parse a class list such as ``"0,1,5-7"`` (ranges inclusive) into ``[0, 1, 5, 6, 7]``.
 
@@ -84,14 +88,19 @@ def parse_classes(spec: str, *, num_classes: int | None = None) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"bad class list {spec!r}: range {item!r} runs backwards")
+        # bounds before the range is built: a typo such as 0-3000000000 must not fill the memory first
+        if num_classes is not None and hi >= num_classes:
+            raise ValueError(
+                f"bad class list {spec!r}: class {max(lo, num_classes)} is out of range for {num_classes} classes"
+            )
+        if len(out) + hi - lo + 1 > MAX_CLASS_IDS:
+            raise ValueError(f"bad class list {spec!r}: more than {MAX_CLASS_IDS:,} class ids")
         out.extend(range(lo, hi + 1))
     seen: set[int] = set()
     for c in out:
         if c in seen:
             raise ValueError(f"bad class list {spec!r}: class {c} is named twice")
         seen.add(c)
-        if num_classes is not None and c >= num_classes:
-            raise ValueError(f"bad class list {spec!r}: class {c} is out of range for {num_classes} classes")
     return out
 
 
