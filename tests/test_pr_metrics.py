@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from memcore.metrics import flagged_precision_recall, pr_from_records, precision_recall
+from memcore.metrics.pr import ranking_key
 
 
 def test_by_hand():
@@ -55,6 +56,15 @@ def test_no_positive_and_empty_and_bad_input():
         precision_recall([1.0], [True, False])
     with pytest.raises(TypeError):
         precision_recall([1.0], [0.5])
+    # 2-D input is refused, not flattened; what cannot be a tensor is named
+    with pytest.raises(TypeError, match=r"keys must be a 1-D .* see pr_from_records\), got shape \(2, 2\)"):
+        precision_recall([ranking_key(True, 0.1), ranking_key(False, None)], [True, False])
+    with pytest.raises(TypeError, match=r"positive must be a 1-D sequence of booleans .* got shape \(1, 2\)"):
+        precision_recall([1.0, 2.0], [[True, False]])
+    with pytest.raises(TypeError, match=r"positive must be .* got \[None, True\]"):
+        precision_recall([1.0, 2.0], [None, True])
+    with pytest.raises(TypeError, match=r"keys must be .* got \['a'\]"):
+        precision_recall(["a"], [True])
 
 
 def test_records_ranking_flagged_first():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -57,6 +58,22 @@ class PRCurve:
         return dataclasses.asdict(self)
 
 
+def _vector(x: Any, name: str, dtype: torch.dtype | None, what: str) -> torch.Tensor:
+    """``x`` as a 1-D tensor, or a TypeError naming ``name`` (2-D input was flattened without a word)."""
+    try:
+        t = torch.as_tensor(x, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a 1-D sequence of {what}, got {_brief(x)}") from None
+    if t.dim() > 1:
+        raise TypeError(f"{name} must be a 1-D sequence of {what}, got shape {tuple(t.shape)}")
+    return t.reshape(-1)
+
+
+def _brief(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def precision_recall(
     keys: Sequence[float] | torch.Tensor, positive: Sequence[bool] | torch.Tensor
 ) -> PRCurve:
@@ -69,8 +86,10 @@ def precision_recall(
     Returns:
         PRCurve.
     """
-    k = torch.as_tensor(keys, dtype=torch.float64).reshape(-1)
-    y = torch.as_tensor(positive).reshape(-1)
+    k = _vector(
+        keys, "keys", torch.float64, "numbers (tuple keys such as ranking_key's: see pr_from_records)"
+    )
+    y = _vector(positive, "positive", None, "booleans (or 0/1)")
     if y.numel() == 0:
         y = y.bool()
     if y.dtype != torch.bool:
