@@ -12,6 +12,7 @@ import threading
 import time
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 from conftest import cpu_backends
@@ -538,3 +539,231 @@ def test_threshold_clique_stats_pipeline(backend):
     assert 0 < stats.mean_distance <= 0.1
     flagged = mg.max_clique_batch([bits, bits[:0, :0]], min_size=10, decision=True, backend=backend)
     assert [r.decided_at_least for r in flagged] == [True, False]
+
+
+def _same(a, b) -> bool:
+    return (a.members.tolist(), a.exact, a.upper_bound, a.nodes) == (
+        b.members.tolist(),
+        b.exact,
+        b.upper_bound,
+        b.nodes,
+    )
+
+
+def _in_range(res, n: int, budget: int | None) -> None:
+    m = res.members.tolist()
+    assert m == sorted(set(m)) and all(0 <= v < n for v in m), m
+    assert budget is None or res.nodes <= budget + 1, res.nodes
+
+
+def _loops_and_padding_cases():
+    # the audit's reproducers: a self loop on one vertex, padding bits (the sign bit; bits 20 and 21)
+    yield torch.tensor([[1]], dtype=torch.int64).view(torch.uint64)
+    b = torch.zeros(10, 1, dtype=torch.int64)
+    b[5, 0] = -(1 << 63)
+    yield b.view(torch.uint64)
+    b = torch.zeros(10, 1, dtype=torch.int64)
+    b[0, 0], b[1, 0] = 1 << 20, 1 << 21
+    yield b.view(torch.uint64)
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 63, 64, 65, 130):
+        upper = np.triu(rng.random((n, n)) < 0.3, 1)
+        arr = ref.pack_bitset(torch.from_numpy(upper | upper.T)).numpy().copy()
+        loops = rng.choice(n, size=max(1, n // 4), replace=False)
+        arr[loops, loops // 64] |= np.uint64(1) << (loops % 64).astype(np.uint64)
+        if n % 64:
+            pad = ~((np.uint64(1) << np.uint64(n % 64)) - np.uint64(1))
+            arr[:, -1] |= rng.integers(0, 2**63, size=n, dtype=np.uint64) * np.uint64(2) & pad
+        yield torch.from_numpy(arr)
+
+
+def _check_unvalidated_inputs(backend: str) -> None:
+    limits = {"node_budget": 100, "time_limit": 1.0}
+    for dirty in _loops_and_padding_cases():
+        n = dirty.shape[0]
+        before = dirty.clone()
+        dense = ref.unpack_bitset(dirty)  # padding dropped
+        dense.fill_diagonal_(False)
+        clean = ref.pack_bitset(dense)
+        with pytest.raises(ValueError, match=r"self loop|past the last vertex"):
+            mg.max_clique(dirty, backend=backend)
+        for kw in ({}, {"min_size": 2}, {"canonical": False}):
+            got = mg.max_clique(dirty, validate=False, backend=backend, **kw, **limits)
+            _in_range(got, n, 100)
+            assert _same(got, mg.max_clique(clean, backend=backend, **kw, **limits))
+        for k in (1, 2, 3):
+            got = mg.has_clique(dirty, k, validate=False, backend=backend, **limits)
+            assert _same(got, mg.has_clique(clean, k, backend=backend, **limits))
+        batch = mg.max_clique_batch([dirty, dirty], validate=False, threads=2, backend=backend, **limits)
+        assert all(_same(r, mg.max_clique(clean, backend=backend, **limits)) for r in batch)
+        # the reference backend reads the same graph (networkx sees neither loops nor padding)
+        exact = mg.max_clique(dirty, validate=False, node_budget=None, backend=backend)
+        assert exact.exact and exact.members.tolist() == ref.max_clique(dirty)[0]
+        assert torch.equal(dirty.view(torch.int64), before.view(torch.int64))  # the input is left alone
+    # Asymmetric graphs (loops and padding too): the result is unspecified, but bounded and memory-safe.
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        n = int(rng.integers(1, 140))
+        arr = ref.pack_bitset(torch.from_numpy(rng.random((n, n)) < rng.random())).numpy().copy()
+        if trial % 2:
+            arr |= rng.integers(0, 2**63, size=arr.shape, dtype=np.uint64)
+        dirty = torch.from_numpy(arr)
+        for budget, kw in (
+            (100, {"min_size": 1, **limits}),
+            (100, {"min_size": 3, **limits}),
+            (3000, {"node_budget": 3000}),  # room for the lexicographic pass
+            (100, {"min_size": 2, "decision": True, **limits}),
+        ):
+            try:
+                _in_range(mg.max_clique_batch([dirty], validate=False, backend=backend, **kw)[0], n, budget)
+                _in_range(
+                    mg.max_clique_batch([dirty] * 3, validate=False, threads=3, backend=backend, **kw)[2],
+                    n,
+                    budget,
+                )
+            except ValueError as e:
+                assert "not symmetric" in str(e), e
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_unvalidated_loops_padding_and_asymmetry_never_hang_or_crash(backend):
+    """validate=False skips only the symmetry check: self loops and bits past column N - 1 are ignored (the
+    answer is the clean graph's), and an asymmetric graph gives an unspecified but bounded, in-range result
+    or a ValueError naming the asymmetry. Budgets hold. Before the fix: an endless loop that ignored the
+    budget (GIL released: no Ctrl-C), SIGSEGV, heap corruption; the worker thread turns a hang into a failure
+    (a crash still aborts the run, loudly)."""
+    box: dict[str, BaseException] = {}
+
+    def work() -> None:
+        try:
+            _check_unvalidated_inputs(backend)
+        except BaseException as e:  # re-raised in the test's thread below
+            box["error"] = e
+
+    t = threading.Thread(target=work, daemon=True)  # daemon: a hung search cannot block the exit of pytest
+    t.start()
+    t.join(timeout=60)
+    if t.is_alive():
+        pytest.fail("the clique search hung on an unvalidated bitset (budget and time limit ignored)")
+    if "error" in box:
+        raise box["error"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argument_types_checked_alike_on_every_backend(backend):
+    """Wrong types give a TypeError naming the parameter on every backend (not pybind11's "incompatible
+    function arguments"); numpy integers and floats are accepted as memcore's other functions accept them."""
+    dense, _ = gnp(12, 0.6, 5, 3)
+    want = mg.max_clique(dense, backend=backend)
+    for name in ("canonical", "validate"):
+        with pytest.raises(TypeError, match=name):
+            mg.max_clique(dense, backend=backend, **{name: "no"})
+    with pytest.raises(TypeError, match="decision"):
+        mg.max_clique_batch([dense], decision="yes", backend=backend)
+    with pytest.raises(TypeError, match="decision"):
+        mg.CliqueSearch(decision=1)
+    with pytest.raises(TypeError, match="min_size"):
+        mg.max_clique(dense, min_size=2.0, backend=backend)
+    with pytest.raises(TypeError, match="min_size"):
+        mg.has_clique(dense, True, backend=backend)
+    with pytest.raises(TypeError, match="node_budget"):
+        mg.max_clique(dense, node_budget="10", backend=backend)
+    with pytest.raises(TypeError, match="time_limit"):
+        mg.max_clique(dense, time_limit=True, backend=backend)
+    with pytest.raises(TypeError, match="threads"):
+        mg.max_clique_batch([dense], threads=2.0, backend=backend)
+    numpy_args = {
+        "min_size": np.int64(2),
+        "node_budget": np.int32(10**6),
+        "time_limit": np.float32(30),
+        "canonical": np.bool_(True),
+    }
+    r = mg.max_clique(dense, backend=backend, **numpy_args)
+    assert r.members.tolist() == want.members.tolist() and type(r.min_size) is int
+    assert mg.has_clique(dense, np.int64(want.size), backend=backend).decided_at_least is True
+    batch = mg.max_clique_batch([dense], threads=np.int64(2), backend=backend)
+    assert batch[0].members.tolist() == want.members.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_limits_beyond_int64_mean_unlimited(backend):
+    """A budget past int64, a huge time limit or thread count: the unbounded answer. min_size past N: none."""
+    # 3270 nodes (more than the 256 between two looks at the clock); networkx needs minutes for it: 20 vertices
+    dense, _ = gnp(90, 0.8, 0, 2) if backend != "reference" else gnp(20, 0.5, 0, 2)
+    full = mg.max_clique(dense, node_budget=None, backend=backend)
+    for kw in ({"node_budget": 2**70}, {"time_limit": 1e300}, {"time_limit": 1e10, "node_budget": None}):
+        r = mg.max_clique(dense, backend=backend, **kw)
+        assert (
+            r.exact and r.members.tolist() == full.members.tolist()
+        )  # 1e10 s overflowed the clock: 256 nodes
+    r = mg.max_clique_batch([dense, dense], threads=2**40, backend=backend)
+    assert [x.members.tolist() for x in r] == [full.members.tolist()] * 2
+    for res in (
+        mg.max_clique(dense, min_size=2**70, backend=backend),
+        mg.has_clique(dense, 2**70, backend=backend),
+    ):
+        assert res.size == 0 and res.exact and res.decided_at_least is False and res.upper_bound < 2**70
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decided_at_least_is_set_whenever_exact(backend):
+    """decided_at_least is None only when the budget ran out; min_size = 0 asks about the empty clique (True)."""
+    empty = torch.zeros((0, 0), dtype=torch.uint64)
+    r = mg.max_clique(empty, min_size=0, backend=backend)
+    assert r.exact and r.size == 0 and r.decided_at_least is True
+    dense, _ = gnp(20, 0.5, 6, 1)
+    for g in (empty, dense, torch.zeros((3, 3), dtype=torch.bool)):
+        for q in (0, 1, 2, 6, 21):
+            r = mg.max_clique(g, min_size=q, backend=backend)
+            assert r.exact and r.decided_at_least is (q == 0 or r.size >= q)
+
+
+def test_threshold_graph_accepts_numpy_alpha():
+    d = torch.rand(9, 9, generator=torch.Generator().manual_seed(0))
+    for backend in BACKENDS:
+        want = mg.threshold_graph(d, float(np.float32(0.3)), backend=backend)
+        for alpha in (np.float32(0.3), np.float64(np.float32(0.3))):
+            assert torch.equal(mg.threshold_graph(d, alpha, backend=backend), want)
+        assert torch.equal(mg.threshold_graph(d, np.int64(1), backend=backend), mg.threshold_graph(d, 1.0))
+        with pytest.raises(TypeError, match="alpha"):
+            mg.threshold_graph(d, "0.3", backend=backend)
+        with pytest.raises(TypeError, match="alpha"):
+            mg.threshold_graph(d, True, backend=backend)
+
+
+def test_clique_stats_members_must_be_integer_indices():
+    """Floats were truncated to other vertices, a bool mask read as indices 0 and 1, 2-D silently flattened."""
+    d = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="integer"):
+        mg.clique_stats(d, [0.7, 2.9])
+    with pytest.raises(TypeError, match="integer"):
+        mg.clique_stats(d, torch.tensor([0.0, 2.0]))
+    with pytest.raises(TypeError, match="bool"):
+        mg.clique_stats(d, torch.tensor([True, False, True, False]))
+    with pytest.raises(TypeError, match="bool"):
+        mg.clique_stats(d, [True, False])
+    with pytest.raises(ValueError, match="1-D"):
+        mg.clique_stats(d, torch.tensor([[0, 1], [2, 3]]))
+    with pytest.raises(ValueError, match="1-D"):
+        mg.clique_stats(d, 2)
+    want = mg.clique_stats(d, torch.tensor([1, 3]))
+    for members in ([1, 3], (np.int64(1), 3), np.array([1, 3]), torch.tensor([1, 3], dtype=torch.int32)):
+        got = mg.clique_stats(d, members)
+        assert (got.medoid, got.mean_distance) == (want.medoid, want.mean_distance)
+
+
+def test_meta_tensors_are_a_clear_error():
+    meta = torch.empty(3, 3, device="meta")
+    with pytest.raises(ValueError, match="meta tensor"):
+        mg.threshold_graph(meta, 0.1)
+    with pytest.raises(ValueError, match="meta tensor"):
+        mg.clique_stats(meta)
+    with pytest.raises(ValueError, match="meta tensor"):
+        mg.clique_stats(torch.zeros(3, 3), torch.tensor([0, 1], device="meta"))
+    for adj in (
+        torch.empty(3, 3, dtype=torch.bool, device="meta"),
+        torch.empty(3, 1, dtype=torch.uint64, device="meta"),
+    ):
+        for call in (mg.max_clique, mg.to_bitset, mg.to_dense, lambda a: mg.max_clique_batch([a])):
+            with pytest.raises(ValueError, match="meta tensor"):
+                call(adj)

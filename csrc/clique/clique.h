@@ -29,7 +29,8 @@ struct Options {
   bool canonical = true;
   // Branch-and-bound node budget over both passes (< 0: none); deterministic, unlike time_limit.
   int64_t node_budget = -1;
-  // Wall-clock limit in seconds (<= 0: none); checked every 256 nodes.
+  // Wall-clock limit in seconds (<= 0 or NaN: none; longer than 1e9 s is capped there, past the clock's
+  // int64 range); checked every 256 nodes.
   double time_limit = -1.0;
 };
 
@@ -44,6 +45,10 @@ struct Result {
 void validate(const uint64_t* adj, int64_t n, int64_t words);
 
 // adj: [n, words] bitset rows. Deterministic for a given (graph, options) unless time_limit stops it.
+// Needs no validate() first: self loops and bits past column n are ignored (an O(n) scan; the graph is copied
+// only if it has some), so no input can make the search loop outside the budget or index out of bounds. An
+// asymmetric graph gives an unspecified answer (or std::invalid_argument naming the asymmetry), still
+// within the budget and memory-safe.
 Result solve(const uint64_t* adj, int64_t n, int64_t words, const Options& opt);
 
 struct GraphRef {

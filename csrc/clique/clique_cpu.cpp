@@ -157,6 +157,7 @@ class MaxSearch {
         if (lo == w_) break;
         const int64_t v = lo * 64 + ctz(p[lo]);
         c.push_back(static_cast<int32_t>(v));
+        p[lo] &= p[lo] - 1;  // drop v itself, so the loop ends even if its row were to hold a self loop
         const uint64_t* rv = row(v);
         for (int64_t w = lo; w < w_; ++w) p[w] &= rv[w];
       }
@@ -434,6 +435,33 @@ bool degree_greedy(const uint64_t* adj, int64_t n, int64_t words, int64_t target
   return true;
 }
 
+// A valid graph has no self loop and no bit at a column >= n. Without validation (validate=False skips the
+// O(n^2 / 64) check) either would break the search: a self loop keeps a vertex among its own candidates, so
+// the greedy passes never shrink their candidate set (an endless loop outside the node budget), and a padding
+// bit names a vertex >= n, which indexes past every per-vertex array. Both live in O(n) words (the word of
+// the diagonal and the last word of each row), so they are checked always: the graph is returned as is when
+// clean (the extraction engine's case, no copy) and otherwise copied into `scratch` with those bits cleared.
+const uint64_t* without_loops_and_padding(const uint64_t* adj, int64_t n, int64_t words,
+                                          std::vector<uint64_t>& scratch) {
+  const int64_t tail = n & 63;
+  const uint64_t pad = tail ? ~((uint64_t{1} << tail) - 1) : 0;
+  bool dirty = false;
+  for (int64_t i = 0; i < n && !dirty; ++i) {
+    dirty = test_bit(adj + i * words, i) || (adj[i * words + words - 1] & pad) != 0;
+  }
+  if (!dirty) return adj;
+  scratch.assign(adj, adj + n * words);
+  for (int64_t i = 0; i < n; ++i) {
+    clear_bit(scratch.data() + i * words, i);
+    scratch[i * words + words - 1] &= ~pad;
+  }
+  return scratch.data();
+}
+
+// Longest wall-clock limit honoured (about 31 years): a longer one would overflow the clock's int64
+// nanoseconds (undefined behaviour; in practice a deadline in the past that stopped the search at once).
+constexpr double kMaxTimeLimitSeconds = 1e9;
+
 }  // namespace
 
 // -----------------------------------------------------------------------------------------------------------
@@ -482,16 +510,21 @@ void validate(const uint64_t* adj, int64_t n, int64_t words) {
   }
 }
 
-Result solve(const uint64_t* adj, int64_t n, int64_t words, const Options& opt) {
+Result solve(const uint64_t* graph, int64_t n, int64_t words, const Options& opt) {
   check(opt.min_size >= 0, "clique: min_size must be >= 0");
+  check(n >= 0 && n <= INT32_MAX, "clique: vertex count " + std::to_string(n) + " out of range");
+  check(words == (n + 63) / 64, "clique: bitset rows must have ceil(N / 64) = " +
+                                    std::to_string((n + 63) / 64) + " words, got " + std::to_string(words));
   Result res;
   if (n == 0) return res;
+  std::vector<uint64_t> scratch;
+  const uint64_t* adj = without_loops_and_padding(graph, n, words, scratch);
   Budget budget;
   budget.node_budget = opt.node_budget;
-  if (opt.time_limit > 0) {
+  if (opt.time_limit > 0) {  // false for NaN too: no limit
     budget.has_deadline = true;
-    budget.deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                         std::chrono::duration<double>(opt.time_limit));
+    const std::chrono::duration<double> limit(std::min(opt.time_limit, kMaxTimeLimitSeconds));
+    budget.deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(limit);
   }
   if (opt.decision && opt.min_size >= 2) {
     // Decision fast path: a memorized prompt's graph holds a big dense cluster, and a greedy clique from
@@ -586,6 +619,9 @@ Result solve(const uint64_t* adj, int64_t n, int64_t words, const Options& opt) 
     if (lex.run(root, canon)) {
       members = std::move(canon);
     } else if (!budget.stopped) {
+      // Impossible on a valid graph. An unvalidated asymmetric one (validate=False) gets here when the two
+      // passes read its edges in different directions: name the asymmetry rather than report a logic error.
+      validate(adj, n, words);
       throw std::logic_error("memcore: clique: lexicographic pass found no clique of the known maximum size");
     } else {
       res.exact = false;  // maximum size proven, tie rule not applied

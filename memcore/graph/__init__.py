@@ -10,7 +10,7 @@ is lexicographically smallest, on every backend and at every thread count.
 
 **Budget.** The search is exact unless its work budget (branch-and-bound nodes, deterministic; and an
 optional wall-clock limit) runs out; then the result carries ``exact=False``, the best clique found and a
-proven upper bound on the clique number. It never hangs.
+proven upper bound on the clique number. It never hangs, whatever the input (``validate=False`` included).
 
 Example::
 
@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 from collections.abc import Sequence
+from numbers import Real
 
+import numpy as np
 import torch
 
 from memcore.ops import clique as _ops
@@ -53,21 +56,48 @@ __all__ = [
 DEFAULT_NODE_BUDGET = 2_000_000
 
 
+def _integer(value: object, name: str) -> int:
+    """``value`` as a Python int: ints and numpy integers (``operator.index``, as knn's ``k``), never bools."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got a bool ({value!r})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})") from None
+
+
+def _flag(value: object, name: str) -> bool:
+    """``value`` as a bool: Python or numpy bools only (a string such as "no" would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return bool(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class CliqueSearch:
     """How to search one graph.
 
     Attributes:
         min_size: only cliques of at least this many members are of interest (k-core pruning with k =
-            min_size). If the clique number is smaller, the result has no members. 1 = plain maximum clique.
+            min_size). If the clique number is smaller, the result has no members. 1 = plain maximum clique;
+            0 behaves as 1. An int or numpy integer >= 0; any size (beyond N the answer is "none").
         decision: stop at the first clique of >= min_size members (a witness, not necessarily maximum and not
             subject to the tie rule): the fast "is there a clique of size >= k?" path.
         canonical: apply the tie rule (a second, lexicographic search). False returns some maximum clique
             (deterministic for a backend, but the backends may differ); only for measuring its cost.
         node_budget: branch-and-bound nodes over both passes; None = unlimited (may take exponential time).
+            An int or numpy integer >= 0; a budget past 2**63 - 1 is clamped to it (unlimited in practice).
         time_limit: seconds of wall clock per graph; None = none. Unlike the node budget it makes results
-            depend on machine speed; use it only as a safety net.
-        validate: check symmetry, empty diagonal and zero padding first (~N^2/64 word operations).
+            depend on machine speed; use it only as a safety net. Limits past 1e9 s (~31 years) are capped
+            there.
+        validate: check symmetry, empty diagonal and zero padding first (~N^2/64 word operations). False
+            skips only the symmetry check: self loops and bits past column N - 1 are ignored on every backend
+            (an O(N) scan), so any bitset is safe to search. On an asymmetric graph the result is unspecified
+            (the members may not form a clique, or a ValueError names the asymmetry), but the search is still
+            bounded by the budget and memory-safe. For graphs the caller built symmetric itself.
+
+    Bool fields take Python or numpy bools only; integers are normalised to ``int``, ``time_limit`` to
+    ``float``. Raises TypeError for a wrong type and ValueError for an out-of-range value, naming the field.
     """
 
     min_size: int = 1
@@ -78,24 +108,32 @@ class CliqueSearch:
     validate: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
-            raise ValueError(f"min_size must be an integer >= 0, got {self.min_size!r}")
+        # Normalised in place (a frozen dataclass: object.__setattr__) so that the native core, whose pybind11
+        # signature takes only int / bool / float, never sees a numpy scalar.
+        min_size = _integer(self.min_size, "min_size")
+        if min_size < 0:
+            raise ValueError(f"min_size must be an integer >= 0, got {min_size}")
+        object.__setattr__(self, "min_size", min_size)
+        for name in ("decision", "canonical", "validate"):
+            object.__setattr__(self, name, _flag(getattr(self, name), name))
         if self.decision and self.min_size < 1:
             raise ValueError("the decision path needs min_size (k) >= 1")
-        if self.node_budget is not None and (
-            isinstance(self.node_budget, bool)
-            or not isinstance(self.node_budget, int)
-            or self.node_budget < 0
-        ):
-            raise ValueError(f"node_budget must be None or an integer >= 0, got {self.node_budget!r}")
-        if self.time_limit is not None and not (
-            isinstance(self.time_limit, (int, float))
-            and math.isfinite(self.time_limit)
-            and self.time_limit > 0
-        ):
-            raise ValueError(
-                f"time_limit must be None or a positive number of seconds, got {self.time_limit!r}"
-            )
+        if self.node_budget is not None:
+            budget = _integer(self.node_budget, "node_budget")
+            if budget < 0:
+                raise ValueError(f"node_budget must be None or an integer >= 0, got {budget}")
+            object.__setattr__(self, "node_budget", budget)
+        if self.time_limit is not None:
+            if isinstance(self.time_limit, (bool, np.bool_)) or not isinstance(self.time_limit, Real):
+                raise TypeError(
+                    f"time_limit must be None or a number of seconds, got {type(self.time_limit).__name__}"
+                )
+            limit = float(self.time_limit)
+            if not (math.isfinite(limit) and limit > 0):
+                raise ValueError(
+                    f"time_limit must be None or a positive number of seconds, got {self.time_limit!r}"
+                )
+            object.__setattr__(self, "time_limit", limit)
 
     def _native_args(self) -> dict:
         return {
@@ -138,8 +176,9 @@ class CliqueResult:
     @property
     def decided_at_least(self) -> bool | None:
         """Is there a clique of >= ``min_size`` members? True (witness found), False (proven not), or None
-        (the budget ran out first)."""
-        if self.size >= max(self.min_size, 1):
+        (the budget ran out first). Never None when ``exact``. For ``min_size = 0`` it is always True: the
+        empty set is a clique of 0 members (even in the empty graph, whose ``members`` are then empty)."""
+        if self.min_size <= 0 or self.size >= self.min_size:
             return True
         if self.upper_bound < self.min_size:
             return False
@@ -227,7 +266,9 @@ def max_clique(
         node_budget: branch-and-bound node budget (default :data:`DEFAULT_NODE_BUDGET`; None = unlimited).
         time_limit: optional wall-clock limit in seconds.
         canonical: apply the tie rule (default True).
-        validate: check the graph first (default True).
+        validate: check the graph first (default True); False skips only the symmetry check (self loops
+            and padding bits are still ignored; an asymmetric graph's result is unspecified, see
+            :class:`CliqueSearch`).
         config: a :class:`CliqueSearch` to start from; keyword arguments override its fields.
         backend: ``auto`` (the C++ core when built), ``cpu`` or ``reference`` (networkx; exact, no budget).
 
@@ -261,7 +302,7 @@ def has_clique(
 
     Args:
         adjacency: as for :func:`max_clique`.
-        k: the clique size asked about (>= 1); k > N is answered False at once.
+        k: the clique size asked about (an int or numpy integer >= 1); k > N is answered False at once.
 
     Returns:
         :class:`CliqueResult` with ``min_size = k``: ``decided_at_least`` is the answer; on True ``members`` is
@@ -307,7 +348,8 @@ def max_clique_batch(
 
     Args:
         adjacencies: sequence of bitsets / bool matrices, as for :func:`max_clique`.
-        threads: worker threads (None: ``os.cpu_count()``); 1 runs on the calling thread (GIL released).
+        threads: worker threads, an int or numpy integer >= 1 (None: ``os.cpu_count()``); 1 runs on the
+            calling thread (GIL released). At most one thread per graph is started, so any count is safe.
         Other arguments: as for :func:`max_clique`; ``decision=True`` asks "clique of >= min_size?" per graph.
 
     Returns:
@@ -328,8 +370,9 @@ def max_clique_batch(
     )
     if threads is None:
         threads = os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+    threads = _integer(threads, "threads")
+    if threads < 1:
+        raise ValueError(f"threads must be None or an integer >= 1, got {threads}")
     bits = [_ops.to_bitset(a, backend=backend) for a in adjacencies]
     with stage("clique"):
         raws = _ops.solve_batch(bits, threads=threads, backend=backend, **cfg._native_args())
@@ -340,8 +383,10 @@ def threshold_graph(dist: torch.Tensor, alpha: float, *, backend: str = "auto") 
     """Threshold graph of a distance matrix as a bitset (SPEC §2 step 2).
 
     Args:
-        dist: ``[N, N]`` float32 or float64 distances (any device; copied to the host). NaN is an error.
-        alpha: edge threshold; compared in ``dist``'s dtype (alpha rounded to it), as ``dist <= alpha`` does.
+        dist: ``[N, N]`` float32 or float64 distances (any device but meta; copied to the host). NaN is an
+            error.
+        alpha: edge threshold, a real number (int, float or numpy scalar; not NaN); compared in ``dist``'s
+            dtype (alpha rounded to it), as ``dist <= alpha`` does.
 
     Returns:
         ``[N, ceil(N/64)]`` uint64 bitset on the CPU: bit j of row i set iff i != j, ``dist[i, j] <= alpha``
@@ -353,10 +398,39 @@ def threshold_graph(dist: torch.Tensor, alpha: float, *, backend: str = "auto") 
         raise ValueError(f"dist must be a square [N, N] matrix, got shape {tuple(dist.shape)}")
     if dist.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dist must be float32 or float64, got {dist.dtype}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or math.isnan(alpha):
+    _ops.check_has_data(dist, "dist")
+    # numbers.Real, as memcore.distance.tiled_l2_graph takes it: numpy scalars (np.float32 thresholds) too
+    if not isinstance(alpha, Real) or isinstance(alpha, (bool, np.bool_)):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__} ({alpha!r})")
+    if math.isnan(alpha):
         raise ValueError(f"alpha must be a real number, got {alpha!r}")
     d = dist.detach().to("cpu").contiguous()
     return _ops.threshold(d, float(alpha), backend=backend)
+
+
+def _member_indices(members: object) -> torch.Tensor:
+    """``members`` as a 1-D int64 CPU tensor. No casts: a float list would be truncated to other vertices and
+    a bool mask read as the indices 0 and 1, both silently wrong."""
+    if isinstance(members, torch.Tensor):
+        _ops.check_has_data(members, "members")
+        idx = members.detach()
+    else:
+        try:
+            idx = torch.as_tensor(members)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"members must be a sequence of integer vertex indices: {e}") from None
+        if idx.numel() == 0:
+            idx = idx.to(torch.int64)  # [] comes out as float32: an empty list is a (rejected) empty clique
+    if idx.dtype == torch.bool:
+        raise TypeError(
+            "members must be integer vertex indices, got a bool tensor; for a mask, pass "
+            "torch.nonzero(mask).flatten()"
+        )
+    if idx.dtype.is_floating_point or idx.dtype.is_complex:
+        raise TypeError(f"members must be integer vertex indices, got dtype {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"members must be 1-D [K], got shape {tuple(idx.shape)}")
+    return idx.to("cpu", torch.int64)
 
 
 def clique_stats(distances: torch.Tensor, members: torch.Tensor | Sequence[int] | None = None) -> CliqueStats:
@@ -364,8 +438,11 @@ def clique_stats(distances: torch.Tensor, members: torch.Tensor | Sequence[int] 
 
     Args:
         distances: ``[K, K]`` distances among the members, or ``[N, N]`` over all generations when ``members``
-            is given. Finite values (NaN/Inf is an error); any float dtype, any device. Sums in float64.
-        members: ``[K]`` vertex indices into ``distances`` (e.g. ``max_clique(...).members``), or None.
+            is given. Finite values (NaN/Inf is an error); any float dtype, any device but meta. Sums in
+            float64.
+        members: ``[K]`` distinct integer vertex indices into ``distances`` (e.g. ``max_clique(...).members``;
+            an integer tensor, numpy array or sequence of ints), or None. Floats and bool masks are a
+            TypeError, anything but 1-D a ValueError.
 
     Returns:
         :class:`CliqueStats`.
@@ -376,10 +453,11 @@ def clique_stats(distances: torch.Tensor, members: torch.Tensor | Sequence[int] 
         raise ValueError(f"distances must be a square matrix, got shape {tuple(distances.shape)}")
     if not distances.dtype.is_floating_point:
         raise TypeError(f"distances must be a float tensor, got {distances.dtype}")
+    _ops.check_has_data(distances, "distances")
     d = distances.detach().to("cpu", torch.float64)
     idx = None
     if members is not None:
-        idx = torch.as_tensor(members, dtype=torch.int64).reshape(-1)
+        idx = _member_indices(members)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d.shape[0]):
             raise ValueError(f"members must index 0..{d.shape[0] - 1}")
         if idx.unique().numel() != idx.numel():

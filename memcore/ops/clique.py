@@ -35,8 +35,24 @@ def resolve_backend(backend: str) -> str:
     return _backend.resolve(backend, torch.device("cpu"))
 
 
+# The core takes int64 counts; Python ints are unbounded. A min_size or node budget past int64 is clamped to its
+# maximum, which already means "more than any graph can hold" (no graph has 2^63 vertices or is searched for
+# 2^63 nodes), so the answer is the one the unbounded value would give.
+_INT64_MAX = 2**63 - 1
+
+
 def _words(n: int) -> int:
     return (n + 63) // 64
+
+
+def check_has_data(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError for a meta tensor: it has a shape but no values, and every clique-family function
+    reads the values (its result is data dependent, so there is no shape-only answer to give)."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (shape only, no data); the graph functions need its values: pass a CPU "
+            "or CUDA tensor"
+        )
 
 
 def to_bitset(adjacency: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -45,6 +61,7 @@ def to_bitset(adjacency: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
     (symmetry, empty diagonal, zero padding) by :func:`validate`."""
     if not isinstance(adjacency, torch.Tensor):
         raise TypeError(f"adjacency must be a torch.Tensor, got {type(adjacency).__name__}")
+    check_has_data(adjacency, "adjacency")
     if adjacency.dim() != 2:
         raise ValueError(
             f"adjacency must be 2-D ([N, ceil(N/64)] uint64 or [N, N] bool), got {adjacency.dim()}-D"
@@ -95,7 +112,12 @@ def solve(
     check: bool,
     backend: str = "auto",
 ) -> Raw:
-    """One graph (CPU bitset from :func:`to_bitset`). ``node_budget < 0`` / ``time_limit <= 0``: none."""
+    """One graph (CPU bitset from :func:`to_bitset`). ``node_budget < 0`` / ``time_limit <= 0``: none.
+
+    ``min_size`` and ``node_budget`` past int64 are clamped to its maximum (the same answer, see
+    ``_INT64_MAX``). With ``check=False`` the core still ignores self loops and bits past column N - 1 (an
+    O(N) scan), so only the symmetry check is skipped.
+    """
     name = resolve_backend(backend)
     n = bits.shape[0]
     if name == "reference":
@@ -109,12 +131,12 @@ def solve(
         n,
         bits.shape[1],
         _native.ptr(out),
-        min_size,
-        decision,
-        canonical,
-        node_budget,
-        time_limit,
-        check,
+        min(min_size, _INT64_MAX),
+        bool(decision),
+        bool(canonical),
+        min(node_budget, _INT64_MAX),
+        float(time_limit),
+        bool(check),
     )
     return out[:size].clone(), bool(exact), int(ub), int(nodes)
 
@@ -131,7 +153,8 @@ def solve_batch(
     check: bool,
     backend: str = "auto",
 ) -> list[Raw]:
-    """Many CPU bitsets on the core's thread pool (``threads <= 0``: all hardware threads)."""
+    """Many CPU bitsets on the core's thread pool (``threads <= 0``: all hardware threads; never more
+    threads than graphs). Arguments are clamped as for :func:`solve`."""
     name = resolve_backend(backend)
     if name == "reference":
         return [
@@ -152,13 +175,14 @@ def solve_batch(
     stats = _native.family("clique").solve_batch(
         refs,
         [_native.ptr(o) for o in outs],
-        min_size,
-        decision,
-        canonical,
-        node_budget,
-        time_limit,
-        threads,
-        check,
+        min(min_size, _INT64_MAX),
+        bool(decision),
+        bool(canonical),
+        min(node_budget, _INT64_MAX),
+        float(time_limit),
+        # the core starts at most one worker per graph anyway; clamping here keeps a huge count inside its int
+        min(threads, max(len(graphs), 1)),
+        bool(check),
     )
     return [
         (o[:size].clone(), bool(exact), int(ub), int(nodes))
