@@ -7,10 +7,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 from tolerances import tol
 
+from memcore.ops import _backend
 from memcore.ops.norm import fuse_groupnorm_silu, groupnorm_silu
 from memcore.reference.norm import groupnorm_silu as reference
 
@@ -231,3 +233,38 @@ def test_opcheck_groupnorm_silu_op(channels_last):
         x = x.to(memory_format=torch.channels_last)
     w, b = torch.randn(8, device=device), torch.randn(8, device=device)
     torch.library.opcheck(groupnorm_silu_op, (x, 4, w, b, 1e-5))
+
+
+def test_affine_parameters_checked_alike_for_every_backend():
+    x = torch.randn(2, 6, 5, 7)
+    # checked before the backend is chosen, so "triton" gives the same errors as the reference
+    for backend in ("reference", "triton"):
+        with pytest.raises(TypeError, match=r"weight must be a torch.Tensor or None, got list"):
+            groupnorm_silu(x, 3, [1.0] * 6, backend=backend)
+        with pytest.raises(TypeError, match=r"weight dtype must be float32, got torch.int64"):
+            groupnorm_silu(x, 3, torch.ones(6, dtype=torch.int64), backend=backend)
+        with pytest.raises(TypeError, match=r"weight dtype must be float32, got torch.float16"):
+            groupnorm_silu(x, 3, torch.ones(6, dtype=torch.float16), backend=backend)
+        with pytest.raises(TypeError, match="weight and bias must have one dtype"):
+            groupnorm_silu(x.half(), 3, torch.ones(6), torch.zeros(6, dtype=torch.float16), backend=backend)
+        with pytest.raises(TypeError, match="eps must be a real number"):
+            groupnorm_silu(x, 3, eps="1e-5", backend=backend)
+    # float32 affine parameters with half-precision x are PyTorch's mixed-precision rule, accepted
+    xh = x.to(torch.float16)
+    w, b = torch.randn(6), torch.randn(6)
+    y = F.group_norm(xh, 3, w, b, 1e-5)
+    assert torch.equal(groupnorm_silu(xh, 3, w, b), F.silu(y))
+    # a strided weight view gives what its contiguous copy gives (the kernel indexes w[c])
+    ws = torch.randn(12)[::2]
+    assert torch.equal(groupnorm_silu(x, 3, ws), groupnorm_silu(x, 3, ws.clone()))
+
+
+@pytest.mark.skipif(
+    _backend.available("triton", torch.device("cpu"))[0], reason="Triton runs on CPU tensors in this lane"
+)
+def test_patch_refuses_triton_where_it_cannot_run():
+    # used to patch and then silently run the unfused modules
+    unet = _tiny_unet()
+    with pytest.raises(ValueError, match=r"backend='triton'\): backend 'triton' needs"):
+        fuse_groupnorm_silu(unet, backend="triton")
+    assert fuse_groupnorm_silu(unet) > 0  # auto still patches (and runs unfused on CPU)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import warnings
 
 import numpy as np
@@ -541,3 +542,105 @@ def test_dtype_names_and_missing_conditions(class_unet_dir):
         TypeError, match=r"class-conditional model needs a condition per seed \(a class id in"
     ):
         ms.sample(class_unet_dir, seeds=[3], num_inference_steps=2)
+
+
+# ------------------------------------------------------------------------------- argument validation
+def test_sampler_config_refuses_nonsense_values():
+    # truthy strings used to switch features on
+    with pytest.raises(TypeError, match="cuda_graphs must be a bool, got 'no'"):
+        SamplerConfig(cuda_graphs="no")
+    with pytest.raises(TypeError, match="channels_last must be a bool or None, got 'no'"):
+        SamplerConfig(channels_last="no")
+    for name, bad in (("eta", "0.5"), ("eta", True), ("guidance_scale", "7.5"), ("guidance_rescale", "x")):
+        with pytest.raises(TypeError, match=f"{name} must be a real number"):
+            SamplerConfig(**{name: bad})
+    for name, bad in (
+        ("guidance_scale", math.inf),
+        ("guidance_rescale", math.nan),
+        ("guidance_rescale", math.inf),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            SamplerConfig(**{name: bad})
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        SamplerConfig(eta=1.5)
+    with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\]"):
+        SamplerConfig(guidance_rescale=1.5)
+    with pytest.raises(ValueError, match="guidance_rescale must be >= 0"):
+        SamplerConfig(guidance_rescale=-0.1)
+    ok = SamplerConfig(eta=np.float32(0.5), guidance_scale=3, channels_last=None, cuda_graphs=False)
+    assert ok.eta == 0.5 and ok.guidance_scale == 3
+
+
+def test_scheduler_names_checked_at_config_time():
+    with pytest.raises(ValueError, match="'UNet2DModel' is not a diffusers scheduler class"):
+        SamplerConfig(scheduler="UNet2DModel")
+    with pytest.raises(
+        ValueError, match=r"'FlowMatchEulerDiscreteScheduler' is not supported.*scale_model_input"
+    ):
+        SamplerConfig(scheduler="FlowMatchEulerDiscreteScheduler")
+    with pytest.raises(ValueError, match=r"'KarrasVeScheduler' is not supported.*step"):
+        SamplerConfig(scheduler="KarrasVeScheduler")
+    with pytest.raises(ValueError, match=r"'RePaintScheduler' is not supported.*original_image, mask"):
+        SamplerConfig(scheduler="RePaintScheduler")
+    with pytest.raises(ValueError, match=r"'DDIMInverseScheduler' is not supported.*inverts DDIM"):
+        SamplerConfig(scheduler="DDIMInverseScheduler")
+    with pytest.raises(ValueError, match="unknown scheduler 'NoSuchScheduler'"):
+        SamplerConfig(scheduler="NoSuchScheduler")
+    assert SamplerConfig(scheduler="EulerDiscreteScheduler").scheduler == "EulerDiscreteScheduler"
+
+
+def test_scheduler_checked_by_the_sampler_before_sampling():
+    import dataclasses
+
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from memcore.models import load_model
+
+    lm = load_model(_unet(), scheduler=DDPMScheduler())
+    # PNDM's Runge-Kutta warm-up needs 4 steps: numpy used to fail with "operands could not be broadcast"
+    with pytest.raises(ValueError, match=r"PNDMScheduler cannot set 2 inference steps.*>= 4"):
+        Sampler(lm, SamplerConfig(num_inference_steps=2, batch_size=1, scheduler="PNDMScheduler"))
+    # the model's own scheduler (scheduler="config") has no class name to check before the model is loaded
+    flow = dataclasses.replace(lm, scheduler=FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(
+        ValueError, match=r"FlowMatchEulerDiscreteScheduler.*scheduler='config'.*not supported"
+    ):
+        Sampler(flow, SamplerConfig(num_inference_steps=2, batch_size=1, scheduler="config"))
+
+
+def test_sampler_argument_types(class_unet_dir):
+    with pytest.raises(TypeError, match="config must be a SamplerConfig, got dict"):
+        Sampler(class_unet_dir, {"batch_size": 2})
+    s = Sampler(class_unet_dir, SamplerConfig(num_inference_steps=2, batch_size=2, step_backend="diffusers"))
+    for bad in (1.7, "1", True):
+        with pytest.raises(TypeError, match="slot must be an int"):
+            s.regenerate(3, 1, slot=bad)
+    with pytest.raises(ValueError, match=r"slot must be in \[0, 2\)"):
+        s.regenerate(3, 1, slot=np.int64(2))
+    with pytest.raises(ValueError, match=r"condition_id must be a 64-bit integer, got 9223372036854775808"):
+        next(s.stream([(2**63, 0, 5)]))
+    # padding rows are told by `valid`, not by their id: a job may use -1 (extraction's NN-only candidates)
+    batch = next(s.stream([(-1, 0, 5)]))
+    assert batch.valid == 1 and batch.condition_ids.tolist() == [-1, -1]
+    with pytest.raises(TypeError, match="condition_id must be an int"):
+        next(s.stream([("3", 0, 5)]))
+    batch = next(s.stream([(np.int64(4), 0, 5)]))
+    assert batch.condition_ids.tolist() == [4, -1]
+
+
+def test_sample_conditions_scalars_and_numpy_ids(class_unet_dir):
+    s = Sampler(class_unet_dir, SamplerConfig(num_inference_steps=2, batch_size=2, step_backend="diffusers"))
+    want = ms.sample(s, seeds=[1, 2], conditions=[3, 3])
+    # a single class id is used for every seed (documented), whatever integer type spells it
+    for single in (3, np.int64(3), torch.tensor(3)):
+        assert torch.equal(ms.sample(s, seeds=[1, 2], conditions=single), want)
+    for seq in ([np.int64(3), np.int64(3)], [torch.tensor(3), 3], torch.tensor([3, 3]), np.array([3, 3])):
+        assert torch.equal(ms.sample(s, seeds=[1, 2], conditions=seq), want)
+    with pytest.raises(TypeError, match=r"one condition per seed.*got float 3.0"):
+        ms.sample(s, seeds=[1, 2], conditions=3.0)
+    with pytest.raises(TypeError, match=r"one condition per seed.*got set"):
+        ms.sample(s, seeds=[1, 2], conditions={3})
+    with pytest.raises(TypeError, match=r"class ids, got float 3.0"):  # not truncated
+        ms.sample(s, seeds=[1], conditions=[3.0])
+    with pytest.raises(TypeError, match="class ids, got Tensor"):
+        ms.sample(s, seeds=[1], conditions=[torch.tensor(2.7)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,49 @@ def test_step_noise_dtype_and_errors():
         check_seeds([1.5])
     with pytest.raises(TypeError):
         check_seeds("123")
+
+
+def test_step_noise_refuses_out_of_range_and_non_integer_tensors():
+    # CPU tensors are value-checked (free: no device to wait for); these used to give NaN or truncate silently
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\*\*63\)"):
+        step_noise(torch.tensor([-1]), 0, (1, 2, 2))
+    with pytest.raises(ValueError, match=r"step must be in \[0, 2\*\*32\), got -1"):
+        step_noise([1], torch.tensor(-1), (1, 2, 2))
+    with pytest.raises(ValueError, match="step must be in"):
+        step_noise([1], torch.tensor(2**40), (1, 2, 2))
+    with pytest.raises(TypeError, match="step tensor must hold one integer"):
+        step_noise([1], torch.tensor(1.7), (2,))
+    with pytest.raises(TypeError, match="step tensor must hold one integer"):
+        step_noise([1], torch.tensor([1, 2]), (2,))
+    with pytest.raises(TypeError, match="seeds tensor must be a 1-D integer tensor"):
+        step_noise(torch.tensor([1.0]), 0, (2,))
+    # other integer dtypes are the same numbers
+    same = step_noise(torch.tensor([42], dtype=torch.int32), torch.tensor([3], dtype=torch.int32), (5,))
+    assert torch.equal(same, step_noise([42], 3, (5,)))
+
+
+def test_step_noise_refuses_bad_python_arguments():
+    with pytest.raises(TypeError, match="stream must be an int, got float"):
+        step_noise([1], 0, (2,), stream=1.5)
+    with pytest.raises(TypeError, match="stream must be an int, got bool"):
+        step_noise([1], 0, (2,), stream=True)
+    with pytest.raises(TypeError, match="step must be an int, got float"):
+        step_noise([1], 1.0, (2,))
+    with pytest.raises(TypeError, match=r"floating torch\.dtype, got 'float32'"):
+        step_noise([1], 0, (2,), dtype="float32")
+    with pytest.raises(ValueError, match=r"sizes >= 0, got \(2, -1\)"):
+        step_noise([1], 0, (2, -1))
+    with pytest.raises(TypeError, match="shape must hold ints"):
+        step_noise([1], 0, (2.0,))
+    with pytest.raises(TypeError, match="shape must be a sequence of ints"):
+        step_noise([1], 0, "ab")
+    assert torch.equal(
+        step_noise([7], np.int64(2), (3,), stream=np.int64(1)), step_noise([7], 2, (3,), stream=1)
+    )
+
+
+def test_step_noise_does_not_read_device_tensor_values():
+    # A device tensor's values are not checked (reading them would synchronise the host, and cannot happen
+    # under CUDA graph capture): the range is the caller's. A meta tensor stands in: it has no values to read.
+    z = step_noise(torch.tensor([-1], device="meta"), torch.tensor(-1, device="meta"), (2, 3))
+    assert z.device.type == "meta" and z.shape == (1, 2, 3)

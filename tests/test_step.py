@@ -426,6 +426,56 @@ def test_step_config_validation_and_from_scheduler():
         StepConfig(eta=math.nan)
 
 
+def test_step_config_rejects_eta_above_one():
+    # eta = 5 used to be accepted and gave all-NaN images (sqrt of a negative DDIM direction term)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\].*square root of a negative number"):
+        StepConfig(eta=5.0)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        StepConfig(eta=1.0 + 1e-9)
+    assert StepConfig(eta=1.0).eta == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"clip_sample": False},
+        {"prediction_type": "v_prediction"},
+        {"clip_sample": True, "clip_sample_range": 2.0},
+    ],
+    ids=["no-clip", "v-prediction", "clip-range-2"],
+)
+def test_reference_honours_a_step_config_the_scheduler_left_at_default(overrides):
+    # DDIMScheduler() lists prediction_type / clip_sample / clip_sample_range in its config's
+    # _use_default_values, and diffusers' from_config drops those keys, overrides included: the reference
+    # oracle then ran the default scheduler's settings whatever the StepConfig said.
+    plan = make_plan(DDIMScheduler(), 10)
+    config = StepConfig(**overrides)
+    # an independent oracle: diffusers' scheduler built with the config's settings directly (StepConfig's own
+    # defaults, e.g. clip_sample=False, differ from DDIMScheduler's)
+    explicit = DDIMScheduler(
+        prediction_type=config.prediction_type,
+        clip_sample=config.clip_sample,
+        clip_sample_range=config.clip_sample_range,
+    )
+    explicit.set_timesteps(10)
+    default = DDIMScheduler()
+    default.set_timesteps(10)
+    g = torch.Generator().manual_seed(11)
+    differs_from_default = False
+    for i in (0, 4, 9):
+        x, mo, _, _ = _inputs(g, torch.float32, cfg=False)
+        x, mo = 3 * x, 3 * mo  # a predicted x0 well outside [-1, 1], so the clip settings matter
+        t = explicit.timesteps[i]
+        got = fused_step(x, mo, plan, i, config, backend="reference")
+        _assert_bitwise(
+            got, explicit.step(mo, t, x, return_dict=False)[0], f"reference vs diffusers, step {i}"
+        )
+        for backend in KERNEL_BACKENDS:
+            _assert_bitwise(fused_step(x, mo, plan, i, config, backend=backend), got, f"{backend}, step {i}")
+        differs_from_default |= not torch.equal(got, default.step(mo, t, x, return_dict=False)[0])
+    assert differs_from_default, "the test inputs must make the override visible"
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_fused_step_input_errors(backend):
     s = DDIMScheduler()

@@ -8,6 +8,8 @@ on CPU tensors the op and the patched UNets run the unfused PyTorch modules.
 
 from __future__ import annotations
 
+import math
+import numbers
 import types
 from typing import Any
 
@@ -54,6 +56,37 @@ def _(x, num_groups, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _check_affine(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Check ``weight`` / ``bias`` once for every backend; returns them contiguous (the kernel indexes ``w[c]``).
+
+    Their dtype follows PyTorch's ``group_norm`` rule on the CPU (the reference): x's dtype, or float32 for
+    half-precision x (fp32 affine parameters, as under autocast), the two alike. The Triton kernel would take
+    any float dtype (it reads them as float32), but then the backends would disagree on what is an error.
+    """
+    c = x.shape[1]
+    allowed = (x.dtype, torch.float32)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != (c,) or t.device != x.device:
+            raise ValueError(
+                f"{name} must be a [{c}] tensor on {x.device}, got {list(t.shape)} on {t.device}"
+            )
+        if t.dtype not in allowed:
+            want = "float32" if x.dtype == torch.float32 else f"x's dtype ({x.dtype}) or float32"
+            raise TypeError(f"{name} dtype must be {want}, got {t.dtype} (PyTorch's group_norm rule)")
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"weight and bias must have one dtype, got {weight.dtype} and {bias.dtype}")
+    return (
+        weight.contiguous() if weight is not None else None,
+        bias.contiguous() if bias is not None else None,
+    )
+
+
 def groupnorm_silu(
     x: torch.Tensor,
     num_groups: int,
@@ -69,13 +102,17 @@ def groupnorm_silu(
         x: [N, C, H, W] float32 / float16 / bfloat16, NCHW-contiguous or channels_last (others are made
             contiguous).
         num_groups: G; must divide C.
-        weight: [C] affine scale or None.
-        bias: [C] affine shift or None.
-        eps: added to the variance.
+        weight: [C] affine scale or None, on x's device, in x's dtype or float32.
+        bias: [C] affine shift or None, like ``weight`` (and in the same dtype as it).
+        eps: added to the variance (finite, > 0).
         backend: "auto" (Triton on CUDA tensors, else the reference), "triton" or "reference".
 
     Returns:
         [N, C, H, W] in x's dtype, in x's memory format (channels_last stays channels_last).
+
+    Raises:
+        TypeError: a non-tensor or wrongly typed x / weight / bias, a non-numeric eps.
+        ValueError: bad shapes or devices, num_groups not dividing C, an unavailable backend.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError("x must be a [N, C, H, W] tensor")
@@ -84,11 +121,11 @@ def groupnorm_silu(
     c = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing C={c}, got {num_groups!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.shape != (c,) or t.device != x.device):
-            raise ValueError(f"{name} must be a [{c}] tensor on {x.device}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    weight, bias = _check_affine(x, weight, bias)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
     name = _resolve(backend, x.device)
     if name == "reference":
         return _ref.groupnorm_silu(x, num_groups, weight, bias, eps)
@@ -106,6 +143,10 @@ def groupnorm_silu(
 def _norm_silu(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """``act(norm(x))``, fused when the tensors allow it, else the original modules unchanged."""
     use = backend == "triton" or (backend == "auto" and x.device.type == "cuda")
+    if backend == "triton":
+        ok, why = _backend.available("triton", x.device)
+        if not ok:  # e.g. the UNet was moved to the CPU after it was patched
+            raise ValueError(f"fuse_groupnorm_silu(backend='triton'): {why}")
     if use and _backend.available("triton", x.device)[0]:
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (norm.weight is not None and norm.weight.requires_grad)
@@ -189,7 +230,10 @@ def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
 
     With ``backend="auto"`` the fused kernel runs on CUDA tensors (Triton) and the original modules run on
     CPU tensors, so CPU outputs are exactly the unfused UNet's; ``backend="triton"`` also runs the kernel on
-    CPU tensors under ``TRITON_INTERPRET=1`` (tests). Calling it twice swaps nothing more.
+    CPU tensors under ``TRITON_INTERPRET=1`` (tests). Like the ops' explicit backends, ``backend="triton"`` is
+    refused (``ValueError``) where Triton cannot run on the UNet's device: here for the device the UNet is on
+    (patch it after moving it), and in the forward for the device its inputs are on. Calling it twice swaps
+    nothing more.
 
     Args:
         unet: the UNet (any module tree containing diffusers ``ResnetBlock2D`` blocks).
@@ -197,6 +241,10 @@ def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
 
     Returns:
         The number of GroupNorm -> SiLU pairs swapped by this call.
+
+    Raises:
+        ValueError: a backend other than "auto" / "triton", or "triton" where it cannot run (see above).
+        TypeError: ``unet`` is not a ``torch.nn.Module``.
     """
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -204,6 +252,12 @@ def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
         raise ValueError(f"fuse_groupnorm_silu backend must be 'auto' or 'triton', got {backend!r}")
     if not isinstance(unet, nn.Module):
         raise TypeError(f"unet must be a torch.nn.Module, got {type(unet).__name__}")
+    if backend == "triton":
+        # as every op does for an explicit backend: refuse now rather than run the unfused modules silently
+        p = next(unet.parameters(), None)
+        ok, why = _backend.available("triton", p.device if p is not None else torch.device("cuda"))
+        if not ok:
+            raise ValueError(f"fuse_groupnorm_silu(backend='triton'): {why}")
     swapped = 0
     for module in unet.modules():
         if type(module) is not ResnetBlock2D or getattr(module, "_memcore_fused_backend", None) is not None:

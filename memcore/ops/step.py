@@ -77,7 +77,7 @@ class StepConfig:
 
     Attributes:
         prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
-        eta: DDIM noise weight (0 = deterministic DDIM, 1 = DDPM-like); DDIM only.
+        eta: DDIM noise weight in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like); DDIM only.
         clip_sample: clamp the predicted x0 to ``[-clip_sample_range, clip_sample_range]``.
         clip_sample_range: the clamp bound (> 0).
         guidance_rescale: ``rescale_noise_cfg`` factor in [0, 1] (0 disables it); needs CFG.
@@ -102,8 +102,13 @@ class StepConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 0.0 <= self.eta <= 1.0:
+            # the DDIM paper's eta interpolates between DDIM (0) and DDPM (1); SamplerConfig takes [0, 1] too
+            raise ValueError(
+                f"eta must be in [0, 1], got {self.eta}: beyond 1, sigma_t = eta * sqrt(variance) can exceed "
+                "sqrt(1 - alphabar_prev), and the DDIM direction term sqrt(1 - alphabar_prev - sigma_t^2) is then "
+                "the square root of a negative number (NaN images)"
+            )
         if self.clip_sample_range <= 0:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
         if not 0.0 <= self.guidance_rescale <= 1.0:

@@ -96,6 +96,10 @@ def _scheduler(plan: StepPlan, config: StepConfig) -> Any:
         import diffusers
 
         cfg = dict(plan.scheduler_config)
+        # diffusers' from_config drops every key this list names (the source scheduler left them at their
+        # defaults), overrides below included: without the pop a StepConfig differing from a default-built
+        # scheduler would be ignored by the oracle
+        cfg.pop("_use_default_values", None)
         cfg.update(
             prediction_type=config.prediction_type,
             clip_sample=config.clip_sample,

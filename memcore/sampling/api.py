@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
+import numpy as np
 import torch
 
 from memcore.sampling.engine import SampleBatch, Sampler, SamplerConfig
@@ -13,13 +16,47 @@ from memcore.sampling.seeds import check_seeds
 _MAX_DEFAULT_BATCH = 32
 
 
+def _single_condition(c: Any) -> Any:
+    """``c`` as one condition (a class id as an int, or a prompt) when it is a scalar, else None."""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, (bool, np.bool_)):
+        return None
+    if isinstance(c, torch.Tensor):
+        if c.dim() == 0 and not (c.is_floating_point() or c.is_complex() or c.dtype == torch.bool):
+            return int(c)
+        return None
+    if isinstance(c, np.ndarray):
+        return None
+    if hasattr(type(c), "__index__"):  # int, numpy integers
+        return operator.index(c)
+    return None
+
+
 def _broadcast_conditions(conditions: Any, n: int) -> list[Any] | None:
     if conditions is None:
         return None
-    if isinstance(conditions, (str, int)) and not isinstance(conditions, bool):
-        return [conditions] * n  # one condition for every seed
-    if isinstance(conditions, torch.Tensor):
+    single = _single_condition(conditions)
+    if single is not None:
+        return [single] * n  # one condition for every seed (documented)
+    if isinstance(conditions, (torch.Tensor, np.ndarray)):
+        if conditions.ndim == 0:
+            raise TypeError(
+                f"a single condition must be a class id (int) or a prompt (str), got a {conditions.dtype} scalar"
+            )
+        if conditions.ndim != 1:
+            raise TypeError(
+                f"conditions as an array must be 1-D (one class id per seed), got shape {list(conditions.shape)}"
+            )
         conditions = conditions.tolist()
+    elif isinstance(conditions, (Mapping, AbstractSet, bytes, bytearray)) or not isinstance(
+        conditions, Iterable
+    ):
+        # a set has no order to match seeds by, a mapping iterates its keys, bytes iterate small ints
+        raise TypeError(
+            "conditions must be a sequence with one condition per seed, or a single class id (int) or prompt "
+            f"(str) for every seed; got {type(conditions).__name__} {conditions!r}"
+        )
     conditions = list(conditions)
     if len(conditions) != n:
         raise ValueError(
@@ -32,7 +69,7 @@ def sample(
     model: Any,
     *,
     seeds: Sequence[int] | torch.Tensor,
-    conditions: Sequence[Any] | str | int | None = None,
+    conditions: Sequence[Any] | torch.Tensor | str | int | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float | None = None,
     eta: float = 0.0,
@@ -51,8 +88,10 @@ def sample(
             and CUDA graphs; its config applies, and a ``batch_size`` that differs from it is an error).
         seeds: ``[N]`` seeds; candidate ``i`` starts from ``torch.randn`` of ``Generator(device).manual_seed(
             seeds[i])``.
-        conditions: one per seed: class ids (class-conditional UNet) or prompts (text-to-image); a single value
-            is used for every seed; None for unconditional models.
+        conditions: one per seed: class ids (class-conditional UNet; ints, numpy integers or one-element integer
+            tensors, or a 1-D integer tensor / array of them) or prompts (text-to-image); a single class id or
+            prompt is used for every seed; None for unconditional models. Anything else (a float, a set) is a
+            ``TypeError``.
         num_inference_steps: sampler steps.
         guidance_scale: CFG scale for text models (None -> 7.5, diffusers' default).
         eta: DDIM eta; step noise is keyed by (seed, step).

@@ -27,6 +27,9 @@ import contextlib
 import dataclasses
 import importlib.util
 import inspect
+import math
+import numbers
+import operator
 import sys
 import threading
 import warnings
@@ -74,6 +77,106 @@ def check_model_options(cfg) -> None:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {cfg.attention!r}")
 
 
+def _real(name: str, v: Any) -> float:
+    """``v`` as a finite float: a real number (int, float, numpy float), never a bool or a string."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    return float(v)
+
+
+def _index(name: str, v: Any) -> int:
+    """``v`` as an int (Python, numpy or one-element integer tensor); floats are refused, not truncated."""
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if isinstance(v, torch.Tensor) and (v.dtype == torch.bool or v.numel() != 1):
+        raise TypeError(f"{name} must be an int, got a {v.dtype} tensor of shape {list(v.shape)}")
+    return operator.index(v)
+
+
+#: ``SamplerConfig.scheduler`` names the engine maps itself (the rest are diffusers class names).
+_SCHEDULER_ALIASES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
+# What the loop calls on a scheduler (_denoise_eager, _apply_step): scheduler.step(model_output, t, sample, ...,
+# return_dict=False), scale_model_input(x, t) and set_timesteps(n), plus the init_noise_sigma attribute.
+_SCHEDULER_METHODS = ("set_timesteps", "scale_model_input", "step")
+
+
+# Schedulers with the right methods that still do not sample a UNet (they run, and give wrong images or fail
+# inside the loop).
+_NOT_SAMPLERS = {
+    "DDIMInverseScheduler": "it inverts DDIM (image -> noise), it does not sample",
+    "DPMSolverMultistepInverseScheduler": "it inverts DPM-Solver (image -> noise), it does not sample",
+    "DDPMWuerstchenScheduler": "its continuous-time steps are Wuerstchen's, not a UNet's integer timesteps",
+}
+
+
+def _unsupported_scheduler(cls: type) -> str | None:
+    """Why the sampling loop cannot drive scheduler class ``cls``, or None when its class shows no reason.
+
+    Only what the class itself shows (cheap, no instance): whether it has the methods the loop calls and whether
+    its ``step`` takes ``(model_output, timestep, sample)`` and nothing else required.
+    """
+    if cls.__name__ in _NOT_SAMPLERS:
+        return _NOT_SAMPLERS[cls.__name__]
+    missing = [m for m in _SCHEDULER_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        return (
+            f"it has no {', '.join(m + '()' for m in missing)} (it is not a noise-prediction scheduler for "
+            "UNet sampling: flow-matching and other special-purpose schedulers lack them)"
+        )
+    params = list(inspect.signature(cls.step).parameters.values())[1:]  # after self
+    names = [p.name for p in params]
+    if names[:3] != ["model_output", "timestep", "sample"] or "return_dict" not in names:
+        sig = inspect.signature(cls.step)
+        return f"its step{sig} is not step(model_output, timestep, sample, ..., return_dict)"
+    required = [
+        p.name for p in params[3:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        return f"its step() needs inputs a sampling loop does not have: {', '.join(required)}"
+    return None
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class ``SamplerConfig.scheduler`` names, checked to fit the sampling loop.
+
+    Args:
+        name: ``"ddim"``, ``"ddpm"`` or a diffusers scheduler class name (``"config"`` has no class before the
+            model is loaded; the Sampler checks that one when it builds it).
+
+    Returns:
+        The class.
+
+    Raises:
+        ValueError: an unknown name, a name that is not a diffusers scheduler class, one whose optional dependency
+            is not installed, or a scheduler the loop cannot drive (see ``_unsupported_scheduler``).
+    """
+    import diffusers
+
+    cls_name = _SCHEDULER_ALIASES.get(name.lower(), name)
+    try:
+        cls = getattr(diffusers, cls_name, None)
+    except (ImportError, RuntimeError):  # diffusers' lazy module failing to import an unrelated pipeline
+        cls = None
+    if cls is None:
+        raise ValueError(
+            f"unknown scheduler {name!r}: use 'ddim', 'ddpm', 'config' or a diffusers scheduler class name"
+        )
+    if type(cls).__name__ == "DummyObject":  # diffusers' placeholder for a class whose dependency is missing
+        needs = ", ".join(b for b in getattr(cls, "_backends", ()) if b != "torch") or "an optional package"
+        raise ValueError(f"scheduler {name!r} needs {needs}, which is not installed")
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ValueError(
+            f"scheduler {name!r} is not a diffusers scheduler class (a SchedulerMixin subclass such as "
+            "'PNDMScheduler' or 'EulerDiscreteScheduler')"
+        )
+    why = _unsupported_scheduler(cls)
+    if why is not None:
+        raise ValueError(f"scheduler {name!r} is not supported by memcore's sampling loop: {why}")
+    return cls
+
+
 def _compiled(fn: Any, config: SamplerConfig) -> Any:
     """``fn`` through ``torch.compile`` at the config's mode, static shapes (the micro-batch is fixed)."""
     return torch.compile(
@@ -113,7 +216,8 @@ class SamplerConfig:
         num_inference_steps: sampler steps (>= 1).
         guidance_scale: classifier-free guidance for text models; None -> 7.5 (diffusers' default); <= 1
             disables CFG (diffusers' rule). Must be None for pixel UNets (they have no unconditional branch).
-        eta: DDIM eta (0 deterministic, 1 DDPM-like); step noise comes from the (seed, step) Philox stream.
+        eta: DDIM eta in [0, 1] (0 deterministic, 1 DDPM-like); step noise comes from the (seed, step) Philox
+            stream.
         mode: fused-step arithmetic: ``"parity"`` (diffusers' per-op rounding: same images as diffusers) or
             ``"fp32"`` (compute in fp32, round once; fused only).
         batch_size: the fixed micro-batch the model runs at (CFG doubles the UNet batch).
@@ -122,10 +226,14 @@ class SamplerConfig:
             for DDIM/DDPM when memcore.ops.step is present, diffusers otherwise).
         scheduler: which sampler: ``"ddim"`` (default, SPEC §2), ``"ddpm"``, ``"config"`` (the model's own
             scheduler as stored), or any diffusers scheduler class name (``"PNDMScheduler"``,
-            ``"EulerDiscreteScheduler"``, ...) built from the model's scheduler config.
-        cuda_graphs: capture UNet + fused step per step index in CUDA graphs (CUDA + fused step only).
-        channels_last: NHWC UNet; None -> on for CUDA unless mode is ``"parity"`` (the stock pipelines run
-            NCHW, and the layout changes conv algorithms, hence floats).
+            ``"EulerDiscreteScheduler"``, ...) built from the model's scheduler config. A class name is checked
+            here (a diffusers scheduler with ``set_timesteps``, ``scale_model_input`` and ``step(model_output,
+            timestep, sample)``; flow-matching and inverse schedulers are refused); the Sampler then builds it
+            and sets ``num_inference_steps`` timesteps before any sampling, so e.g. PNDM with too few steps
+            fails there.
+        cuda_graphs: (bool) capture UNet + fused step per step index in CUDA graphs (CUDA + fused step only).
+        channels_last: (bool or None) NHWC UNet; None -> on for CUDA unless mode is ``"parity"`` (the stock
+            pipelines run NCHW, and the layout changes conv algorithms, hence floats).
         compile: ``torch.compile`` the UNet forward (``torch.compile(unet, mode=compile_mode, dynamic=False)``;
             the model object itself is not changed) and, for latent models, the VAE decode. The fused step is
             already one opaque custom-op kernel, diffusers' ``scheduler.step`` is stateful Python, and the text
@@ -155,7 +263,7 @@ class SamplerConfig:
             GEMM shapes, so the last bits may change (parity mode is then not bit-identical with diffusers);
             models whose UNet lacks the method (e.g. ``UNet2DModel``) are refused. The model is changed in
             place, as with ``fuse_norm``.
-        guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
+        guidance_rescale: diffusers' ``guidance_rescale`` in [0, 1] (0 = off).
         attention: the scaled-dot-product-attention kernel the UNet's attention layers try first: ``"auto"``
             (PyTorch's choice: FlashAttention-2 for half precision on CUDA), ``"cudnn"`` (cuDNN's fused
             attention, Hopper-tuned; it takes head dimensions FlashAttention-2 pads, e.g. SD 1.x's 40),
@@ -190,9 +298,9 @@ class SamplerConfig:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.guidance_scale is not None and not float(self.guidance_scale) == float(self.guidance_scale):
-            raise ValueError("guidance_scale is NaN")
-        if not 0.0 <= float(self.eta) <= 1.0:
+        if self.guidance_scale is not None:
+            _real("guidance_scale", self.guidance_scale)
+        if not 0.0 <= _real("eta", self.eta) <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -204,9 +312,20 @@ class SamplerConfig:
             raise ValueError('mode="fp32" exists only for the fused step; use step_backend="fused" or "auto"')
         if not isinstance(self.scheduler, str) or not self.scheduler:
             raise TypeError("scheduler must be 'ddim', 'ddpm', 'config' or a diffusers scheduler class name")
+        if self.scheduler != "config" and self.scheduler.lower() not in _SCHEDULER_ALIASES:
+            # a class name: checked now (this imports diffusers); "config" names no class before the model loads
+            scheduler_class(self.scheduler)
+        # a truthy string such as "no" would otherwise switch the feature on
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise TypeError(f"channels_last must be a bool or None, got {self.channels_last!r}")
         check_model_options(self)
-        if self.guidance_rescale < 0:
+        rescale = _real("guidance_rescale", self.guidance_rescale)
+        if rescale < 0:
             raise ValueError("guidance_rescale must be >= 0")
+        if rescale > 1:  # the fused step's limit too (StepConfig): a blend weight, 1 = fully rescaled
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +333,7 @@ class SampleBatch:
     """One finished micro-batch of the streaming API.
 
     Rows ``>= valid`` are padding (the model always runs at the full micro-batch); their seed and condition id
-    are -1.
+    are -1 (a job's condition id may be -1 too: tell padding by ``valid``).
 
     Attributes:
         images_unit: ``[B, C, H, W]`` float32 in [0, 1], on the model's device.
@@ -280,18 +399,46 @@ def _scheduler_noise(scheduler: Any, seeds: torch.Tensor, step: int) -> Iterator
             module.randn_tensor = original
 
 
-def _make_scheduler(template: Any, choice: str) -> Any:
-    import diffusers
-
+def _make_scheduler(template: Any, choice: str, num_inference_steps: int) -> Any:
+    """The scheduler template for ``SamplerConfig.scheduler`` built from the model's scheduler config, checked
+    by building it and setting its timesteps, so a scheduler the loop cannot run fails here, before any work.
+    """
     if choice == "config":
-        return type(template).from_config(template.config)
-    name = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(choice.lower(), choice)
-    cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_config"):
+        cls = type(template)
+        why = _unsupported_scheduler(cls)
+        if why is not None:
+            raise ValueError(
+                f"the model's scheduler {cls.__name__} (scheduler='config') is not supported by memcore's "
+                f"sampling loop: {why}; choose one with SamplerConfig(scheduler=...)"
+            )
+    else:
+        cls = scheduler_class(choice)
+    name = cls.__name__
+    try:
+        made = cls.from_config(template.config)
+    except Exception as exc:  # diffusers raises anything from TypeError to KeyError for a foreign config
         raise ValueError(
-            f"unknown scheduler {choice!r}: use 'ddim', 'ddpm', 'config' or a diffusers scheduler class"
+            f"cannot build {name} from the model's scheduler config ({type(exc).__name__}: {exc})"
+        ) from exc
+    try:
+        trial = cls.from_config(made.config)  # set_timesteps mutates: try it on a copy
+        trial.set_timesteps(num_inference_steps)
+    except Exception as exc:
+        hint = ""
+        if name == "PNDMScheduler" and not made.config.get("skip_prk_steps", False):
+            hint = (
+                f"; PNDMScheduler with skip_prk_steps=False starts with Runge-Kutta steps and needs "
+                f"num_inference_steps >= {made.pndm_order}"
+            )
+        raise ValueError(
+            f"{name} cannot set {num_inference_steps} inference steps ({type(exc).__name__}: {exc}){hint}"
+        ) from exc
+    if getattr(trial, "init_noise_sigma", None) is None or len(getattr(trial, "timesteps", ())) == 0:
+        raise ValueError(
+            f"{name} is not supported by memcore's sampling loop: after set_timesteps it has no "
+            "init_noise_sigma or no timesteps (flow-matching and other special-purpose schedulers)"
         )
-    return cls.from_config(template.config)
+    return made
 
 
 class Sampler:
@@ -313,7 +460,11 @@ class Sampler:
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> None:
-        self.config = config = config or SamplerConfig()
+        if config is None:
+            config = SamplerConfig()
+        elif not isinstance(config, SamplerConfig):
+            raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
+        self.config = config
         if device is None:
             if isinstance(model, LoadedModel):
                 device = model.device
@@ -349,7 +500,7 @@ class Sampler:
             self.cfg_scale = gs if gs > 1.0 else None
 
         # Scheduler and step path.
-        self.scheduler_template = _make_scheduler(lm.scheduler, config.scheduler)
+        self.scheduler_template = _make_scheduler(lm.scheduler, config.scheduler, config.num_inference_steps)
         sched = self._fresh_scheduler()
         self.timesteps = sched.timesteps.clone()  # CPU, as DDIMPipeline keeps them
         self.init_noise_sigma = sched.init_noise_sigma
@@ -520,12 +671,12 @@ class Sampler:
             what = f"a class id in [0, {self.model.num_classes})" if kind == "class_unet" else "a prompt"
             raise TypeError(f"a {_KIND_NAMES[kind]} model needs a condition per seed ({what}), got None")
         if kind == "class_unet":
-            if isinstance(condition, torch.Tensor) and condition.numel() == 1:
-                condition = int(condition)
-            if isinstance(condition, bool) or not isinstance(condition, int):
+            try:  # numpy integers and one-element integer tensors are class ids too; floats are not truncated
+                condition = _index("class id", condition)
+            except TypeError:
                 raise TypeError(
-                    f"a class-conditional model takes int class ids, got {type(condition).__name__}"
-                )
+                    f"a class-conditional model takes int class ids, got {type(condition).__name__} {condition!r}"
+                ) from None
             if not 0 <= condition < self.model.num_classes:
                 raise ValueError(f"class id {condition} outside [0, {self.model.num_classes})")
             return condition
@@ -734,10 +885,11 @@ class Sampler:
             ``[C, H, W]`` float32 in [0, 1] on the device.
         """
         bs = self.config.batch_size
-        if not 0 <= int(slot) < bs:
+        slot = _index("slot", slot)
+        if not 0 <= slot < bs:
             raise ValueError(f"slot must be in [0, {bs}), got {slot}")
         seeds = check_seeds([seed] * bs)
-        return self._run_padded(seeds, [self.check_condition(condition)] * bs)[int(slot)]
+        return self._run_padded(seeds, [self.check_condition(condition)] * bs)[slot]
 
     def sample(self, seeds: Sequence[int], conditions: Sequence[Any] | None = None) -> torch.Tensor:
         """All candidates, micro-batch by micro-batch: ``[len(seeds), C, H, W]`` uint8 on the device."""
@@ -763,7 +915,12 @@ class Sampler:
         for job in jobs:
             if not isinstance(job, tuple) or len(job) != 3:
                 raise TypeError(f"a job is (condition_id, condition, seed), got {job!r}")
-            pending.append(job)
+            cid = _index("a job's condition_id", job[0])
+            # SampleBatch.condition_ids is int64. Its padding rows hold -1 too, but they are the rows past
+            # `valid`: a job may use -1 (memcore's extraction marks its NN-only candidates so)
+            if not -(2**63) <= cid < 2**63:
+                raise ValueError(f"a job's condition_id must be a 64-bit integer, got {cid}")
+            pending.append((cid, job[1], job[2]))
             if len(pending) == bs:
                 yield self._finish(pending)
                 pending = []
@@ -773,7 +930,7 @@ class Sampler:
     def _finish(self, jobs: list[tuple[int, Any, int]]) -> SampleBatch:
         n = len(jobs)
         bs = self.config.batch_size
-        cids = [int(j[0]) for j in jobs]
+        cids = [j[0] for j in jobs]  # checked ints (stream)
         conds = [self.check_condition(j[1]) for j in jobs]
         seeds = check_seeds([j[2] for j in jobs])
         unit = self._run_padded(seeds, conds)  # padding rows hold copies of row 0's image

@@ -33,6 +33,7 @@ has no unsigned 64-bit multiply on every device).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -144,12 +145,52 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
+def _is_integer_tensor(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _host_checkable(t: torch.Tensor) -> bool:
+    """Whether a value check on ``t`` is free: its data is in host memory and nothing is being traced.
+
+    Reading a CUDA tensor's values waits for the device (and is illegal under CUDA graph capture), and a
+    data-dependent branch breaks a ``torch.compile`` graph; those tensors get only their dtype and shape checked.
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _seed_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(seeds, torch.Tensor):
-        if seeds.dtype != torch.int64 or seeds.dim() != 1:
-            raise TypeError("seeds tensor must be 1-D int64")
-        return seeds.to(device)
+        if not _is_integer_tensor(seeds) or seeds.dim() != 1:
+            raise TypeError(f"seeds tensor must be a 1-D integer tensor, got {seeds.dtype} {seeds.dim()}-D")
+        # a negative seed would give a negative Philox key and NaN noise (log of a negative "uniform")
+        if _host_checkable(seeds) and seeds.numel() and int(seeds.min()) < 0:
+            raise ValueError(f"seeds must be in [0, 2**63), got {int(seeds.min())}")
+        return seeds.to(device=device, dtype=torch.int64)
     return torch.tensor(check_seeds(seeds), dtype=torch.int64, device=device)
+
+
+def _index(name: str, v: object) -> int:
+    """``v`` as an int (Python or numpy integer); floats are refused rather than truncated, bools as a slip."""
+    if isinstance(v, (bool, torch.Tensor)) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    return operator.index(v)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
+    out = []
+    for d in shape:
+        if isinstance(d, bool):
+            raise TypeError(f"shape must hold ints, got {shape!r}")
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise TypeError(f"shape must hold ints, got {shape!r}") from None
+        if d < 0:
+            raise ValueError(f"shape must hold sizes >= 0, got {tuple(shape)}")
+        out.append(d)
+    return tuple(out)
 
 
 def step_noise(
@@ -167,28 +208,48 @@ def step_noise(
     No host synchronisation and no generator state, so it can be captured in a CUDA graph; ``step`` may be a
     0-d int64 device tensor for a graph that reads the step index from memory.
 
+    Python ints are range-checked. Tensor arguments have their dtype and shape checked always, their values only
+    when they live on the CPU outside ``torch.compile`` tracing: checking a device tensor's values would
+    synchronise the host with the device (and cannot run under CUDA graph capture), so for device tensors the
+    ranges below are the caller's responsibility (the engine's step tensors hold ``0..S-1`` and its seeds went
+    through ``check_seeds``); values outside them give meaningless noise (NaN for a negative seed or step).
+
     Args:
-        seeds: ``[B]`` seeds (ints in [0, 2**63) or a 1-D int64 tensor).
-        step: the sampler step index (>= 0, < 2**32).
-        shape: one candidate's shape ``[C, H, W]`` (any shape).
+        seeds: ``[B]`` seeds (ints in [0, 2**63) or a 1-D integer tensor).
+        step: the sampler step index in [0, 2**32): an int or a one-element integer tensor.
+        shape: one candidate's shape ``[C, H, W]`` (any shape; sizes >= 0).
         device: output device (default: the seeds tensor's device, else CPU).
-        dtype: output floating dtype; the normals are computed in float32 and cast once.
-        stream: independent sub-stream within one step (>= 0, < 2**32).
+        dtype: output floating ``torch.dtype``; the normals are computed in float32 and cast once.
+        stream: independent sub-stream within one step, an int in [0, 2**32).
 
     Returns:
         ``[B, *shape]`` noise.
+
+    Raises:
+        TypeError: a non-integer seed, step or stream (floats are not truncated), a non-floating dtype, a shape
+            that is not a sequence of ints.
+        ValueError: a seed, step or stream out of range, a negative size in ``shape``.
     """
     if device is None:
         device = seeds.device if isinstance(seeds, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    if not dtype.is_floating_point:
-        raise TypeError(f"step noise dtype must be floating, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"step noise dtype must be a floating torch.dtype, got {dtype!r}")
+    stream = _index("stream", stream)
     if not 0 <= stream <= _M32:
         raise ValueError(f"stream {stream} must be in [0, 2**32)")
+    shape = _check_shape(shape)
     if isinstance(step, torch.Tensor):
+        if not _is_integer_tensor(step) or step.numel() != 1:
+            raise TypeError(
+                f"a step tensor must hold one integer, got {step.dtype} of shape {list(step.shape)}"
+            )
+        if _host_checkable(step) and not 0 <= int(step) <= _M32:
+            raise ValueError(f"step must be in [0, 2**32), got {int(step)}")
         c1 = step.to(device=device, dtype=torch.int64).reshape(())
     else:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _M32:
+        step = _index("step", step)
+        if not 0 <= step <= _M32:
             raise ValueError(f"step must be an int in [0, 2**32), got {step!r}")
         # torch.full is a fill kernel, torch.tensor a host->device copy: only the former is CUDA-graph safe.
         c1 = torch.full((), step, dtype=torch.int64, device=device)
