@@ -122,3 +122,19 @@ def test_the_digest_does_not_depend_on_the_device():
     on_cpu = F.weights_sha256({"unet": a})
     b = copy.deepcopy(a).to("cuda").to(memory_format=torch.channels_last)
     assert F.weights_sha256({"unet": b}) == on_cpu
+
+
+def test_a_single_module_or_a_loaded_model():
+    lin = torch.nn.Linear(3, 2)
+    # a bare module is the denoiser: the digest an extraction of a pixel UNet records
+    assert F.weights_sha256(lin) == F.weights_sha256({"unet": lin})
+    a = _unet(seed=2)
+    lm = load_model(a)
+    assert F.weights_sha256(lm) == F.weights_sha256({"unet": a, "text_encoder": None, "vae": None})
+    assert F.weights_sha256(lm) == F.weights_sha256(a)
+    with pytest.raises(
+        TypeError, match=r"takes a mapping of component name -> torch.nn.Module, a LoadedModel"
+    ):
+        F.weights_sha256([lin])
+    with pytest.raises(TypeError, match="component names must be str"):
+        F.weights_sha256({0: lin})

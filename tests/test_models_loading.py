@@ -133,3 +133,30 @@ def test_bad_arguments(unet_dir):
         load_model(object())
     with pytest.raises(ValueError, match=r"\.safetensors"):
         load_model(unet_dir / "config.json")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"block_out_channels": [8, 32]}, {"num_class_embeds": 5}, {"layers_per_block": 2}],
+    ids=["other-shapes", "missing-keys", "other-layers"],
+)
+def test_config_that_does_not_match_the_weights(tmp_path, unet_dir, change):
+    # used to be a raw RuntimeError (size mismatch) or, for keys the weights lack, uninitialised weights
+    cfg = json.loads((unet_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes((unet_dir / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"do not match .*config\.json"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=r"safetensors does not match .*config\.json"):
+        load_model(weights)
+
+
+def test_scheduler_argument_must_be_a_scheduler(unet_dir):
+    from diffusers import DDIMScheduler
+
+    with pytest.raises(TypeError, match=r"diffusers scheduler instance .* got str 'ddim'.*SamplerConfig"):
+        load_model(unet_dir, scheduler="ddim")
+    with pytest.raises(TypeError, match="got type"):  # the class, not an instance
+        load_model(_tiny_unet(), scheduler=DDIMScheduler)
+    assert type(load_model(unet_dir, scheduler=DDIMScheduler()).scheduler).__name__ == "DDIMScheduler"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -76,19 +77,39 @@ def _module_sha256(module: torch.nn.Module) -> str:
     return digest
 
 
-def weights_sha256(modules: Mapping[str, torch.nn.Module | None]) -> str:
+def weights_sha256(modules: Mapping[str, torch.nn.Module | None] | torch.nn.Module | Any) -> str:
     """sha256 over the weights of named modules (e.g. ``unet``, ``text_encoder``, ``vae``).
 
     Args:
-        modules: component name -> module; None entries (a pixel model has no VAE) are skipped. The names are
-            part of the digest, the order of the mapping is not.
+        modules: one of
+            - a mapping component name -> module; None entries (a pixel model has no VAE) are skipped. The names
+              are part of the digest, the order of the mapping is not;
+            - a ``LoadedModel``: its ``unet``, ``text_encoder`` and ``vae``, the digest an extraction of it
+              records as ``model_sha256``;
+            - a single ``torch.nn.Module``, taken as the denoiser: the digest of ``{"unet": module}``, which is
+              what an extraction of a pixel UNet records.
 
     Returns:
         64 hex digits. Each module's digest is cached while its tensors are unchanged (see ``_state_key``).
 
     Raises:
-        TypeError: an entry that is not a ``torch.nn.Module``.
+        TypeError: anything else, or a mapping entry that is not a ``torch.nn.Module``.
     """
+    # imported here: memcore.models imports this module before loading.py
+    from memcore.models.loading import LoadedModel
+
+    if isinstance(modules, LoadedModel):
+        modules = {"unet": modules.unet, "text_encoder": modules.text_encoder, "vae": modules.vae}
+    elif isinstance(modules, torch.nn.Module):
+        modules = {"unet": modules}
+    elif not isinstance(modules, Mapping):
+        raise TypeError(
+            "weights_sha256 takes a mapping of component name -> torch.nn.Module, a LoadedModel or a single "
+            f"torch.nn.Module, got {type(modules).__name__}"
+        )
+    bad = [n for n in modules if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"component names must be str, got {type(bad[0]).__name__} {bad[0]!r}")
     h = hashlib.sha256()
     for name in sorted(modules):
         m = modules[name]

@@ -138,6 +138,39 @@ def _check_weights_dir(d: Path, what: str) -> None:
 _DIFFUSERS_KW: dict[str, Any] = {"local_files_only": True, "low_cpu_mem_usage": False}
 
 
+def _from_pretrained(cls: Any, root: Path, what: str, **kw: Any) -> Any:
+    """``cls.from_pretrained(root, **kw)``, local files only, refusing weights that do not fit the config.
+
+    diffusers raises a bare ``RuntimeError`` for a weight whose shape differs from the config's, and only logs a
+    warning for weights the config expects but the file lacks (leaving them uninitialised memory) or the file
+    has but the config does not use: all three mean ``config.json`` describes another model, a ``ValueError``
+    naming the files here (as for a ``.safetensors`` file with a ``config.json`` beside it).
+    """
+    sub = kw.get("subfolder")
+    d = root / sub if sub else root
+    try:
+        model, info = cls.from_pretrained(str(root), **_DIFFUSERS_KW, output_loading_info=True, **kw)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc) and "Error(s) in loading state_dict" not in str(exc):
+            raise
+        raise ValueError(
+            f"{what}: the weights in {d} do not match {d / 'config.json'}: {_first_lines(str(exc))}"
+        ) from None
+    missing, unexpected = list(info.get("missing_keys", ())), list(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: the weights in {d} do not match {d / 'config.json'}: {len(missing)} missing keys (e.g. "
+            f"{sorted(missing)[:3]}), {len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:3]})"
+        )
+    return model
+
+
+def _first_lines(msg: str, n: int = 3) -> str:
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    more = f" ... ({len(lines) - n} more lines)" if len(lines) > n else ""
+    return " ".join(lines[:n]) + more
+
+
 def _diffusers_cls(name: str) -> Any:
     import diffusers
 
@@ -249,7 +282,7 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
         raise ValueError(f"{root}/model_index.json names no 'unet' component; memcore samples UNet pipelines")
     unet_cls = _diffusers_cls(index["unet"][1])
     _check_weights_dir(root / "unet", "unet")
-    unet = unet_cls.from_pretrained(str(root), subfolder="unet", **_DIFFUSERS_KW, torch_dtype=dtype)
+    unet = _from_pretrained(unet_cls, root, "unet", subfolder="unet", torch_dtype=dtype)
     unet = _finish_unet(unet, device, dtype)
     scheduler = None
     if "scheduler" in index and (root / "scheduler").is_dir():
@@ -259,8 +292,8 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
     extra: dict[str, Any] = {}
     if index.get("vae") and index["vae"][0] is not None:
         _check_weights_dir(root / "vae", "vae")
-        vae = _diffusers_cls(index["vae"][1]).from_pretrained(
-            str(root), subfolder="vae", **_DIFFUSERS_KW, torch_dtype=dtype
+        vae = _from_pretrained(
+            _diffusers_cls(index["vae"][1]), root, "vae", subfolder="vae", torch_dtype=dtype
         )
         extra["vae"] = _finish_unet(vae, device, dtype)
     if index.get("text_encoder") and index["text_encoder"][0] is not None:
@@ -269,7 +302,15 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
         _check_weights_dir(root / "text_encoder", "text_encoder")
         te_cls = getattr(transformers, index["text_encoder"][1])
         kw = {"dtype": dtype} if dtype is not None else {}
-        te = te_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True, **kw)
+        try:
+            te = te_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True, **kw)
+        except RuntimeError as exc:  # transformers' state-dict size mismatch
+            if "size mismatch" not in str(exc):
+                raise
+            d = root / "text_encoder"
+            raise ValueError(
+                f"text_encoder: the weights in {d} do not match {d / 'config.json'}: {_first_lines(str(exc))}"
+            ) from None
         extra["text_encoder"] = _finish_unet(te, device, dtype)
     if index.get("tokenizer") and index["tokenizer"][0] is not None:
         import transformers
@@ -286,7 +327,7 @@ def _load_unet_dir(d: Path, device: torch.device, dtype: torch.dtype | None) -> 
     _check_weights_dir(d, "model")
     cfg = _read_json(d / "config.json")
     cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"))
-    unet = cls.from_pretrained(str(d), **_DIFFUSERS_KW, torch_dtype=dtype)
+    unet = _from_pretrained(cls, d, "model", torch_dtype=dtype)
     unet = _finish_unet(unet, device, dtype)
     scheduler = _load_scheduler_from(d) or _default_scheduler()
     return _describe_unet(unet, scheduler, device, str(d))
@@ -303,7 +344,10 @@ def _load_safetensors_file(f: Path, device: torch.device, dtype: torch.dtype | N
     cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"))
     unet = cls.from_config(cfg)
     state = load_file(str(f))
-    missing, unexpected = unet.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a weight whose shape differs from the config's (strict=False still raises)
+        raise ValueError(f"{f} does not match {cfg_path}: {_first_lines(str(exc))}") from None
     if missing or unexpected:
         raise ValueError(
             f"{f} does not match {cfg_path}: {len(missing)} missing keys (e.g. {missing[:3]}), "
@@ -355,15 +399,29 @@ def load_model(
             when device and dtype agree), or a loaded ``UNet2DModel`` / diffusers pipeline.
         device: where to put the modules.
         dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"); None keeps the stored dtype.
-        scheduler: a diffusers scheduler instance overriding the stored one.
+        scheduler: a diffusers scheduler instance (``SchedulerMixin``) overriding the stored one; None keeps
+            the stored one. Names such as ``"ddim"`` are not taken here (``SamplerConfig(scheduler=...)`` takes
+            them).
 
     Returns:
         A frozen ``LoadedModel``.
 
     Raises:
-        ValueError: a hub id that is not a local path, a corrupt safetensors file, an unsupported model.
+        ValueError: a hub id that is not a local path, a corrupt safetensors file, weights that do not match
+            their ``config.json`` (other shapes, missing or extra keys), an unsupported model.
         FileNotFoundError: a missing path, config or weights file.
+        TypeError: a ``scheduler`` that is not a diffusers scheduler instance, a non-floating ``dtype``.
     """
+    if scheduler is not None:
+        from diffusers import SchedulerMixin
+
+        if not isinstance(scheduler, SchedulerMixin):
+            # a name such as "ddim" is SamplerConfig(scheduler=...)'s job: here the object itself is used
+            raise TypeError(
+                "scheduler must be a diffusers scheduler instance (e.g. DDIMScheduler.from_config(...)) or None, "
+                f"got {type(scheduler).__name__} {scheduler!r}; to choose a sampler by name use "
+                "SamplerConfig(scheduler=...)"
+            )
     device = resolve_device(device)
     if isinstance(dtype, str) and dtype in ("float32", "float16", "bfloat16", "float64"):
         dtype = getattr(torch, dtype)  # the names ExtractConfig and the CLI use
