@@ -232,20 +232,27 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise _CliError(f"--{name} {v}: no such file or directory")
 
 
+def _check_out(out: str) -> None:
+    from memcore.io.results import check_out_dir
+
+    check_out_dir(out)
+
+
 # ------------------------------------------------------------------------------------------------- extract
 def _cmd_extract(args: argparse.Namespace) -> int:
     from memcore.attacks import carlini
     from memcore.io.results import parse_shard, shard_from_env
 
     _check_paths(args)
+    _check_out(args.out)
     config = _config_from(args)
     conditions = _conditions_from(args)
     device = _device_from(args)
-    if args.dry_run:
-        return _dry_run(args, config, conditions, device)
     shard = shard_from_env()
     if args.shard:
         shard = parse_shard(args.shard).combine(shard)
+    if args.dry_run:
+        return _dry_run(args, config, conditions, device)
     t0 = time.perf_counter()
     res = carlini.extract(
         args.model,
@@ -281,7 +288,13 @@ def _dry_run(args, config, conditions, device) -> int:
 
     dev = resolve_device(device)
     m = carlini._load_model(args.model, config, dev)
-    conds = carlini._conditions_for(m, conditions)
+    conds = carlini._conditions_for(m, carlini._conditions_arg(conditions))
+    # what the run would refuse at once, refused here too (the training data is not read: it may be large)
+    _c, h, w = m.image_shape
+    if h % config.grid[0] or w % config.grid[1]:
+        raise _CliError(
+            f"grid {config.grid[0]}x{config.grid[1]} does not divide the model's image size {h}x{w}"
+        )
     flops = unet_flops(m.handle)
     extra = 0
     if m.kind == "unet" and args.train:
@@ -305,6 +318,7 @@ def _dry_run(args, config, conditions, device) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memcore.attacks.demo import run_demo
 
+    _check_out(args.out)
     rep = run_demo(
         args.out,
         num_per_condition=args.num_per_condition,
@@ -323,6 +337,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from memcore.attacks.profile import run_profile
 
     _check_paths(args)
+    _check_out(args.out)  # before the calibration, not after it
     config = _config_from(args)
     conditions = _conditions_from(args)
     prof = run_profile(
@@ -495,6 +510,23 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 _python_format_warning = warnings.formatwarning
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {os.fsdecode(exc.filename)}"  # without the "[Errno 13]" prefix
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: MemoryError, torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
@@ -512,19 +544,22 @@ def _main(argv: Sequence[str] | None) -> int:
         run = lambda: args.fn(args)  # noqa: E731
     try:
         return int(run() or 0)
-    except (
-        _CliError,
-        ValueError,
-        TypeError,
-        FileNotFoundError,
-        NotADirectoryError,
-        UnicodeDecodeError,
-    ) as exc:
+    except (_CliError, ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
+        # OSError: a path the user gave that cannot be read or written (permissions, a file where a
+        # directory is needed, ...): one line naming it, like every other bad input
         if os.environ.get("MEMCORE_DEBUG"):  # full traceback for developers
             raise
-        msg = " ".join(str(exc).split())  # one line
-        print(f"memcore: error: {msg}", file=sys.stderr)
+        print(f"memcore: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as exc:
+        if os.environ.get("MEMCORE_DEBUG") or not _is_out_of_memory(exc):
+            raise
+        print(
+            f"memcore: error: out of memory ({_one_line(exc)[:200]}); lower --num-per-condition, "
+            "--batch-size or --slots, or use a machine with more memory (MEMCORE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "memcore: interrupted; finished conditions are saved, re-run the same command to resume",

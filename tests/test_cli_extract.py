@@ -116,6 +116,44 @@ def test_dry_run_prints_cost_and_writes_nothing(model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "candidates            36" in text and "UNet FLOPs / forward" in text and "100 images/s" in text
     assert not out.exists()
+    # what the run would refuse at once, the dry run refuses too
+    for extra, match in (
+        (["--grid", "3x3"], "grid 3x3 does not divide the model's image size 8x8"),
+        (["--shard", "5/2"], "shard index must be in [0, 2), got 5"),
+    ):
+        assert main(args(model_dir, out, "--dry-run", *extra)) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_output_folders_that_cannot_be_one_are_refused_before_any_work(model_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (args(model_dir, ""), "--out is empty"),  # it wrote into the working directory
+        (args(model_dir, afile), f"--out {afile} exists and is not a directory"),
+        (args(model_dir, afile / "sub"), f"--out {afile / 'sub'}: {afile} is a file, not a directory"),
+        (args(model_dir, afile / "sub", "--dry-run"), "is a file, not a directory"),
+        (["profile", "--model", str(model_dir), "--classes", "0", "--out", str(afile)], "is not a directory"),
+        (["demo", "--out", str(afile / "d")], "is a file, not a directory"),
+        (["train-demo", "--out", str(afile / "d")], "is a file, not a directory"),
+    ]
+    for argv, match in cases:
+        t0 = time.perf_counter()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert match in err and err.strip().count("\n") == 0, err
+        assert time.perf_counter() - t0 < 30  # refused up front, not after a calibration or training
+    assert afile.read_text() == "x"
+
+
+def test_os_errors_are_one_line(model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(args(model_dir, out)) == 0
+    (out / "results.jsonl").unlink()
+    (out / "results.jsonl").mkdir()  # a directory where the records file belongs
+    capsys.readouterr()
+    assert main(args(model_dir, out)) == 2
+    assert capsys.readouterr().err == f"memcore: error: Is a directory: {out / 'results.jsonl'}\n"
 
 
 def test_shard_and_merge(model_dir, tmp_path, capsys):
@@ -299,3 +337,20 @@ def test_train_demo_errors_are_one_line(tmp_path, capsys):
     assert main(["train-demo", "--out", str(out), "--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_out_of_memory_is_one_line_and_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    from memcore.attacks import carlini
+
+    def alloc(*a, **k):  # what -n 3000000 gave: its N x N graph wants 1.1 TB
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(carlini, "_Slot", alloc)
+    out = tmp_path / "o"
+    assert main(args(model_dir, out)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("memcore: error: out of memory (") and "lower --num-per-condition" in err
+    assert err.count("\n") == 1 and not out.exists()  # a corrected command is not refused by a leftover
+    monkeypatch.setattr(carlini, "_Slot", lambda *a, **k: 1 / 0)  # any other error keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        main(args(model_dir, out))

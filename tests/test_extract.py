@@ -316,6 +316,12 @@ def test_config_checks():
         carlini.ExtractConfig(grid=4)
     with pytest.raises(TypeError, match="sync_timing must be a bool"):
         carlini.ExtractConfig(sync_timing="no")
+    with pytest.raises(ValueError, match=r"delta must be in \[0, 1\] \(distances are on the \[0, 1\] pixel"):
+        carlini.ExtractConfig(delta=2)  # marked every condition extracted
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        carlini.ExtractConfig(alpha=5)  # connected every pair
+    with pytest.raises(ValueError, match=r"nn_candidates \(2\) must be >= num_per_condition \(4\)"):
+        carlini.ExtractConfig(num_per_condition=4, nn_candidates=2)
     c = carlini.ExtractConfig(num_per_condition=10, seed=5)
     assert c.seed_of(2, 3) == 28 and c.micro_batch == 10
 
@@ -356,6 +362,11 @@ def test_bad_inputs_write_nothing(class_model, tmp_path):
     with pytest.raises(ValueError, match=r"seeds go up to 9223372036854775826 .* beyond the largest seed"):
         carlini.extract(class_model, [0, 1], config=cfg(seed=2**63 - 1 - 4), out=out, device="cpu")
     assert not out.exists()
+
+
+def test_a_run_that_cannot_flag_says_so(class_model):
+    with pytest.warns(UserWarning, match=r"min_clique \(13\) exceeds num_per_condition \(12\): no condition"):
+        carlini.extract(class_model, [0], config=cfg(min_clique=13), device="cpu")
 
 
 def test_class_ids_may_be_numpy_or_tensor_integers(class_model):
@@ -671,3 +682,30 @@ def test_opened_training_set_stands_for_its_file(class_model, tmp_path):
         carlini.extract(class_model, [0], config=cfg(), train=small, device="cpu")
     with pytest.raises(TypeError, match="got ndarray"):
         carlini.extract(class_model, [0], config=cfg(), train=train.numpy(), device="cpu")
+
+
+def test_a_run_failing_before_its_first_record_leaves_no_directory(class_model, tmp_path, monkeypatch):
+    # e.g. -n too large for memory: refused after params.json was written, the directory then refused the
+    # corrected command as "started with different parameters"
+    def no_memory(*a, **k):
+        raise MemoryError("N x N graph")
+
+    real_slot = carlini._Slot
+    monkeypatch.setattr(carlini, "_Slot", no_memory)
+    out = tmp_path / "a" / "b"
+    with pytest.raises(MemoryError):
+        carlini.extract(class_model, [0, 1], config=cfg(), out=out, device="cpu")
+    assert not (tmp_path / "a").exists()
+    # a directory the user made, holding something else, keeps it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(MemoryError):
+        carlini.extract(class_model, [0, 1], config=cfg(), out=tmp_path / "mine", device="cpu")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt", "params.json"]
+    # the corrected command runs; a later failure (resume of a finished run) keeps every record
+    monkeypatch.setattr(carlini, "_Slot", real_slot)
+    first = carlini.extract(class_model, [0, 1], config=cfg(), out=out, device="cpu")
+    monkeypatch.setattr(carlini, "_Slot", no_memory)
+    with pytest.raises(MemoryError):
+        carlini.extract(class_model, [0, 1], config=cfg(), out=out, device="cpu")
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(first.conditions) == 2

@@ -292,3 +292,13 @@ def test_kill9_subprocess_loses_at_most_in_flight(tmp_path):
         for g in todo:
             rd.append({"condition_id": g, "pad": "x" * 5000})
     assert [r["condition_id"] for r in R.load_results(tmp_path)] == list(range(40))
+
+
+def test_atomic_writes_have_the_mode_a_plain_open_gives(tmp_path):
+    # mkstemp's 0600 made summary.json and report.html unreadable to the other users of a shared filesystem
+    p = tmp_path / "summary.json"
+    R.atomic_write_json(p, {"a": 1})
+    assert p.stat().st_mode & 0o777 == 0o666 & ~R._UMASK
+    os.chmod(p, 0o640)  # a rewrite keeps the mode the file has
+    R.atomic_write_json(p, {"a": 2})
+    assert p.stat().st_mode & 0o777 == 0o640 and json.loads(p.read_text()) == {"a": 2}

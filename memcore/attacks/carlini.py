@@ -50,6 +50,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -93,8 +94,9 @@ class ExtractConfig:
         delta: verification threshold on normalized L2 to the nearest training image.
         nn_k: neighbours of the unconditional NN test (SPEC §3, 50).
         nn_alpha: alpha of the NN ratio test (SPEC §3, 0.5).
-        nn_candidates: candidates of the NN extraction (None = ``num_per_condition``); the first
-            ``num_per_condition`` of them are also the generate-and-filter candidates.
+        nn_candidates: candidates of the NN extraction (None = ``num_per_condition``; at least
+            ``num_per_condition``): the first ``num_per_condition`` of them are also the generate-and-filter
+            candidates.
         seed: base seed.
         batch_size: micro-batch the model runs at (padded); None = min(N, 64). Part of an image's identity.
         sampler: "memcore" (the sampling engine) or "reference" (a plain diffusers loop; the oracle path).
@@ -180,6 +182,16 @@ class ExtractConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.nn_alpha == 0:
             raise ValueError("nn_alpha must be > 0")
+        for name in ("alpha", "delta"):  # tiled and plain L2 of [0, 1] images are at most 1
+            if getattr(self, name) > 1:
+                raise ValueError(
+                    f"{name} must be in [0, 1] (distances are on the [0, 1] pixel scale), got {getattr(self, name)}"
+                )
+        if self.nn_candidates is not None and self.nn_candidates < self.num_per_condition:
+            raise ValueError(
+                f"nn_candidates ({self.nn_candidates}) must be >= num_per_condition ({self.num_per_condition}): "
+                "the NN extraction's candidates include the generate-and-filter ones"
+            )
         if self.eta > 1:  # the reference sampler's too (diffusers' DDIM step turns NaN beyond 1)
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if not isinstance(self.sync_timing, bool):
@@ -1052,8 +1064,44 @@ def iter_extract(
 
     Yields:
         ConditionResult, in order of completion (condition order for a single process).
+
+    A run that fails, is interrupted or is closed before it has written anything but the results directory's
+    ``params.json`` takes that back (see ``ResultsDir.abandon``): a refused command leaves no directory that
+    would then refuse the corrected one.
     """
+    state = _state if _state is not None else {}
+    try:
+        yield from _extraction(
+            model, conditions, config=config, train=train, out=out, device=device, shard=shard,
+            progress=progress, state=state,
+        )  # fmt: skip
+    except BaseException:
+        rd = state.get("results_dir")
+        if rd is not None:
+            rd.abandon()
+        raise
+
+
+def _extraction(
+    model: Any,
+    conditions: Sequence[Any] | None,
+    *,
+    config: ExtractConfig | None,
+    train: PreparedTrainingSet | torch.Tensor | str | os.PathLike | None,
+    out: str | os.PathLike | None,
+    device: torch.device | str | None,
+    shard: _results.ShardSpec | None,
+    progress: bool,
+    state: dict,
+) -> Iterator[ConditionResult]:
+    """The body of :func:`iter_extract` (which see); ``state`` collects what :func:`extract` reports."""
     config = config or ExtractConfig()
+    if config.min_clique > config.num_per_condition:  # legal (a quick try-out), but say what it means
+        warnings.warn(
+            f"min_clique ({config.min_clique}) exceeds num_per_condition ({config.num_per_condition}): no "
+            "condition can be flagged",
+            stacklevel=3,
+        )
     given = _as_sampler(model)
     prepared = train if isinstance(train, PreparedTrainingSet) else None
     if device is None:
@@ -1068,7 +1116,6 @@ def iter_extract(
         if not ok:  # before anything is loaded or written (the distance ops would say it only mid-run)
             raise ValueError(why)
     conditions = _conditions_arg(conditions)  # before the model is loaded: a type error costs nothing
-    state = _state if _state is not None else {}
     timer = _Timer(device, config.sync_timing)
     t_start = time.perf_counter()
     with timer.span("load"):

@@ -95,7 +95,8 @@ def run_demo(
         raise NotADirectoryError(f"{out} exists and is not a directory")
     # None means the demo's own value; anything else (0 too) goes to ExtractConfig, which refuses bad values
     n = DEMO_N if num_per_condition is None else num_per_condition
-    nn_n = DEMO_NN if nn_candidates is None else nn_candidates
+    # the NN extraction's candidates include the generate-and-filter ones: at least n of them
+    nn_n = max(DEMO_NN, n) if nn_candidates is None else nn_candidates
     steps = DEMO_STEPS if steps is None else steps
     ts = demo_training_set("cond")
     train = ts.images  # the 1,797 unique digits: indices refer to them

@@ -64,6 +64,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -161,12 +162,46 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be one, before any work is done.
+
+    Raises:
+        ValueError: an empty path (it would write into the working directory), an existing file, a path under
+            a file, or a place this user cannot write to (each named with ``flag``).
+    """
+    text = os.fspath(out)
+    if not str(text).strip():
+        raise ValueError(f"{flag} is empty; give a folder for the results")
+    p = Path(out).absolute()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {text} exists and is not a directory")
+    base = next(a for a in (p, *p.parents) if a.exists())
+    if not base.is_dir():
+        raise ValueError(f"{flag} {text}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {text}: {base} is not writable by this user")
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it (done once, at import)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a half file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600: replaced into place as is, the summary and report of a run on a shared
+        # filesystem were unreadable to the other users (and ranks) that results.jsonl is readable to. The
+        # mode a plain open() would give: the file's current one, or 0666 less the umask.
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -449,6 +484,9 @@ class ResultsDir:
         self.shard = shard or ShardSpec()
         self.params = _jsonable(dict(params))
         self.fingerprint = fingerprint(self.params)
+        # what opening creates, so that a run failing before its first record can take it back (abandon)
+        self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self._wrote_params = False
         self.path.mkdir(parents=True, exist_ok=True)
         self._check_or_write_params(added, located)
         done = self.completed_ids()  # checks the part files gathered here, too
@@ -498,6 +536,27 @@ class ResultsDir:
         atomic_write_json(
             pfile, {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
         )
+        self._wrote_params = True
+
+    def abandon(self) -> None:
+        """Take back what opening wrote, when the run failed before writing anything else.
+
+        A run refused after the directory was opened (out of memory for the requested N, a model the sampler
+        cannot run, an interrupt) would otherwise leave a params.json that then refuses the corrected
+        command as "started with different parameters". Only a directory holding nothing but the params.json
+        this process wrote is cleared (then the directories opening created, if empty); anything another
+        rank or an earlier run put there stays.
+        """
+        self.close()
+        if not self._wrote_params:
+            return
+        pfile = self.path / PARAMS_FILE
+        with contextlib.suppress(OSError):
+            if {p.name for p in self.path.iterdir()} == {PARAMS_FILE}:
+                pfile.unlink()
+                self._wrote_params = False
+                for d in self._created:  # deepest first; a directory someone else wrote into stays
+                    d.rmdir()
 
     def _write_part_params(self) -> None:
         """A part file's own copy of the parameters: gathered into another directory, it is checked there."""

@@ -450,6 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--validate", action="store_true", help="run validate_demo on the result and print it")
     args = ap.parse_args(argv)
+    from memcore.io.results import check_out_dir
+
+    check_out_dir(args.out)  # before training, not after it
     variants = VARIANTS if args.variant == "both" else (args.variant,)
     for v in variants:
         res = train_demo(
