@@ -202,9 +202,9 @@ def _config_from(args: argparse.Namespace, **over):
 def _conditions_from(args: argparse.Namespace) -> list | None:
     from memcore.io.prompts import load_conditions, parse_classes
 
-    if args.prompts:
+    if args.prompts is not None:
         return load_conditions(args.prompts, column=args.column)
-    if args.classes:
+    if args.classes is not None:  # "" too: parse_classes says the list is empty
         return parse_classes(args.classes)
     return None
 

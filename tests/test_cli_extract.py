@@ -311,6 +311,15 @@ def test_report_and_bench_commands(model_dir, tmp_path, capsys):
     assert "is a file, not a results directory" in capsys.readouterr().err
     assert main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+    # a corrupt JSON file is named (a bare decoding error named none)
+    (out / "summary.json").write_text("{bad")
+    assert main(["report", str(out)]) == 2
+    assert f"{out / 'summary.json'} is corrupt (Expecting property name" in capsys.readouterr().err
+    (out / "params.json").write_text("[]")
+    assert main(["merge", str(out)]) == 2
+    assert f"{out / 'params.json'} is corrupt (no params object)" in capsys.readouterr().err
+    assert main(args(model_dir, tmp_path / "e", "--classes", "")) == 2
+    assert "empty class list" in capsys.readouterr().err
 
 
 def test_non_utf8_prompts_and_corrupt_train(model_dir, tmp_path, capsys):

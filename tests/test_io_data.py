@@ -78,6 +78,14 @@ def test_folder_errors(tmp_path):
         open_training_set(d6)
 
 
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    # a header claiming more pixels than PIL's limit raised DecompressionBombError, which is not an OSError
+    d = _save_folder(tmp_path / "f", _imgs(n=2, c=3))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)  # so that these small images count as bombs
+    with pytest.raises(ValueError, match=r"cannot read image \(DecompressionBombError"):
+        open_training_set(d)
+
+
 def test_missing_and_unsupported(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_images(tmp_path / "nope.npy")

@@ -101,6 +101,11 @@ def test_csv(tmp_path):
     hdr.write_text("prompt\n")
     with pytest.raises(ValueError, match="no prompts"):
         load_conditions(hdr)
+    # an unbalanced quote swallowed the rows after it into one prompt
+    quote = tmp_path / "q.csv"
+    quote.write_text('prompt\n"a cat\nb dog\nc horse\n')
+    with pytest.raises(ValueError, match=r"ending at line 4 spans several lines \(an unbalanced quote\?\)"):
+        load_conditions(quote)
 
 
 def test_parse_classes():
@@ -128,5 +133,7 @@ def test_parse_classes():
     with pytest.raises(ValueError, match="more than 1,000,000 class ids"):
         parse_classes("0-3000000000")
     assert len(parse_classes("0-999999")) == 1_000_000
+    with pytest.raises(ValueError, match="is not a class id"):
+        parse_classes("\u0663")  # ARABIC-INDIC DIGIT THREE: \d matched it, int() read it as 3
     with pytest.raises(TypeError):
         parse_classes([1, 2])  # type: ignore[arg-type]

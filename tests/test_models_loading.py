@@ -152,6 +152,16 @@ def test_config_that_does_not_match_the_weights(tmp_path, unet_dir, change):
         load_model(weights)
 
 
+def test_config_json_must_be_an_object(tmp_path, unet_dir):
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (tmp_path / name).write_bytes((unet_dir / name).read_bytes())
+    (tmp_path / "config.json").write_text(
+        "[1]"
+    )  # raised AttributeError: 'list' object has no attribute 'get'
+    with pytest.raises(ValueError, match=r"config\.json holds a JSON list, not an object"):
+        load_model(tmp_path)
+
+
 def test_scheduler_argument_must_be_a_scheduler(unet_dir):
     from diffusers import DDIMScheduler
 

@@ -294,6 +294,12 @@ def test_kill9_subprocess_loses_at_most_in_flight(tmp_path):
     assert [r["condition_id"] for r in R.load_results(tmp_path)] == list(range(40))
 
 
+def test_local_rank_must_be_an_integer():
+    assert R.local_rank_from_env({"LOCAL_RANK": "3"}) == 3 and R.local_rank_from_env({}) is None
+    with pytest.raises(ValueError, match="LOCAL_RANK must be an integer, got 'x'"):
+        R.local_rank_from_env({"LOCAL_RANK": "x"})
+
+
 def test_atomic_writes_have_the_mode_a_plain_open_gives(tmp_path):
     # mkstemp's 0600 made summary.json and report.html unreadable to the other users of a shared filesystem
     p = tmp_path / "summary.json"

@@ -1649,7 +1649,7 @@ def summarize_dir(out: str | os.PathLike, *, merge: bool = True, report: bool = 
     results = [ConditionResult.from_record(r) for r in records]
     old = {}
     if (out / "summary.json").exists():
-        old = json.loads((out / "summary.json").read_text("utf-8"))
+        old = _results.read_json_file(out / "summary.json")
     nn = _read_nn(out)
     cfg_fields = {f.name for f in dataclasses.fields(ExtractConfig)}
     kw = {k: v for k, v in params.items() if k in cfg_fields}
@@ -1681,4 +1681,4 @@ def _read_nn(out: Path) -> NNExtraction | None:
     f = out / "nn_extraction.json"
     if not f.exists():
         return None
-    return NNExtraction.from_dict(json.loads(f.read_text("utf-8")))
+    return NNExtraction.from_dict(_results.read_json_file(f))

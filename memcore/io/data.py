@@ -187,7 +187,14 @@ def _open_folder(p: Path) -> TrainingSet:
                 size, mode = im.size, im.mode
                 # verify() reads the whole file (checksums for PNG), so truncated files fail now, not midway.
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (
+            UnidentifiedImageError,
+            OSError,
+            SyntaxError,
+            ValueError,
+            Image.DecompressionBombError,
+        ) as exc:
+            # DecompressionBombError: a header claiming more pixels than PIL's safety limit (not an OSError)
             raise ValueError(f"{f}: cannot read image ({type(exc).__name__}: {exc})") from None
         if mode not in _MODE_CHANNELS:
             raise ValueError(

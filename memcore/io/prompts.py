@@ -81,7 +81,7 @@ def parse_classes(spec: str, *, num_classes: int | None = None) -> list[int]:
     out: list[int] = []
     for part in spec.split(","):
         item = part.strip()
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        m = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", item)  # ASCII digits: not "٣"
         if m is None:
             raise ValueError(f"bad class list {spec!r}: {item!r} is not a class id or a range a-b")
         lo = int(m.group(1))
@@ -180,6 +180,13 @@ def _read_csv(p: Path, text: str, column: str | None) -> list[str]:
                     f"{p}: line {reader.line_num} has {len(row)} fields but the header has {len(header)}"
                 )
             value = row[idx].strip()
+            if "\n" in value or "\r" in value:
+                # legal CSV, but in a prompt file it is nearly always an unbalanced quote that swallowed the
+                # rows after it into one prompt
+                raise ValueError(
+                    f"{p}: the prompt ending at line {reader.line_num} spans several lines (an unbalanced "
+                    'quote?); write one prompt per row, "" for a quote inside a quoted field'
+                )
             if value:
                 prompts.append(value)
     except csv.Error as exc:

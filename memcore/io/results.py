@@ -149,7 +149,12 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> ShardSpec:
 def local_rank_from_env(env: Mapping[str, str] | None = None) -> int | None:
     env = os.environ if env is None else env
     v = env.get("LOCAL_RANK")
-    return int(v) if v is not None and v != "" else None
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK must be an integer, got {v!r}") from None
 
 
 # ------------------------------------------------------------------------------------------------ atomic files
@@ -716,8 +721,19 @@ def _collect(path: Path) -> dict[int, dict[str, Any]]:
     return seen
 
 
+def read_json_file(path: str | os.PathLike) -> Any:
+    """A results directory's JSON file, or a ValueError naming it (a bare decoding error named no file)."""
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is corrupt ({exc}); restore it or remove it") from None
+
+
 def load_params(path: str | os.PathLike) -> dict[str, Any]:
     pfile = Path(path) / PARAMS_FILE
     if not pfile.exists():
         raise ValueError(f"{path} is not a memcore results directory (no {PARAMS_FILE})")
-    return json.loads(pfile.read_text("utf-8"))["params"]
+    stored = read_json_file(pfile)
+    if not isinstance(stored, dict) or not isinstance(stored.get("params"), dict):
+        raise ValueError(f"{pfile} is corrupt (no params object); restore it or remove it")
+    return stored["params"]

@@ -20,10 +20,12 @@ a model directory or file; a bare UNet with none gets ``DDPMScheduler()`` defaul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +182,29 @@ def _diffusers_cls(name: str) -> Any:
     return cls
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers draws a "Loading weights" progress bar on stderr (even when it is not a terminal): the CLI's
+    output, errors included, is one line. Its own switch, restored afterwards."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        obj = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object of settings")
+    return obj
 
 
 def _load_scheduler_from(directory: Path) -> Any | None:
@@ -303,7 +323,8 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
         te_cls = getattr(transformers, index["text_encoder"][1])
         kw = {"dtype": dtype} if dtype is not None else {}
         try:
-            te = te_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True, **kw)
+            with _quiet_transformers():
+                te = te_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True, **kw)
         except RuntimeError as exc:  # transformers' state-dict size mismatch
             if "size mismatch" not in str(exc):
                 raise
@@ -319,7 +340,10 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
         if not tdir.is_dir():
             raise FileNotFoundError(f"tokenizer: directory {tdir} is missing")
         tok_cls = getattr(transformers, index["tokenizer"][1])
-        extra["tokenizer"] = tok_cls.from_pretrained(str(tdir), local_files_only=True)
+        try:
+            extra["tokenizer"] = tok_cls.from_pretrained(str(tdir), local_files_only=True)
+        except (ValueError, OSError) as exc:  # e.g. a bare JSON decoding error that names no file
+            raise ValueError(f"tokenizer: cannot load {tdir} ({type(exc).__name__}: {exc})") from None
     return _describe_unet(unet, scheduler, device, str(root), **extra)
 
 

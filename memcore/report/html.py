@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memcore.io.results import atomic_write_bytes, load_results
+from memcore.io.results import atomic_write_bytes, load_results, read_json_file
 from memcore.metrics.pr import PRCurve, pr_from_records, ranking_key
 
 _CSS = """
@@ -180,7 +180,7 @@ def write_report(
         records = load_results(out_dir)
     if summary is None:
         sp = out_dir / "summary.json"
-        summary = json.loads(sp.read_text("utf-8")) if sp.exists() else {}
+        summary = read_json_file(sp) if sp.exists() else {}
     path = out_dir / "report.html"
     atomic_write_bytes(path, render_report(records, summary, out_dir).encode("utf-8"))
     return path
