@@ -164,7 +164,10 @@ def test_changed_parameters_are_refused(class_model, tmp_path):
     carlini.extract(class_model, [0], config=cfg(), out=tmp_path, device="cpu")
     with pytest.raises(ValueError, match=r"alpha: directory has 0.02, this run has 0.07"):
         carlini.extract(class_model, [0], config=cfg(alpha=0.07), out=tmp_path, device="cpu")
-    with pytest.raises(ValueError, match="conditions_sha256"):
+    with pytest.raises(
+        ValueError,
+        match=r"conditions_sha256 \(the conditions, prompts or class ids in their order\): directory has",
+    ):
         carlini.extract(class_model, [1], config=cfg(), out=tmp_path, device="cpu")
 
 
@@ -183,11 +186,13 @@ def test_other_weights_or_a_rewritten_training_file_are_refused(class_model, tmp
     # same architecture and in-memory description, other weights: the digest tells them apart
     other = tiny_unet(3, seed=1)
     assert carlini._identity(other) == carlini._identity(class_model) == params["model"]
-    with pytest.raises(ValueError, match=r"model_sha256: directory has \"[0-9a-f]+"):
+    with pytest.raises(ValueError, match=r"model_sha256 \(the model's weights\): directory has \"[0-9a-f]+"):
         carlini.extract(other, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu")
     # the training file rewritten in place: same path, same count, other images
     np.save(tmp_path / "t.npy", (255 - train).numpy())
-    with pytest.raises(ValueError, match=r"results\. train\.sha256: directory has \"[0-9a-f]+"):
+    with pytest.raises(
+        ValueError, match=r"results\. train\.sha256 \(the training images\): directory has \"[0-9a-f]+"
+    ):
         carlini.extract(class_model, [0, 1], config=cfg(), train=tmp_path / "t.npy", out=out, device="cpu")
     np.save(tmp_path / "t.npy", train.numpy())
     # the scheduler config edited (what DDIM builds from it): another schedule, other images
@@ -443,7 +448,9 @@ def test_text_model_with_cfg_engine_equals_reference_path(tmp_path):
     pipe.tokenizer = offline_clip_tokenizer(12, merges=[("a", "b"), ("ab", "c</w>"), ("c", "a</w>")])
     assert len(carlini.extract(pipe, prompts, config=config, out=tmp_path, device="cpu").conditions) == 2
     pipe.tokenizer = offline_clip_tokenizer(12, merges=[("c", "a</w>")])
-    with pytest.raises(ValueError, match=r"results\. prompt_tokens_sha256: directory has"):
+    with pytest.raises(
+        ValueError, match=r"results\. prompt_tokens_sha256 \(the prompts' token ids\): directory has"
+    ):
         carlini.extract(pipe, prompts, config=config, out=tmp_path, device="cpu")
 
 

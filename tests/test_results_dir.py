@@ -97,7 +97,9 @@ def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
         rd.append(rec(1))
     assert (tmp_path / "params.json").read_text() == before
     # without ``added`` they are differences; and other differences are still refused with them
-    with pytest.raises(ValueError, match=r"model_sha256: directory has no value, this run has \"ab\""):
+    with pytest.raises(
+        ValueError, match=r"model_sha256 \(the model's weights\): directory has no value, this run has \"ab\""
+    ):
         R.ResultsDir(tmp_path, newer, added=())
     with pytest.warns(UserWarning, match="predates them"):
         assert R.ResultsDir(tmp_path, newer).params == old  # the extraction's keys are the default
@@ -106,10 +108,13 @@ def test_parameters_added_later_do_not_refuse_older_directories(tmp_path):
     # a directory that has the key compares it like any other
     R.ResultsDir(tmp_path / "new", newer, added=added).close()
     R.ResultsDir(tmp_path / "new", newer, added=added).close()
-    with pytest.raises(ValueError, match=r"model_sha256: directory has \"ab\", this run has \"ef\""):
+    with pytest.raises(
+        ValueError, match=r"model_sha256 \(the model's weights\): directory has \"ab\", this run has \"ef\""
+    ):
         R.ResultsDir(tmp_path / "new", {**newer, "model_sha256": "ef"}, added=added)
     with pytest.raises(
-        ValueError, match=r"results\. train\.sha256: directory has \"cd\", this run has \"ef\"\. Use"
+        ValueError,
+        match=r"results\. train\.sha256 \(the training images\): directory has \"cd\", this run has \"ef\"\. Use",
     ):
         R.ResultsDir(tmp_path / "new", {**newer, "train": {**newer["train"], "sha256": "ef"}}, added=added)
 

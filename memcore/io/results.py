@@ -451,8 +451,19 @@ def diff_params(
             out += diff_params(a, b, f"{prefix}{key}.", labels=labels)
         elif a != b:
             sa, sb = ("no value" if v is _ABSENT else _short(v) for v in (a, b))
-            out.append(f"{prefix}{key}: {labels[0]} has {sa}, {labels[1]} has {sb}")
+            what = _DIGEST_MEANS.get(prefix + key)
+            name = f"{prefix}{key} ({what})" if what else f"{prefix}{key}"
+            out.append(f"{name}: {labels[0]} has {sa}, {labels[1]} has {sb}")
     return out
+
+
+#: What a digest in the parameters stands for: two hex strings alone do not say what the user changed.
+_DIGEST_MEANS = {
+    "conditions_sha256": "the conditions, prompts or class ids in their order",
+    "model_sha256": "the model's weights",
+    "prompt_tokens_sha256": "the prompts' token ids",
+    "train.sha256": "the training images",
+}
 
 
 # ---------------------------------------------------------------------------------------------- results dir
