@@ -290,11 +290,7 @@ def _dry_run(args, config, conditions, device) -> int:
     m = carlini._load_model(args.model, config, dev)
     conds = carlini._conditions_for(m, carlini._conditions_arg(conditions))
     # what the run would refuse at once, refused here too (the training data is not read: it may be large)
-    _c, h, w = m.image_shape
-    if h % config.grid[0] or w % config.grid[1]:
-        raise _CliError(
-            f"grid {config.grid[0]}x{config.grid[1]} does not divide the model's image size {h}x{w}"
-        )
+    carlini._check_grid(m.image_shape, config.grid)
     flops = unet_flops(m.handle)
     extra = 0
     if m.kind == "unet" and args.train:
@@ -522,7 +518,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     """A failed allocation: MemoryError, torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     import torch
 
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):  # torch.OutOfMemoryError from 2.5 only
         return True
     return "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
 

@@ -361,6 +361,10 @@ def test_bad_inputs_write_nothing(class_model, tmp_path):
         carlini.extract(class_model, torch.tensor([[1]]), config=cfg(), out=out, device="cpu")
     with pytest.raises(ValueError, match=r"condition 1\.5 is not a class id"):
         carlini.extract(class_model, [1.5], config=cfg(), out=out, device="cpu")
+    with pytest.raises(TypeError, match=r"conditions must be a sequence .* got set"):
+        carlini.extract(class_model, {0, 1}, config=cfg(), out=out, device="cpu")
+    with pytest.raises(ValueError, match="is not a class id"):
+        carlini.extract(class_model, ["\u0663"], config=cfg(), out=out, device="cpu")
     with pytest.raises(ValueError, match="condition True is not a class id"):
         carlini.extract(class_model, [True], config=cfg(), out=out, device="cpu")
     # seeds past 2**63 - 1 are refused before the results directory is begun

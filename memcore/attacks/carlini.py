@@ -53,7 +53,7 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -856,7 +856,12 @@ def _conditions_arg(conditions: Any) -> list[Any] | None:
         )
     if isinstance(conditions, torch.Tensor) and conditions.dim() != 1:
         raise TypeError(f"conditions as a tensor must be 1-D class ids, got shape {tuple(conditions.shape)}")
-    if not isinstance(conditions, Iterable) or getattr(conditions, "ndim", 1) != 1:
+    # a set has no order for condition ids to follow, a mapping iterates its keys
+    if (
+        not isinstance(conditions, Iterable)
+        or isinstance(conditions, (Set, Mapping))
+        or getattr(conditions, "ndim", 1) != 1
+    ):
         raise TypeError(
             "conditions must be a sequence (prompts for a text model, class ids for a class-conditional UNet), "
             f"got {type(conditions).__name__} {conditions!r}"
@@ -866,7 +871,7 @@ def _conditions_arg(conditions: Any) -> list[Any] | None:
 
 def _class_id(c: Any) -> int:
     """A class id as an int: Python, numpy and 0-d tensor integers, or a string of digits; else ValueError."""
-    if isinstance(c, str) and c.strip().isdigit():
+    if isinstance(c, str) and c.strip().isascii() and c.strip().isdigit():  # not "٣", which int() reads as 3
         return int(c)
     if not isinstance(c, (bool, np.bool_, str)) and not (
         isinstance(c, torch.Tensor) and c.dtype == torch.bool
@@ -904,6 +909,13 @@ def _conditions_for(model: _Model, conditions: list[Any] | None) -> list[Any]:
 
 def _conditions_digest(conds: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps(list(conds), ensure_ascii=False).encode()).hexdigest()
+
+
+def _check_grid(image_shape: tuple[int, int, int], grid: tuple[int, int]) -> None:
+    """Refuse a tiled-L2 grid that does not divide the model's image size (C, H, W)."""
+    (_c, h, w), (gh, gw) = image_shape, grid
+    if h % gh or w % gw:
+        raise ValueError(f"grid {gh}x{gw} does not divide the model's image size {h}x{w}")
 
 
 def _train_shape_check(got: Sequence[int], shape: tuple[int, int, int], source: str) -> None:
@@ -1128,10 +1140,7 @@ def _extraction(
             f"the run's seeds go up to {last_seed} (seed + conditions x num_per_condition), beyond the largest "
             f"seed {MAX_SEED}: choose a smaller seed"
         )
-    _c, h, w = m.image_shape
-    gh, gw = config.grid
-    if h % gh or w % gw:
-        raise ValueError(f"grid {gh}x{gw} does not divide the model's image size {h}x{w}")
+    _check_grid(m.image_shape, config.grid)
     # without a results directory nothing needs the training set's digest before the summary: hash it on a
     # thread (hashlib releases the GIL) while the device samples, instead of in front of the first batch
     train_t, train_info = _load_train(train, m.image_shape, lazy_digest=out is None)
