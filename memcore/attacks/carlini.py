@@ -45,7 +45,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import operator
 import os
 import platform
 import sys
@@ -57,14 +56,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from memcore.attacks import nn as _nn
 from memcore.attacks.nn import NNExtraction, NNState
 from memcore.io import results as _results
 from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
-from memcore.sampling.seeds import MAX_SEED
+from memcore.sampling.seeds import MAX_SEED, as_int
 from memcore.utils.device import resolve_device, same_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import Upload, to_device
@@ -873,14 +871,10 @@ def _class_id(c: Any) -> int:
     """A class id as an int: Python, numpy and 0-d tensor integers, or a string of digits; else ValueError."""
     if isinstance(c, str) and c.strip().isascii() and c.strip().isdigit():  # not "٣", which int() reads as 3
         return int(c)
-    if not isinstance(c, (bool, np.bool_, str)) and not (
-        isinstance(c, torch.Tensor) and c.dtype == torch.bool
-    ):
-        try:
-            return operator.index(c)
-        except TypeError:
-            pass
-    raise ValueError(f"class-conditional model: condition {c!r} is not a class id")
+    try:
+        return as_int("class id", c)  # the sampler's rule: no bools, no floats truncated
+    except TypeError:
+        raise ValueError(f"class-conditional model: condition {c!r} is not a class id") from None
 
 
 def _conditions_for(model: _Model, conditions: list[Any] | None) -> list[Any]:

@@ -88,11 +88,11 @@ def run_demo(
     sampler: str = "memcore",
 ) -> DemoReport:
     """Run both demo attacks, write ``out/{conditional,unconditional}/`` and ``out/report.html``."""
+    from memcore.io.results import check_out_dir
     from memcore.models.demo import demo_model_dir, demo_training_set
 
+    check_out_dir(out)  # before the first attack, as the CLI does
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory")
     # None means the demo's own value; anything else (0 too) goes to ExtractConfig, which refuses bad values
     n = DEMO_N if num_per_condition is None else num_per_condition
     # the NN extraction's candidates include the generate-and-filter ones: at least n of them

@@ -494,9 +494,8 @@ class ResultsDir:
         added: Sequence[str] = ADDED_PARAMS,
         located: Mapping[str, str] = LOCATION_PARAMS,
     ) -> None:
+        check_out_dir(path)
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--out {self.path} exists and is not a directory")
         self.shard = shard or ShardSpec()
         self.params = _jsonable(dict(params))
         self.fingerprint = fingerprint(self.params)
@@ -517,14 +516,8 @@ class ResultsDir:
     def _check_or_write_params(self, added: Sequence[str], located: Mapping[str, str]) -> None:
         pfile = self.path / PARAMS_FILE
         if pfile.exists():
-            try:
-                stored = json.loads(pfile.read_text("utf-8"))
-                old = stored["params"]
-                if not isinstance(old, dict):
-                    raise TypeError("params is not an object")
-                fmt = int(stored.get("format", 1))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{pfile} is corrupt ({exc}); remove it or choose another --out") from exc
+            stored = _read_stored(pfile, "remove it or choose another --out")
+            old, fmt = stored["params"], int(stored.get("format", 1))
             if fmt > FORMAT_VERSION:  # its records may mean what this version cannot read: do not append
                 raise ValueError(
                     f"{self.path} was written by a newer memcore (results format {fmt}, this one reads up to "
@@ -713,12 +706,7 @@ def _result_files(path: Path) -> list[Path]:
         for p in sorted(p for p in (path / PARTS_DIR).iterdir() if _PART_RE.match(p.name)):
             side = part_params_path(p)
             if side.exists():
-                try:
-                    theirs = json.loads(side.read_text("utf-8"))["params"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(
-                        f"{side} is corrupt ({exc}); restore it, or delete it to take {p.name} unchecked"
-                    ) from exc
+                theirs = _read_stored(side, f"restore it, or delete it to take {p.name} unchecked")["params"]
                 check_foreign(directory, path, p, theirs)
             files.append(p)
     return files
@@ -732,19 +720,30 @@ def _collect(path: Path) -> dict[int, dict[str, Any]]:
     return seen
 
 
-def read_json_file(path: str | os.PathLike) -> Any:
-    """A results directory's JSON file, or a ValueError naming it (a bare decoding error named no file)."""
+def read_json_file(path: str | os.PathLike, advice: str = "restore it or remove it") -> Any:
+    """A results directory's JSON file, or a ValueError naming it (a bare decoding error named no file) and
+    saying what to do (``advice``)."""
     try:
         return json.loads(Path(path).read_text("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is corrupt ({exc}); restore it or remove it") from None
+        raise ValueError(f"{path} is corrupt ({exc}); {advice}") from None
 
 
 def load_params(path: str | os.PathLike) -> dict[str, Any]:
     pfile = Path(path) / PARAMS_FILE
     if not pfile.exists():
         raise ValueError(f"{path} is not a memcore results directory (no {PARAMS_FILE})")
-    stored = read_json_file(pfile)
-    if not isinstance(stored, dict) or not isinstance(stored.get("params"), dict):
-        raise ValueError(f"{pfile} is corrupt (no params object); restore it or remove it")
-    return stored["params"]
+    return _read_stored(pfile)["params"]
+
+
+def _read_stored(pfile: Path, advice: str = "restore it or remove it") -> dict[str, Any]:
+    """A parameters file (``{"format", "fingerprint", "params"}``: params.json or a part's sidecar), or a
+    ValueError naming it and saying what to do (``advice``)."""
+    stored = read_json_file(pfile, advice)
+    try:
+        if not isinstance(stored, dict) or not isinstance(stored.get("params"), dict):
+            raise TypeError("no params object")
+        int(stored.get("format", 1))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{pfile} is corrupt ({exc}); {advice}") from None
+    return stored

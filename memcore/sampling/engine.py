@@ -29,7 +29,6 @@ import importlib.util
 import inspect
 import math
 import numbers
-import operator
 import sys
 import threading
 import warnings
@@ -41,7 +40,7 @@ import torch
 
 from memcore.models.loading import LoadedModel, load_model
 from memcore.ops import _backend
-from memcore.sampling.seeds import check_seeds, initial_noise, step_noise
+from memcore.sampling.seeds import as_int, check_seeds, initial_noise, step_noise
 from memcore.utils.device import default_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import to_device
@@ -84,15 +83,6 @@ def _real(name: str, v: Any) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v!r}")
     return float(v)
-
-
-def _index(name: str, v: Any) -> int:
-    """``v`` as an int (Python, numpy or one-element integer tensor); floats are refused, not truncated."""
-    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-    if isinstance(v, torch.Tensor) and (v.dtype == torch.bool or v.numel() != 1):
-        raise TypeError(f"{name} must be an int, got a {v.dtype} tensor of shape {list(v.shape)}")
-    return operator.index(v)
 
 
 #: ``SamplerConfig.scheduler`` names the engine maps itself (the rest are diffusers class names).
@@ -399,9 +389,10 @@ def _scheduler_noise(scheduler: Any, seeds: torch.Tensor, step: int) -> Iterator
             module.randn_tensor = original
 
 
-def _make_scheduler(template: Any, choice: str, num_inference_steps: int) -> Any:
-    """The scheduler template for ``SamplerConfig.scheduler`` built from the model's scheduler config, checked
-    by building it and setting its timesteps, so a scheduler the loop cannot run fails here, before any work.
+def _make_scheduler(template: Any, choice: str, num_inference_steps: int) -> tuple[Any, Any]:
+    """The scheduler template for ``SamplerConfig.scheduler`` built from the model's scheduler config, and a
+    fresh copy with its timesteps set: built now so that a scheduler the loop cannot run fails here, before any
+    work (the Sampler reads its timesteps from the copy).
     """
     if choice == "config":
         cls = type(template)
@@ -438,7 +429,7 @@ def _make_scheduler(template: Any, choice: str, num_inference_steps: int) -> Any
             f"{name} is not supported by memcore's sampling loop: after set_timesteps it has no "
             "init_noise_sigma or no timesteps (flow-matching and other special-purpose schedulers)"
         )
-    return made
+    return made, trial
 
 
 class Sampler:
@@ -500,8 +491,9 @@ class Sampler:
             self.cfg_scale = gs if gs > 1.0 else None
 
         # Scheduler and step path.
-        self.scheduler_template = _make_scheduler(lm.scheduler, config.scheduler, config.num_inference_steps)
-        sched = self._fresh_scheduler()
+        self.scheduler_template, sched = _make_scheduler(
+            lm.scheduler, config.scheduler, config.num_inference_steps
+        )
         self.timesteps = sched.timesteps.clone()  # CPU, as DDIMPipeline keeps them
         self.init_noise_sigma = sched.init_noise_sigma
         self.t_device = self.timesteps.to(self.device)
@@ -672,7 +664,7 @@ class Sampler:
             raise TypeError(f"a {_KIND_NAMES[kind]} model needs a condition per seed ({what}), got None")
         if kind == "class_unet":
             try:  # numpy integers and one-element integer tensors are class ids too; floats are not truncated
-                condition = _index("class id", condition)
+                condition = as_int("class id", condition)
             except TypeError:
                 raise TypeError(
                     f"a class-conditional model takes int class ids, got {type(condition).__name__} {condition!r}"
@@ -885,7 +877,7 @@ class Sampler:
             ``[C, H, W]`` float32 in [0, 1] on the device.
         """
         bs = self.config.batch_size
-        slot = _index("slot", slot)
+        slot = as_int("slot", slot)
         if not 0 <= slot < bs:
             raise ValueError(f"slot must be in [0, {bs}), got {slot}")
         seeds = check_seeds([seed] * bs)
@@ -915,7 +907,7 @@ class Sampler:
         for job in jobs:
             if not isinstance(job, tuple) or len(job) != 3:
                 raise TypeError(f"a job is (condition_id, condition, seed), got {job!r}")
-            cid = _index("a job's condition_id", job[0])
+            cid = as_int("a job's condition_id", job[0])
             # SampleBatch.condition_ids is int64. Its padding rows hold -1 too, but they are the rows past
             # `valid`: a job may use -1 (memcore's extraction marks its NN-only candidates so)
             if not -(2**63) <= cid < 2**63:

@@ -169,10 +169,13 @@ def _seed_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> t
     return torch.tensor(check_seeds(seeds), dtype=torch.int64, device=device)
 
 
-def _index(name: str, v: object) -> int:
-    """``v`` as an int (Python or numpy integer); floats are refused rather than truncated, bools as a slip."""
-    if isinstance(v, (bool, torch.Tensor)) or not hasattr(type(v), "__index__"):
+def as_int(name: str, v: object) -> int:
+    """``v`` as an int (Python, numpy or one-element integer tensor); floats are refused rather than truncated,
+    bools as a slip. The one integer rule of the sampling API (seeds' stream and step, slots, class ids)."""
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
         raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if isinstance(v, torch.Tensor) and (v.dtype == torch.bool or v.numel() != 1):
+        raise TypeError(f"{name} must be an int, got a {v.dtype} tensor of shape {list(v.shape)}")
     return operator.index(v)
 
 
@@ -235,7 +238,7 @@ def step_noise(
     device = torch.device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"step noise dtype must be a floating torch.dtype, got {dtype!r}")
-    stream = _index("stream", stream)
+    stream = as_int("stream", stream)
     if not 0 <= stream <= _M32:
         raise ValueError(f"stream {stream} must be in [0, 2**32)")
     shape = _check_shape(shape)
@@ -248,7 +251,7 @@ def step_noise(
             raise ValueError(f"step must be in [0, 2**32), got {int(step)}")
         c1 = step.to(device=device, dtype=torch.int64).reshape(())
     else:
-        step = _index("step", step)
+        step = as_int("step", step)
         if not 0 <= step <= _M32:
             raise ValueError(f"step must be an int in [0, 2**32), got {step!r}")
         # torch.full is a fill kernel, torch.tensor a host->device copy: only the former is CUDA-graph safe.
