@@ -69,6 +69,20 @@ def test_changed_parameter_refused_in_one_line(model_dir, tmp_path, capsys):
     assert 'attention: directory has no value, this run has "math"' in capsys.readouterr().err
 
 
+def test_unused_or_default_spelled_options_resume(model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    a = args(model_dir, out)
+    del a[a.index("--batch-size") : a.index("--batch-size") + 2]  # the default: min(N, 64) = 12
+    assert main(a) == 0
+    before = (out / "results.jsonl").read_bytes()
+    capsys.readouterr()
+    # a class-conditional run never reads the NN extraction's options; 12 is the batch it ran at
+    assert main([*a, "--batch-size", "12", "--nn-k", "3", "--nn-alpha", "0.9", "--nn-candidates", "40"]) == 0
+    assert (out / "results.jsonl").read_bytes() == before and "3/3 conditions" in capsys.readouterr().out
+    assert main([*a, "--batch-size", "6"]) == 2
+    assert "batch_size: directory has 12, this run has 6" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [

@@ -156,6 +156,29 @@ def test_where_the_model_was_found_does_not_count_when_its_digest_is_equal(tmp_p
         R.ResultsDir(tmp_path / "plain", {**PARAMS, "model": "/b"})
 
 
+def test_choices_that_cannot_change_a_record_compare_as_one(tmp_path):
+    run = {**PARAMS, "model_kind": "class_unet", "train": None, "batch_size": None, "nn_k": 50}
+    with R.ResultsDir(tmp_path, run) as rd:
+        rd.append(rec(0))
+    # the default micro-batch (min(N, 64) = 8) asked for by its value, an NN option the run never reads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same run: nothing to say
+        with R.ResultsDir(tmp_path, {**run, "batch_size": 8, "nn_k": 7}) as rd:
+            assert rd.params == run and rd.completed_ids() == {0}
+    with pytest.raises(ValueError, match=r"batch_size: directory has 8, this run has 4\. Use"):
+        R.ResultsDir(tmp_path, {**run, "batch_size": 4})
+    # where the NN extraction runs (an unconditional model with a training set) its options count
+    nn = {**run, "model_kind": "unet", "train": {"sha256": "cd"}, "nn_candidates": None}
+    R.ResultsDir(tmp_path / "nn", nn).close()
+    R.ResultsDir(tmp_path / "nn", {**nn, "nn_candidates": 8}).close()  # None = N
+    with pytest.raises(ValueError, match=r"nn_k: directory has 50, this run has 7\. Use"):
+        R.ResultsDir(tmp_path / "nn", {**nn, "nn_k": 7})
+    with pytest.raises(ValueError, match=r"nn_candidates: directory has 8, this run has 9\. Use"):
+        R.ResultsDir(tmp_path / "nn", {**nn, "nn_candidates": 9})
+    canon = R.canonical_params({**nn, "train": None})
+    assert canon == {**PARAMS, "model_kind": "unet", "train": None, "batch_size": 8}
+
+
 def test_parts_gathered_from_another_run_are_refused(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     with R.ResultsDir(a, PARAMS, shard=R.ShardSpec(0, 2)) as rd:

@@ -221,7 +221,7 @@ class ExtractConfig:
 
     @property
     def micro_batch(self) -> int:
-        return self.batch_size or min(self.num_per_condition, 64)
+        return self.batch_size or _results.default_micro_batch(self.num_per_condition)
 
     def seed_of(self, condition_id: int, index: int) -> int:
         return self.seed + condition_id * self.num_per_condition + index

@@ -24,7 +24,9 @@ output paths, the number of shards) are simply not put into it by the caller. Tw
 not held against a directory, which then resumes with the parameters it was started with: a parameter added
 to the format later (``ADDED_PARAMS``, e.g. the model's weight digest) that the directory predates, and
 where the model or training set was found (``LOCATION_PARAMS``: a path, or ``<tensor>``) when its content
-digest is recorded and equal (a moved checkpoint, another node's mount point).
+digest is recorded and equal (a moved checkpoint, another node's mount point). Choices that cannot change
+a record are compared as one (``canonical_params``): a default batch size asked for by its value, and the NN
+extraction's options where it does not run.
 
 Each part file has its run's parameters beside it (``parts/results.part{p}-of-{n}.params.json``; NN
 checkpoints carry them inside), so a part gathered from another directory is checked where it lands: one
@@ -364,6 +366,35 @@ ADDED_PARAMS = ("model_sha256", "scheduler", "prompt_tokens_sha256", "train.sha2
 # holding a file's images give the same records).
 LOCATION_PARAMS = {"model": "model_sha256", "train.source": "train.sha256"}
 _ABSENT = object()
+# the micro-batch an extraction runs at when none is asked for: min(N, this)
+DEFAULT_MICRO_BATCH = 64
+# options of the unconditional NN extraction (SPEC §3): they decide records only where it runs
+_NN_PARAMS = ("nn_k", "nn_alpha", "nn_candidates")
+
+
+def default_micro_batch(num_per_condition: int) -> int:
+    """The micro-batch of a run given no batch size: at most ``DEFAULT_MICRO_BATCH``, at most N."""
+    return min(num_per_condition, DEFAULT_MICRO_BATCH)
+
+
+def canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with the choices that cannot change a record put one way, for comparing two runs.
+
+    A batch size or NN candidate count left to its default is the default's value (``--batch-size 64``
+    with N >= 64 runs exactly as no ``--batch-size``); the NN extraction's options are dropped where it does
+    not run (a class-conditional or text model, or no training set), as the run never reads them. Other keys
+    are left as they are.
+    """
+    out = dict(params)
+    n = out.get("num_per_condition")
+    if isinstance(n, int):
+        for key, default in (("batch_size", default_micro_batch(n)), ("nn_candidates", n)):
+            if key in out and out[key] is None:
+                out[key] = default
+    if out.get("model_kind", "unet") != "unet" or out.get("train", _ABSENT) is None:
+        for k in _NN_PARAMS:
+            out.pop(k, None)
+    return out
 
 
 def _parent(d: Any, dotted: str) -> tuple[Any, str]:
@@ -403,7 +434,8 @@ def _compare(
     labels: tuple[str, str] = ("directory", "this run"),
 ) -> tuple[list[str], list[str]]:
     """(the differences, what the allowances let pass: one readable note each)."""
-    a, b = _jsonable(dict(directory)), _jsonable(dict(run))  # fresh containers: popped from below
+    # fresh containers: popped from below
+    a, b = (canonical_params(_jsonable(dict(p))) for p in (directory, run))
     notes, predated = [], []
     for dotted in added:
         if _get(a, dotted) is _ABSENT:
