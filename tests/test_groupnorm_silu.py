@@ -195,6 +195,36 @@ def test_triton_patched_unet_matches_unfused(monkeypatch, channels_last):
     torch.testing.assert_close(got, want, **tol("groupnorm_silu", torch.float32))
 
 
+@pytest.mark.triton
+def test_triton_patched_unet_runs_the_modules_under_autograd_and_in_float64(monkeypatch):
+    import memcore.kernels.triton.groupnorm_silu as kernel_mod
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        raise AssertionError("the kernel is inference-only and float32/16/bf16")
+
+    monkeypatch.setattr(kernel_mod, "groupnorm_silu_triton", counting)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = _tiny_unet().to(device)
+    ref = copy.deepcopy(unet)
+    fuse_groupnorm_silu(unet, backend="triton")
+    x = torch.randn(1, 3, 8, 8, device=device)
+    got, want = unet(x, 10).sample, ref(x, 10).sample  # grad enabled, trainable weights: a training step
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for (name, p), q in zip(unet.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        unet64, ref64 = unet.double(), ref.double()
+        torch.testing.assert_close(
+            unet64(x.double(), 10).sample, ref64(x.double(), 10).sample, rtol=0, atol=0
+        )
+    assert not calls
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_auto_patch_channels_last_unet(dtype):

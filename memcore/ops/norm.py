@@ -235,6 +235,11 @@ def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
     (patch it after moving it), and in the forward for the device its inputs are on. Calling it twice swaps
     nothing more.
 
+    The kernel is inference-only and takes float32 / float16 / bfloat16: with either backend, a pair whose
+    input or GroupNorm weight needs a gradient (a forward outside ``torch.no_grad()`` on trainable weights)
+    or whose input is float64 runs the original modules instead, so a patched UNet still trains and still
+    runs in double precision, computing exactly what the unpatched one does.
+
     Args:
         unet: the UNet (any module tree containing diffusers ``ResnetBlock2D`` blocks).
         backend: "auto" or "triton".
