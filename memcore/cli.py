@@ -290,7 +290,7 @@ def _dry_run(args, config, conditions, device) -> int:
     m = carlini._load_model(args.model, config, dev)
     conds = carlini._conditions_for(m, carlini._conditions_arg(conditions))
     # what the run would refuse at once, refused here too (the training data is not read: it may be large)
-    carlini._check_grid(m.image_shape, config.grid)
+    carlini._check_fit(m, config)
     flops = unet_flops(m.handle)
     extra = 0
     if m.kind == "unet" and args.train:

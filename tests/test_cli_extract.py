@@ -91,6 +91,8 @@ def test_unused_or_default_spelled_options_resume(model_dir, tmp_path, capsys):
         (["--eta", "1.5"], "eta must be in [0, 1]"),
         (["--backend", "cuda", "--device", "cpu"], "backend 'cuda' needs CUDA tensors"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--steps", "101"], "num_inference_steps (101) cannot exceed the model's num_train_timesteps (100"),
+        (["--steps", "101", "--sampler", "reference"], "cannot exceed the model's num_train_timesteps (100"),
     ],
 )
 def test_bad_input_one_line_nothing_written(model_dir, tmp_path, capsys, extra, match):
@@ -134,6 +136,7 @@ def test_dry_run_prints_cost_and_writes_nothing(model_dir, tmp_path, capsys):
     for extra, match in (
         (["--grid", "3x3"], "grid 3x3 does not divide the model's image size 8x8"),
         (["--shard", "5/2"], "shard index must be in [0, 2), got 5"),
+        (["--steps", "101"], "cannot exceed the model's num_train_timesteps (100"),
     ):
         assert main(args(model_dir, out, "--dry-run", *extra)) == 2
         assert match in capsys.readouterr().err

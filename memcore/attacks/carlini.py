@@ -905,11 +905,18 @@ def _conditions_digest(conds: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps(list(conds), ensure_ascii=False).encode()).hexdigest()
 
 
-def _check_grid(image_shape: tuple[int, int, int], grid: tuple[int, int]) -> None:
-    """Refuse a tiled-L2 grid that does not divide the model's image size (C, H, W)."""
-    (_c, h, w), (gh, gw) = image_shape, grid
+def _check_fit(model: _Model, config: ExtractConfig) -> None:
+    """Refuse what the model cannot run, before anything is sampled or written (the run and its dry run):
+    a tiled-L2 grid that does not divide its image size, more DDIM steps than its training timesteps."""
+    (_c, h, w), (gh, gw) = model.image_shape, config.grid
     if h % gh or w % gw:
         raise ValueError(f"grid {gh}x{gw} does not divide the model's image size {h}x{w}")
+    steps, trained = config.num_inference_steps, _schedule_params(model)["num_train_timesteps"]
+    if steps > trained:  # both samplers' DDIMScheduler would refuse it, in diffusers' words, mid-set-up
+        raise ValueError(
+            f"num_inference_steps ({steps}) cannot exceed the model's num_train_timesteps ({trained}, from its "
+            "scheduler config): DDIM steps through a subset of the timesteps it was trained on"
+        )
 
 
 def _train_shape_check(got: Sequence[int], shape: tuple[int, int, int], source: str) -> None:
@@ -1134,7 +1141,7 @@ def _extraction(
             f"the run's seeds go up to {last_seed} (seed + conditions x num_per_condition), beyond the largest "
             f"seed {MAX_SEED}: choose a smaller seed"
         )
-    _check_grid(m.image_shape, config.grid)
+    _check_fit(m, config)
     # without a results directory nothing needs the training set's digest before the summary: hash it on a
     # thread (hashlib releases the GIL) while the device samples, instead of in front of the first batch
     train_t, train_info = _load_train(train, m.image_shape, lazy_digest=out is None)
