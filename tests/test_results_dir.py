@@ -179,6 +179,40 @@ def test_choices_that_cannot_change_a_record_compare_as_one(tmp_path):
     assert canon == {**PARAMS, "model_kind": "unet", "train": None, "batch_size": 8}
 
 
+def test_a_rank_taking_params_back_beside_a_writing_rank_leaves_them(tmp_path, monkeypatch):
+    # rank 0 opens the directory (writes params.json), rank 1 resumes it; rank 0 then fails before writing a
+    # record (out of memory on its own GPU, say) and takes params.json back, while rank 1 goes on
+    out = tmp_path / "run"
+    a = R.ResultsDir(out, PARAMS, shard=R.ShardSpec(0, 2))
+    b = R.ResultsDir(out, PARAMS, shard=R.ShardSpec(1, 2))
+    a.abandon()
+    assert not out.exists()
+    b.append(rec(1))  # its first file: it looks for params.json after, finds it gone, writes it again
+    b.close()
+    assert R.load_params(out) == PARAMS and R.merge_parts(out) == [rec(1)]
+    # rank 1's first file appears after rank 0 looked and took params.json back, and rank 1 (here made not to
+    # look) found it still there: rank 0 looks again and restores it
+    out = tmp_path / "run2"
+    a = R.ResultsDir(out, PARAMS, shard=R.ShardSpec(0, 2))
+    b = R.ResultsDir(out, PARAMS, shard=R.ShardSpec(1, 2))
+    monkeypatch.setattr(b, "keep_params", lambda: None)
+    unlink = type(out).unlink
+
+    def unlink_then_rank1_writes(self, *args, **kwargs):
+        unlink(self, *args, **kwargs)
+        if self.name == R.PARAMS_FILE:
+            b.append(rec(1))
+
+    monkeypatch.setattr(type(out), "unlink", unlink_then_rank1_writes)
+    a.abandon()
+    b.close()
+    assert R.load_params(out) == PARAMS and R.merge_parts(out) == [rec(1)]
+    # alone, rank 0 takes everything back
+    monkeypatch.undo()
+    R.ResultsDir(tmp_path / "run3", PARAMS).abandon()
+    assert not (tmp_path / "run3").exists()
+
+
 def test_parts_gathered_from_another_run_are_refused(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     with R.ResultsDir(a, PARAMS, shard=R.ShardSpec(0, 2)) as rd:

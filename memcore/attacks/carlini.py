@@ -1208,6 +1208,10 @@ def _extraction(
     nn_buf: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
     nn_rows = max(1, min(NN_BLOCK_MAX, NN_BLOCK_BYTES // max(1, math.prod(m.image_shape))))
 
+    def nn_save() -> None:
+        nn_state.save(nn_file, {"params": rd.params})
+        rd.keep_params()  # a rank beside this one may have taken params.json back meanwhile (abandon)
+
     def nn_flush() -> None:
         if not nn_buf:
             return
@@ -1359,7 +1363,7 @@ def _extraction(
                     if nn_file is not None and time.perf_counter() - t_ckpt >= config.nn_checkpoint_s:
                         nn_flush()
                         with timer.span("nn_checkpoint"):
-                            nn_state.save(nn_file, {"params": rd.params})
+                            nn_save()
                         t_ckpt = time.perf_counter()
             r = 0
             while r < b:  # contiguous runs of one condition
@@ -1409,7 +1413,7 @@ def _extraction(
             else:
                 with timer.span("nn_checkpoint"):
                     if nn_todo:  # else this part is unchanged (or this process had nothing to fold in)
-                        nn_state.save(nn_file, {"params": rd.params})
+                        nn_save()
                     nn = _nn.finalize(out, n_nn, k_eff, config.nn_alpha)
                 if nn is None:  # other parts still running: the last one to finish merges
                     state["nn_progress"] = _nn.progress(out, n_nn)

@@ -574,9 +574,7 @@ class ResultsDir:
             if pfile.exists():  # a rank started beside this one wrote it and its first record meanwhile
                 return self._check_or_write_params(added, located)
             raise ValueError(f"{self.path} holds results but no {PARAMS_FILE}; refusing to append to it")
-        atomic_write_json(
-            pfile, {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
-        )
+        atomic_write_json(pfile, self._stored())
         self._wrote_params = True
 
     def abandon(self) -> None:
@@ -587,26 +585,43 @@ class ResultsDir:
         command as "started with different parameters". Only a directory holding nothing but the params.json
         this process wrote is cleared (then the directories opening created, if empty); anything another
         rank or an earlier run put there stays.
+
+        A rank that opened the directory beside this one and writes its first file meanwhile keeps the
+        params.json: this process looks again after taking it back and restores it when anything appeared,
+        and the other rank looks for it after its first file exists (``keep_params``). Whichever of the two
+        looks last sees the other's doing, so the directory never ends with records but no params.json.
         """
         self.close()
         if not self._wrote_params:
             return
-        pfile = self.path / PARAMS_FILE
         with contextlib.suppress(OSError):
-            if {p.name for p in self.path.iterdir()} == {PARAMS_FILE}:
-                pfile.unlink()
-                self._wrote_params = False
-                for d in self._created:  # deepest first; a directory someone else wrote into stays
-                    d.rmdir()
+            if {p.name for p in self.path.iterdir()} != {PARAMS_FILE}:
+                return
+            (self.path / PARAMS_FILE).unlink()
+            self._wrote_params = False
+            for d in self._created:  # deepest first; a directory someone else wrote into stays
+                d.rmdir()
+        with contextlib.suppress(OSError):
+            if self.path.is_dir() and any(self.path.iterdir()):
+                self.keep_params()
+
+    def _stored(self) -> dict[str, Any]:
+        """What params.json (and a part's copy of it) holds."""
+        return {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
+
+    def keep_params(self) -> None:
+        """Write params.json again if it is gone: a rank beside this one took it back (``abandon``) while
+        this one began writing. Called once this process's first file in the directory exists."""
+        pfile = self.path / PARAMS_FILE
+        if not pfile.exists():
+            atomic_write_json(pfile, self._stored())
 
     def _write_part_params(self) -> None:
         """A part file's own copy of the parameters: gathered into another directory, it is checked there."""
         side = part_params_path(self.part_path)
         if not self.shard.is_whole and not side.exists():
             side.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(
-                side, {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "params": self.params}
-            )
+            atomic_write_json(side, self._stored())
 
     # files --------------------------------------------------------------------------------------------
     @property
@@ -640,6 +655,7 @@ class ResultsDir:
             # this one tells a directory without params.json by it), and a run that writes nothing leaves nothing
             self._write_part_params()
             self._writer = RecordWriter(self.part_path)
+            self.keep_params()
         return self._writer
 
     def append(self, record: Mapping[str, Any]) -> None:
