@@ -170,3 +170,37 @@ def test_scheduler_argument_must_be_a_scheduler(unet_dir):
     with pytest.raises(TypeError, match="got type"):  # the class, not an instance
         load_model(_tiny_unet(), scheduler=DDIMScheduler)
     assert type(load_model(unet_dir, scheduler=DDIMScheduler()).scheduler).__name__ == "DDIMScheduler"
+
+
+@pytest.mark.parametrize("damage", ["missing-key", "unexpected-key", "other-shapes"])
+def test_text_encoder_that_does_not_match_its_config(tmp_path, damage):
+    # transformers, like diffusers, only warned about keys the file lacks (randomly initialised) or has extra
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_sampling import save_tiny_sd_pipeline
+
+    d = save_tiny_sd_pipeline(tmp_path / "sd")
+    assert load_model(d).text_encoder is not None
+    te = d / "text_encoder"
+    (f,) = te.glob("*.safetensors")
+    state = load_file(f)
+    if damage == "missing-key":
+        state.pop(next(k for k in state if k.endswith("final_layer_norm.weight")))
+    elif damage == "unexpected-key":
+        state["extra.weight"] = torch.zeros(3)
+    else:
+        cfg = json.loads((te / "config.json").read_text())
+        (te / "config.json").write_text(
+            json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 4})
+        )
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"^text_encoder: the weights in .*text_encoder do not match .*config"
+    ):
+        load_model(d)
+    shutil.rmtree(d)

@@ -138,32 +138,43 @@ def _check_weights_dir(d: Path, what: str) -> None:
 # Every diffusers model load: local files only (never a download), and the plain loading path explicitly
 # (diffusers otherwise warns on every load that `accelerate` is missing for low_cpu_mem_usage).
 _DIFFUSERS_KW: dict[str, Any] = {"local_files_only": True, "low_cpu_mem_usage": False}
+# transformers' loads (the text encoder): weights of other shapes are reported in the loading info
+_TRANSFORMERS_KW: dict[str, Any] = {"local_files_only": True, "ignore_mismatched_sizes": True}
 
 
-def _from_pretrained(cls: Any, root: Path, what: str, **kw: Any) -> Any:
-    """``cls.from_pretrained(root, **kw)``, local files only, refusing weights that do not fit the config.
+def _from_pretrained(
+    cls: Any, root: Path, what: str, *, base: dict[str, Any] = _DIFFUSERS_KW, **kw: Any
+) -> Any:
+    """``cls.from_pretrained(root, **base, **kw)``, local files only, refusing weights that do not fit the config.
 
-    diffusers raises a bare ``RuntimeError`` for a weight whose shape differs from the config's, and only logs a
-    warning for weights the config expects but the file lacks (leaving them uninitialised memory) or the file
-    has but the config does not use: all three mean ``config.json`` describes another model, a ``ValueError``
-    naming the files here (as for a ``.safetensors`` file with a ``config.json`` beside it).
+    diffusers raises a bare ``RuntimeError`` for a weight whose shape differs from the config's, and only logs
+    a warning for weights the config expects but the file lacks (leaving them uninitialised) or the file has
+    but the config does not use; transformers (``base=_TRANSFORMERS_KW``: shapes reported, not raised, as its
+    error says only "see the report above") warns likewise and initialises them randomly. Each means
+    ``config.json`` describes another model: a ``ValueError`` naming the files here (as for a ``.safetensors``
+    file with a ``config.json`` beside it).
     """
     sub = kw.get("subfolder")
     d = root / sub if sub else root
+    why = f"{what}: the weights in {d} do not match {d / 'config.json'}"
     try:
-        model, info = cls.from_pretrained(str(root), **_DIFFUSERS_KW, output_loading_info=True, **kw)
+        model, info = cls.from_pretrained(str(root), **base, output_loading_info=True, **kw)
     except RuntimeError as exc:
         if "size mismatch" not in str(exc) and "Error(s) in loading state_dict" not in str(exc):
             raise
-        raise ValueError(
-            f"{what}: the weights in {d} do not match {d / 'config.json'}: {_first_lines(str(exc))}"
-        ) from None
-    missing, unexpected = list(info.get("missing_keys", ())), list(info.get("unexpected_keys", ()))
-    if missing or unexpected:
-        raise ValueError(
-            f"{what}: the weights in {d} do not match {d / 'config.json'}: {len(missing)} missing keys (e.g. "
-            f"{sorted(missing)[:3]}), {len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:3]})"
-        )
+        raise ValueError(f"{why}: {_first_lines(str(exc))}") from None
+    found = []
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected")):
+        keys = sorted(info.get(key) or ())
+        if keys:
+            found.append(f"{len(keys)} {label} keys (e.g. {keys[:3]})")
+    # (key, shape in the file, shape the config gives): transformers with ignore_mismatched_sizes
+    shapes = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    if shapes:
+        eg = ", ".join(f"{k}: {list(a)} in the file, {list(b)} by the config" for k, a, b in shapes[:2])
+        found.append(f"{len(shapes)} keys of other shapes (e.g. {eg})")
+    if found:
+        raise ValueError(f"{why}: " + ", ".join(found))
     return model
 
 
@@ -184,15 +195,18 @@ def _diffusers_cls(name: str) -> Any:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """transformers draws a "Loading weights" progress bar on stderr (even when it is not a terminal): the CLI's
-    output, errors included, is one line. Its own switch, restored afterwards."""
+    """transformers draws a "Loading weights" progress bar on stderr (even when it is not a terminal) and logs
+    a multi-line load report for weights that do not fit the config, which ``_from_pretrained`` turns into
+    its one-line error: the CLI's output, errors included, is one line. Its own switches, restored after."""
     from transformers.utils import logging as tlog
 
-    was = tlog.is_progress_bar_enabled()
+    was, level = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
     tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
     try:
         yield
     finally:
+        tlog.set_verbosity(level)
         if was:
             tlog.enable_progress_bar()
 
@@ -322,16 +336,8 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
         _check_weights_dir(root / "text_encoder", "text_encoder")
         te_cls = getattr(transformers, index["text_encoder"][1])
         kw = {"dtype": dtype} if dtype is not None else {}
-        try:
-            with _quiet_transformers():
-                te = te_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True, **kw)
-        except RuntimeError as exc:  # transformers' state-dict size mismatch
-            if "size mismatch" not in str(exc):
-                raise
-            d = root / "text_encoder"
-            raise ValueError(
-                f"text_encoder: the weights in {d} do not match {d / 'config.json'}: {_first_lines(str(exc))}"
-            ) from None
+        with _quiet_transformers():
+            te = _from_pretrained(te_cls, root / "text_encoder", "text_encoder", base=_TRANSFORMERS_KW, **kw)
         extra["text_encoder"] = _finish_unet(te, device, dtype)
     if index.get("tokenizer") and index["tokenizer"][0] is not None:
         import transformers
