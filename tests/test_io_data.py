@@ -213,3 +213,68 @@ def test_iter_chunks_streams_in_order(tmp_path):
     assert torch.equal(torch.cat([c for _, c in open_training_set(d).iter_chunks(5)]), torch.from_numpy(imgs))
     with pytest.raises(ValueError, match="chunk size"):
         next(ts.iter_chunks(0))
+
+
+def test_float_arrays_of_any_byte_order_and_width(tmp_path):
+    # a big-endian float array (saved on another machine, or as '>f4') and long double were range-checked at
+    # open and then failed when read, with torch's error naming no file
+    imgs = _imgs(c=3)
+    f = imgs.astype(np.float64) / 255.0
+    np.save(tmp_path / "be.npy", f.astype(">f4"))
+    np.savez(tmp_path / "be.npz", images=f.astype(">f8"))
+    np.save(tmp_path / "ld.npy", f.astype(np.longdouble))
+    for name in ("be.npy", "be.npz", "ld.npy"):
+        assert torch.equal(load_images(tmp_path / name), torch.from_numpy(imgs)), name
+
+
+def test_suffix_naming_the_other_array_format(tmp_path):
+    # np.load goes by the content: an archive named .npy came back as an NpzFile (AttributeError: no shape),
+    # a bare array named .npz as an ndarray (TypeError: no context manager)
+    np.savez(tmp_path / "z.npz", images=_imgs())
+    (tmp_path / "z.npz").rename(tmp_path / "z.npy")
+    with pytest.raises(ValueError, match=r"z\.npy: is an \.npz archive.*rename it to \.npz"):
+        load_images(tmp_path / "z.npy")
+    np.save(tmp_path / "a.npy", _imgs())
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    with pytest.raises(ValueError, match=r"a\.npz: is an \.npy array.*rename it to \.npy"):
+        load_images(tmp_path / "a.npz")
+
+
+def test_folder_image_corrupt_past_its_checksums_is_named_when_read(tmp_path):
+    import struct
+    import zlib
+
+    d = _save_folder(tmp_path / "f", _imgs(n=3, c=3))
+    # replace img_001's pixel stream by bytes that are not zlib data, with a valid chunk CRC: verify() (CRCs
+    # only) passes it, decoding fails; that error was PIL's OSError naming no file
+    raw = (d / "img_001.png").read_bytes()
+    i = raw.index(b"IDAT")
+    (n,) = struct.unpack(">I", raw[i - 4 : i])
+    data = b"\x00" * 16
+    chunk = struct.pack(">I", len(data)) + b"IDAT" + data + struct.pack(">I", zlib.crc32(b"IDAT" + data))
+    (d / "img_001.png").write_bytes(raw[: i - 4] + chunk + raw[i + 8 + n :])
+    ts = open_training_set(d)
+    with pytest.raises(ValueError, match=r"img_001\.png: cannot decode image"):
+        _ = ts.images
+    assert torch.equal(next(ts.iter_chunks(1))[1], torch.from_numpy(_imgs(n=3, c=3)[:1]))
+
+
+def test_folder_links_and_broken_links(tmp_path):
+    imgs = _imgs(n=3, c=3)
+    d = _save_folder(tmp_path / "f", imgs, ["a.png", "b.png", "d.png"])
+    (d / "c.png").symlink_to(d / "a.png")  # followed: an image like any other
+    (d / "x.png").mkdir()  # a sub-folder, whatever its name, takes no index
+    assert open_training_set(d).names == ("a.png", "b.png", "c.png", "d.png")
+    # a broken link (a partial download into a cache of links) was skipped: d.png silently became index 2
+    (d / "bb.png").symlink_to(d / "missing.png")
+    with pytest.raises(ValueError, match=r"bb\.png: a broken link"):
+        open_training_set(d)
+
+
+def test_folder_order_is_code_point_order(tmp_path):
+    # the documented rule the index rests on: case-sensitive, not numeric, hidden files take no index
+    names = ["img2.png", "img10.png", "a.png", "B.png", "C.JPG"]
+    d = _save_folder(tmp_path / "f", _imgs(n=5, c=3), names)
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(d / "._a.png")  # a macOS companion file
+    (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert open_training_set(d).names == ("B.png", "C.JPG", "a.png", "img10.png", "img2.png")

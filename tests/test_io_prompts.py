@@ -137,3 +137,51 @@ def test_parse_classes():
         parse_classes("\u0663")  # ARABIC-INDIC DIGIT THREE: \d matched it, int() read it as 3
     with pytest.raises(TypeError):
         parse_classes([1, 2])  # type: ignore[arg-type]
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    # str.splitlines also splits at U+2028, U+2029, NEL and form feed: a caption holding one became two
+    # prompts in a .txt, and a valid JSON Lines file (json.dumps(ensure_ascii=False) writes them raw) failed
+    # as "not valid JSON"
+    p = tmp_path / "p.txt"
+    p.write_text("a cat\u2028on a mat\nthe\x85dog\r\nform\x0cfeed\rlast", encoding="utf-8")
+    assert load_conditions(p) == ["a cat\u2028on a mat", "the\x85dog", "form\x0cfeed", "last"]
+    q = tmp_path / "q.jsonl"
+    recs = [{"prompt": "a\u2028b"}, {"prompt": "c\x85d\u2029e"}, {"prompt": "f"}]
+    q.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert load_conditions(q) == ["a\u2028b", "c\x85d\u2029e", "f"]
+    r = tmp_path / "r.jsonl"
+    r.write_text('{"prompt": "a"}\r\n\r\n{"prompt": 3}\r\n')
+    with pytest.raises(ValueError, match="line 3: field 'prompt' is a int"):
+        load_conditions(r)
+
+
+def test_jsonl_unpaired_surrogate(tmp_path):
+    # json.loads reads "\ud800" as a lone surrogate, which no UTF-8 writer can encode: the run failed later
+    # with a UnicodeEncodeError naming neither file nor line
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "ok \\ud83d\\ude00"}\n{"prompt": "bad \\ud800"}\n')
+    with pytest.raises(ValueError, match=r"line 2: field 'prompt' holds an unpaired surrogate \(U\+D800\)"):
+        load_conditions(p)
+    p.write_text('{"prompt": "ok \\ud83d\\ude00"}\n')
+    assert load_conditions(p) == ["ok \U0001f600"]
+
+
+def test_csv_prompt_column_named_twice(tmp_path):
+    # the first of two "prompt" columns was taken silently
+    p = tmp_path / "p.csv"
+    p.write_text("prompt,id,prompt\na,1,b\n")
+    with pytest.raises(ValueError, match="names the column 'prompt' 2 times"):
+        load_conditions(p)
+    with pytest.raises(ValueError, match="names the column 'prompt' 2 times"):
+        load_conditions(p, column="prompt")
+    assert load_conditions(p, column="id") == ["1"]
+
+
+def test_parse_classes_too_many_digits():
+    # int() refused more than 4300 digits with a message about sys.set_int_max_str_digits, naming no input
+    with pytest.raises(ValueError, match=r"bad class list.*more than 18 digits"):
+        parse_classes("9" * 5000)
+    with pytest.raises(ValueError, match="more than 18 digits"):
+        parse_classes("1-" + "9" * 19)
+    assert parse_classes("0" * 18) == [0]

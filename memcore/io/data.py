@@ -6,26 +6,37 @@ tensor: for a folder, the position of its file in sorted filename order. ``neare
 
 Rules (SPEC §7, DATA):
 
-- **Folder**: the regular files directly inside it whose suffix is an image suffix (``.png``, ``.jpg``,
-  ``.jpeg``, ``.bmp``, ``.gif``, ``.tif``, ``.tiff``, ``.webp``, case-insensitive), sorted by filename
-  (Python string order); sub-folders, hidden files and other files are ignored. Every image must have the
-  size and mode of the first; modes ``L`` (C = 1), ``RGB`` (C = 3) and ``RGBA`` (C = 4) are read as they are,
-  any other mode is an error (convert the folder first: silently guessing a palette's channels would change
-  distances).
+- **Folder**: the files directly inside it whose suffix is an image suffix (``.png``, ``.jpg``, ``.jpeg``,
+  ``.bmp``, ``.gif``, ``.tif``, ``.tiff``, ``.webp``, case-insensitive), sorted by filename in Python string
+  order, i.e. by Unicode code point of the name as the file system returns it: case-sensitive (``B.png``
+  before ``a.png``), not numeric (``img10.png`` before ``img2.png``; zero-pad the numbers), no Unicode
+  normalisation (a composed ``é`` sorts after ``z``, a decomposed one after ``e``). Sub-folders, hidden files
+  (``.DS_Store``, macOS ``._*`` companions) and files with other suffixes are ignored and take no index.
+  Symbolic links are followed; an image-suffixed entry that is not a readable file (a broken link) is an
+  error, not skipped, since skipping it would shift the index of every image after it. Every image must have
+  the size and mode of the first; modes ``L`` (C = 1), ``RGB`` (C = 3) and ``RGBA`` (C = 4) are read as they
+  are, any other mode is an error (convert the folder first: silently guessing a palette's channels would
+  change distances). Pixels are read as stored, the way a PIL-based training loader reads them: EXIF
+  orientation is not applied, an animated or multi-page file gives its first frame, and a 16-bit-per-channel
+  RGB(A) PNG is the 8-bit image PIL decodes (16-bit grey, mode ``I;16``, is an error). Images are not
+  converted to the model's channels: a mismatch with ``expected_shape`` is an error.
 - **Arrays** (``.npy``, ``.npz``, ``.safetensors``): ``[N, H, W]`` (one channel), ``[N, C, H, W]`` or
   ``[N, H, W, C]``. Layout rule: the array is NHWC when its last dimension is in {1, 3, 4} and dimension 1 is
   not; NCHW when dimension 1 is in {1, 3, 4} and the last is not. When both are (e.g. ``[N, 3, 4, 4]`` or
   ``[N, 1, 8, 1]``) it is ambiguous: ``expected_shape`` decides if exactly one reading matches it, otherwise
   NCHW (the torch convention) is taken. When neither is, it is an error.
-- **dtypes**: uint8 is taken as is. Floating point values must lie in [0, 1] (NaN is an error) and become
-  ``round(x * 255)`` (round half to even). Any other dtype is an error.
+- **dtypes**: uint8 is taken as is. Floating point values (any width or byte order) must lie in [0, 1] (NaN
+  is an error) and become ``round(x * 255)`` (round half to even). Any other dtype (bool, int64, ...) is an
+  error.
 - **Which array**: ``.npz`` — the only array, else the key ``images``, ``x`` or ``arr_0`` (first present),
-  else an error listing the keys; ``.safetensors`` — the only tensor or the key ``images``. ``.npy`` files are
-  memory-mapped, so :meth:`TrainingSet.iter_chunks` streams them without holding all images in memory.
+  else an error listing the keys; ``.safetensors`` — the only tensor or the key ``images``. The suffix says
+  the format: an ``.npz`` holding a bare array or an ``.npy`` holding an archive is an error. ``.npy`` files
+  are memory-mapped, so :meth:`TrainingSet.iter_chunks` streams them without holding all images in memory.
 
 Errors are one line that names the file and the problem: ``FileNotFoundError`` for a missing path,
 ``ValueError`` for everything else (corrupt files, wrong layout, dtype, range, image size for the model).
-Nothing is written by this module.
+Files are checked when opened; an image whose compressed data turns out corrupt only when decoded fails
+when read, as a ``ValueError`` naming it. Nothing is written by this module.
 """
 
 from __future__ import annotations
@@ -174,10 +185,16 @@ def _open_folder(p: Path) -> TrainingSet:
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(
-        (f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")),
+        (f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")),
         key=lambda f: f.name,
     )
-    files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [f for f in files if not f.is_dir()]  # sub-folders take no index, whatever their name
+    for f in files:
+        # a broken link (a partial download into a cache of links) is a missing image, not a non-image:
+        # skipping it would silently shift the index of every image after it
+        if not f.is_file():
+            what = "a broken link" if f.is_symlink() else "not a regular file"
+            raise ValueError(f"{f}: {what}; every image file in the folder takes an index, fix or remove it")
     if not files:
         raise ValueError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
     first_size = first_mode = None
@@ -213,9 +230,14 @@ def _open_folder(p: Path) -> TrainingSet:
     def read(start: int, stop: int) -> torch.Tensor:
         out = np.empty((stop - start, h, w, c), dtype=np.uint8)
         for i, f in enumerate(files[start:stop]):
-            with Image.open(f) as im:
-                a = np.asarray(im, dtype=np.uint8)
-            out[i] = a.reshape(h, w, c)
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im, dtype=np.uint8)
+                out[i] = a.reshape(h, w, c)
+            except (OSError, SyntaxError, ValueError) as exc:
+                # verify() checks a PNG's checksums, not its compressed stream: corrupt data with valid
+                # checksums (or a file changed since the open) only shows when decoded
+                raise ValueError(f"{f}: cannot decode image ({type(exc).__name__}: {exc})") from None
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
     return TrainingSet(
@@ -231,14 +253,24 @@ def _open_folder(p: Path) -> TrainingSet:
 def _load_npy(p: Path) -> np.ndarray:
     try:
         # Memory-mapped: chunks are read from disk on demand.
-        return np.load(p, mmap_mode="r", allow_pickle=False)
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{p}: not a readable .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray):  # np.load goes by the content: a zip archive gives an NpzFile
+        arr.close()
+        raise ValueError(f"{p}: is an .npz archive, not an .npy array; rename it to .npz")
+    return arr
 
 
 def _load_npz(p: Path) -> np.ndarray:
     try:
-        with np.load(p, allow_pickle=False) as z:
+        z = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{p}: not a readable .npz archive ({exc})") from None
+    if isinstance(z, np.ndarray):  # np.load goes by the content: a bare .npy array has no keys to choose
+        raise ValueError(f"{p}: is an .npy array, not an .npz archive; rename it to .npy")
+    try:
+        with z:
             keys = list(z.files)
             if not keys:
                 raise ValueError(f"{p}: the .npz file holds no arrays")
@@ -334,8 +366,17 @@ def unit_to_uint8(t: torch.Tensor) -> torch.Tensor:
 
 def _to_uint8(arr: np.ndarray | torch.Tensor, p: Path) -> torch.Tensor:
     """Convert one chunk to uint8 (already range-checked)."""
-    # np.array copies: a memory-mapped chunk becomes an ordinary, writable array.
-    t = torch.from_numpy(np.array(arr, copy=True)) if isinstance(arr, np.ndarray) else arr
+    if isinstance(arr, np.ndarray):
+        dtype = arr.dtype
+        if dtype.kind == "f":
+            # torch takes neither a non-native byte order (a '>f4' array saved on another machine) nor
+            # long double: native float16/32/64 as they are (exactly what unit_to_uint8 widens), wider
+            # floats as float64 (the precision _check_values range-checked them at)
+            dtype = dtype.newbyteorder("=") if dtype.itemsize <= 8 else np.dtype(np.float64)
+        # np.array copies: a memory-mapped chunk becomes an ordinary, writable array.
+        t = torch.from_numpy(np.array(arr, dtype=dtype, copy=True))
+    else:
+        t = arr
     return t if t.dtype == torch.uint8 else unit_to_uint8(t)
 
 

@@ -2,9 +2,16 @@
 
 - ``.txt``: one prompt per line; surrounding whitespace is stripped and blank lines are skipped.
 - ``.jsonl``: one JSON object per non-blank line; the prompt is the string field ``column``, by default the
-  first of ``prompt``, ``text``, ``caption`` that the first record has (every record must then have it).
+  first of ``prompt``, ``text``, ``caption`` that the first record has (every record must then have it);
+  blank values are skipped. A value must be Unicode text: an unpaired surrogate escape (``"\\ud800"``) is
+  an error.
 - ``.csv``: a header row; the prompt is the column ``column``, by default the first of ``prompt``, ``text``,
-  ``caption`` in the header, or the only column; blank entries are skipped.
+  ``caption`` in the header, or the only column; blank entries are skipped. The prompt column must appear
+  once in the header.
+
+A line ends at ``\\n``, ``\\r\\n`` or ``\\r`` only (as ``wc -l``, Python's text files and the JSON Lines
+format count them), not at the other characters :meth:`str.splitlines` breaks at: U+2028, U+2029, U+0085
+(NEL) or a form feed inside a caption are part of the prompt.
 
 Files must be UTF-8 (a leading byte-order mark is accepted); anything else is a ValueError naming the file
 and the byte offset of the first bad byte. A file with no prompt is an error. Order is kept and duplicates
@@ -50,7 +57,7 @@ def load_conditions(path: str | Path, *, column: str | None = None) -> list[str]
     if suffix == ".txt":
         if column is not None:
             raise ValueError(f"{p}: a .txt prompt file has no columns (column={column!r} given)")
-        prompts = [s for s in (line.strip() for line in text.splitlines()) if s]
+        prompts = [s for s in (line.strip() for line in _lines(text)) if s]
     elif suffix == ".jsonl":
         prompts = _read_jsonl(p, text, column)
     else:
@@ -62,6 +69,8 @@ def load_conditions(path: str | Path, *, column: str | None = None) -> list[str]
 
 #: The most class ids a class list may name (an embedding table of more classes is not a diffusion UNet's).
 MAX_CLASS_IDS = 1_000_000
+# Digits a class id may have (ids that long cannot index an embedding table anyway).
+_MAX_CLASS_DIGITS = 18
 
 
 def parse_classes(spec: str, *, num_classes: int | None = None) -> list[int]:
@@ -84,6 +93,11 @@ def parse_classes(spec: str, *, num_classes: int | None = None) -> list[int]:
         m = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", item)  # ASCII digits: not "٣"
         if m is None:
             raise ValueError(f"bad class list {spec!r}: {item!r} is not a class id or a range a-b")
+        if max(len(g) for g in m.groups("")) > _MAX_CLASS_DIGITS:
+            # int() itself refuses more than 4300 digits, with a message about sys.set_int_max_str_digits
+            raise ValueError(
+                f"bad class list {spec!r}: {item!r} names a class id of more than {_MAX_CLASS_DIGITS} digits"
+            )
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
@@ -106,6 +120,16 @@ def parse_classes(spec: str, *, num_classes: int | None = None) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- helpers
 
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
+def _lines(text: str) -> list[str]:
+    """``text`` split at universal newlines only (str.splitlines also splits at U+2028, NEL, form feed...)."""
+    lines = _NEWLINE.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line, it does not start another
+    return lines
+
 
 def _read_utf8(p: Path) -> str:
     data = p.read_bytes()
@@ -121,7 +145,7 @@ def _read_utf8(p: Path) -> str:
 def _read_jsonl(p: Path, text: str, column: str | None) -> list[str]:
     prompts: list[str] = []
     key = column
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -144,6 +168,16 @@ def _read_jsonl(p: Path, text: str, column: str | None) -> list[str]:
             raise ValueError(
                 f"{p}: line {lineno}: field {key!r} is a {type(value).__name__}, expected a string"
             )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # json.loads turns a "\ud800" escape into a lone surrogate, which no UTF-8 writer (the results
+            # files, the conditions digest) can encode: refuse it here, not mid-run
+            cp = ord(value[exc.start])
+            raise ValueError(
+                f"{p}: line {lineno}: field {key!r} holds an unpaired surrogate (U+{cp:04X}), which is not "
+                "Unicode text"
+            ) from None
         value = value.strip()
         if value:
             prompts.append(value)
@@ -170,6 +204,8 @@ def _read_csv(p: Path, text: str, column: str | None) -> list[str]:
                         f"{', '.join(header)}); name the column with column="
                     )
                 key = header[0]
+        if header.count(key) > 1:  # which of them holds the prompts is a guess either way
+            raise ValueError(f"{p}: the header names the column {key!r} {header.count(key)} times")
         idx = header.index(key)
         prompts = []
         for row in reader:
