@@ -1,20 +1,26 @@
 """Precision–recall of "flagged" against "extracted" over the generate-and-filter ranking [C23 §4, SPEC §2.6].
 
-The ranking orders conditions from most to least suspicious (flagged conditions first, then by mean
-pairwise tiled L2 inside the clique, lower first). Walking down the ranking, the positives are conditions
-whose representative was verified as extracted against the training set. ``precision[k]`` and
-``recall[k]`` are taken after the first ``cutoffs[k]`` conditions; tied ranking keys are never split (a
-cutoff only falls between different keys), as in scikit-learn's ``precision_recall_curve``.
+The ranking is that of SPEC §2.4: the **flagged** conditions (clique ≥ min_clique), by mean pairwise tiled L2
+inside the clique, lower first. Walking down it, the positives are conditions whose representative was
+verified as extracted against the training set. ``precision[k]`` and ``recall[k]`` are taken after the first
+``cutoffs[k]`` flagged conditions; recall counts against every extracted condition, flagged or not (an
+extracted condition the attack did not flag is one it missed), so the last point of the curve is the
+precision and recall of the flagged set itself (:func:`flagged_precision_recall`) and recall reaches 1 only
+when every extraction was flagged. Conditions that were not flagged are no claim of the attack and take no
+place in the ranking. Tied ranking keys are never split (a cutoff only falls between different keys), as
+in scikit-learn's ``precision_recall_curve``.
 
 "Extractions at zero false positives" is the number of extracted conditions ranked before the first
-condition that is not extracted: how many true extractions an auditor gets by taking the ranking from the
-top before the first mistake (the figure [C23] reports).
+flagged condition that is not extracted: how many true extractions an auditor gets by taking the ranking
+from the top before the first mistake (the figure [C23] reports). It never exceeds the number of flagged
+conditions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +35,10 @@ class PRCurve:
         cutoffs: number of top-ranked conditions at each point (increasing, tie groups never split).
         precision: precision at each cutoff.
         recall: recall at each cutoff (0 everywhere when there is no positive).
-        num_positive: how many conditions are extracted in total.
+        num_positive: how many conditions are extracted in total (ranked or not: recall's denominator).
         extractions_at_zero_fp: extracted conditions ranked before the first non-extracted one.
-        average_precision: sum over cutoffs of (recall step) × precision (scikit-learn's definition);
-            NaN when there is no positive.
+        average_precision: sum over cutoffs of (recall step) × precision (scikit-learn's definition; positives
+            outside the ranking are never retrieved and add no area); NaN when there is no positive.
     """
 
     cutoffs: tuple[int, ...]
@@ -75,13 +81,18 @@ def _brief(x: Any) -> str:
 
 
 def precision_recall(
-    keys: Sequence[float] | torch.Tensor, positive: Sequence[bool] | torch.Tensor
+    keys: Sequence[float] | torch.Tensor,
+    positive: Sequence[bool] | torch.Tensor,
+    *,
+    num_positive: int | None = None,
 ) -> PRCurve:
     """Precision–recall along the ranking that sorts ``keys`` ascending (lower key = more suspicious).
 
     Args:
         keys: [K] ranking keys; NaN is not allowed (use +inf for "no evidence").
         positive: [K] booleans, True where the condition was extracted.
+        num_positive: recall's denominator, when positives exist outside the ranking (extracted conditions
+            that were not flagged); at least the positives ranked. None: the positives ranked.
 
     Returns:
         PRCurve.
@@ -102,9 +113,18 @@ def precision_recall(
         raise ValueError("ranking keys contain NaN; use +inf for conditions with no clique evidence")
     order = torch.sort(k, stable=True).indices
     ks, ys = k[order], y[order]
-    n_pos = int(ys.sum())
+    n_ranked = int(ys.sum())
+    if num_positive is None:
+        n_pos = n_ranked
+    else:
+        ok = isinstance(num_positive, numbers.Integral) and not isinstance(num_positive, bool)
+        if not ok or num_positive < n_ranked:
+            raise ValueError(
+                f"num_positive must be an int at least the {n_ranked} positives ranked, got {num_positive!r}"
+            )
+        n_pos = int(num_positive)
     if ks.numel() == 0:
-        return PRCurve((), (), (), 0, 0, math.nan)
+        return PRCurve((), (), (), n_pos, 0, 0.0 if n_pos else math.nan)
     tp = torch.cumsum(ys.to(torch.int64), 0)
     # last index of every run of equal keys
     last = torch.ones_like(ys)
@@ -117,7 +137,7 @@ def precision_recall(
     # zero false positives: count positives before the first negative, whole tie groups only
     first_neg = torch.nonzero(~ys).reshape(-1)
     if first_neg.numel() == 0:
-        at0 = n_pos
+        at0 = n_ranked
     else:
         j = int(first_neg[0])
         # a tie group containing the first negative cannot be taken without it
@@ -155,17 +175,19 @@ def flagged_precision_recall(flagged: Sequence[bool], extracted: Sequence[bool])
 
 
 def pr_from_records(records: Sequence[dict]) -> PRCurve | None:
-    """The PR curve of a run's records (None when no record carries verification)."""
+    """The PR curve of a run's records over the ranking of its flagged conditions (SPEC §2.4, §2.6).
+
+    Only records that carry verification count (``extracted`` not None); extracted conditions that were not
+    flagged count in recall's denominator only. None when no record carries verification.
+    """
     rows = [r for r in records if r.get("extracted") is not None]
     if not rows:
         return None
-    keyed = sorted(rows, key=lambda r: ranking_key(r["flagged"], r.get("mean_clique_distance")))
-    # one scalar key per distinct (flagged, distance) preserving the order above
-    keys, last, rank = [], None, -1
-    for r in keyed:
-        kk = ranking_key(r["flagged"], r.get("mean_clique_distance"))
-        if kk != last:
-            rank += 1
-            last = kk
-        keys.append(float(rank))
-    return precision_recall(keys, [bool(r["extracted"]) for r in keyed])
+    flagged = [r for r in rows if r.get("flagged")]
+    # the distance of ranking_key (None or NaN: +inf, last); ties stay ties
+    keys = [ranking_key(True, r.get("mean_clique_distance"))[1] for r in flagged]
+    return precision_recall(
+        keys,
+        [bool(r["extracted"]) for r in flagged],
+        num_positive=sum(bool(r["extracted"]) for r in rows),
+    )

@@ -18,6 +18,9 @@ def _to_hwc_u8(img: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"an image must be [C, H, W], got shape {tuple(img.shape)}")
     img = img.detach().cpu()
     if img.dtype != torch.uint8:
+        # an int64 image of 0..255 would be clamped to [0, 1] and come out black and white, silently
+        if not img.is_floating_point():
+            raise TypeError(f"an image must be uint8 (0-255) or float in [0, 1], got {img.dtype}")
         img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
     if img.shape[0] == 1:
         img = img.expand(3, -1, -1)
