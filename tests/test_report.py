@@ -49,7 +49,7 @@ def test_counts_come_from_the_records(tmp_path):
     text = write_report(d).read_text("utf-8")
     head = re.search(r"<h1>.*?</h1><p>(.*?)</p>", text).group(1)
     assert "3 conditions; 2 flagged" in head
-    assert "2 verified extractions" in head and "1 extractions at zero false positives" in head
+    assert "2 verified extractions" in head and "1 extraction at zero false positives" in head
     # a partial run says so, from the summary's total
     text = render_report([rec(0, True, 0.02)], {"counts": {"conditions_total": 10}}, tmp_path)
     assert "1 of 10 conditions done" in text and "no training data" in text

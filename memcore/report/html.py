@@ -185,6 +185,10 @@ def _kv_table(d: dict[str, Any], *, exact: bool = False) -> str:
     return f"<table>{rows}</table>"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _more(shown: int, total: int, what: str, where: str) -> str:
     if total <= shown:
         return ""
@@ -206,8 +210,8 @@ def _headline(records: Sequence[dict[str, Any]], summary: dict[str, Any], curve:
         s += "; no training data, so nothing verified as extracted"
     else:
         s += (
-            f"; {curve.num_positive} verified extractions (nearest training image within delta); "
-            f"{curve.extractions_at_zero_fp} extractions at zero false positives"
+            f"; {_n(curve.num_positive, 'verified extraction')} (nearest training image within delta); "
+            f"{_n(curve.extractions_at_zero_fp, 'extraction')} at zero false positives"
         )
     return s + ".</p>"
 
@@ -295,8 +299,8 @@ def render_report(
         body.append(
             f"<p>Flagged conditions ranked by mean clique distance (lower first), against every verified "
             f"condition: precision {_fmt(fp)} and recall {_fmt(fr)} of the flagged set; average precision "
-            f"{_fmt(curve.average_precision)}; {curve.num_positive} extracted conditions; "
-            f"{curve.extractions_at_zero_fp} extractions at zero false positives.</p>"
+            f"{_fmt(curve.average_precision)}; {_n(curve.num_positive, 'extracted condition')}; "
+            f"{_n(curve.extractions_at_zero_fp, 'extraction')} at zero false positives.</p>"
         )
     body.append("<h2>Run parameters</h2>" + _kv_table(summary.get("params") or {}, exact=True))
     if summary.get("timings"):
