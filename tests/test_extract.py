@@ -444,6 +444,9 @@ def test_text_model_with_cfg_engine_equals_reference_path(tmp_path):
     assert a.summary["params"]["guidance_scale"] == 7.5 and a.conditions[1].condition == "ca ab"
     with pytest.raises(ValueError, match="not a prompt"):
         carlini.extract(pipe, [3], config=config, device="cpu")
+    # no UTF-8 writer takes a lone surrogate: refused up front, not when the summary is written after the run
+    with pytest.raises(ValueError, match=r"prompt 1 holds an unpaired surrogate \(U\+D800\)"):
+        carlini.extract(pipe, ["abc", "ab \ud800"], config=config, device="cpu")
     # the tokenizer is not a weight: the run's token ids pin it (another BPE merge table tokenizes "ab"
     # differently), and an equal tokenizer resumes
     from memcore.models.offline import offline_clip_tokenizer

@@ -895,9 +895,16 @@ def _conditions_for(model: _Model, conditions: list[Any] | None) -> list[Any]:
                 raise ValueError(f"class id {c} out of range for a model with {model.num_classes} classes")
             out.append(c)
         return out
-    for c in conditions:
+    for i, c in enumerate(conditions):
         if not isinstance(c, str):
             raise ValueError(f"text model: condition {c!r} is not a prompt string")
+        try:  # a lone surrogate ("\ud800" decoded from JSON) is not text: records and digests are UTF-8
+            c.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"text model: prompt {i} holds an unpaired surrogate (U+{ord(c[exc.start]):04X}), which is not "
+                "Unicode text"
+            ) from None
     return [str(c) for c in conditions]  # numpy strings as plain ones (JSON records, token digest)
 
 
