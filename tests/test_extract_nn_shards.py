@@ -219,6 +219,41 @@ def test_nn_state_merge_is_order_free():
     assert a.done == [(0, 30)] and int(a.seed[5]) == 0  # the smallest seed among the tied
 
 
+@pytest.mark.parametrize("nn_k", [4, 50])
+def test_nn_result_matches_brute_force(setup, single, monkeypatch, nn_k):
+    """The driven extraction against SPEC §3 evaluated in plain torch on the candidates the run generated:
+    each candidate index is folded in exactly once, and a k beyond the training set (50 > 42) makes S the
+    whole set (the result reports that k)."""
+    from test_nn_extraction import brute_force
+
+    model, config, train = setup
+    ref, _ = single
+    queries, seeds = [], []
+    orig_knn, orig_update = carlini._Train.knn, NN.NNState.update
+
+    def knn(self, q, k):
+        queries.append(q.cpu().clone())
+        return orig_knn(self, q, k)
+
+    def update(self, d, idx, s, alpha):
+        seeds.extend(s.tolist())
+        return orig_update(self, d, idx, s, alpha)
+
+    monkeypatch.setattr(carlini._Train, "knn", knn)
+    monkeypatch.setattr(NN.NNState, "update", update)
+    res = carlini.extract(
+        model, None, config=dataclasses.replace(config, nn_k=nn_k), train=train, device="cpu"
+    )
+    assert sorted(seeds) == [config.seed + i for i in range(29)]
+    assert res.nn.k == min(nn_k, 42) and res.nn.num_candidates == 29 and res.nn.num_train == 42
+    want = brute_force(torch.cat(queries), seeds, train, min(nn_k, 42))
+    ext = sorted(t for t, v in want.items() if v[0] <= 1)
+    assert list(res.nn.extracted_train_indices) == ext and {40, 41} <= set(ext)
+    assert list(zip(res.nn.ratios, res.nn.seeds, res.nn.distances)) == [want[t] for t in ext]
+    if nn_k == 4:
+        assert res.nn == dataclasses.replace(ref.nn, images=())
+
+
 # ------------------------------------------------------------------------------------ streamed training set
 def test_streamed_training_set_equals_whole(setup, single, tmp_path):
     """train_chunk streams the training set through the device in pieces: same NN result and records."""

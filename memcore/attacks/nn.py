@@ -131,6 +131,21 @@ def image_name(train_index: int, seed: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- state
+def _ratio(dists: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[B] float32 ratios of SPEC §3 from [B, k] ascending distances (see :meth:`NNState.update`).
+
+    The mean over S is a float64 sum, exact for k float32 distances in [0, 1] whose smallest nonzero one is
+    above ``2^-(29 - log2(k))``: distances between uint8 images are (the smallest nonzero one is at least
+    ``1 / (255 · sqrt(C·H·W))``) for k <= 500 and images up to 3 × 1024 × 1024. So the ratio does not depend
+    on the summation order that a float32 ``mean`` takes from the memory layout, the batch or the device (a
+    CPU and a GPU run agree); it is rounded to float32 once, at the end.
+    """
+    d = dists.to(torch.float64)
+    ratio = (d[:, 0] / (alpha * (d.sum(1) / d.shape[1]))).to(torch.float32)
+    ratio = torch.where(dists[:, 0] == 0, 0.0, ratio)  # an exact copy of x (0/0 when all of S are copies)
+    return torch.where(torch.isfinite(dists).all(1), ratio, math.inf)
+
+
 class NNState:
     """Per training image: best ratio [T] float32, its seed [T] int64, its distance [T] float32.
 
@@ -155,20 +170,26 @@ class NNState:
     def update(self, dists: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, alpha: float) -> None:
         """Fold in candidates from their k-NN against the training set.
 
+        A candidate's nearest image x is ``idx[:, 0]`` (the smallest index among equally near ones) and its
+        ratio ``d_1 / (alpha · mean(d_1..d_k))``: the set S of SPEC §3 is the k nearest images, x included
+        (k is the training set's size when that is smaller). A candidate at distance 0 from x has ratio 0,
+        also when every image of S is a copy of x (0/0); one with a non-finite distance is ignored (it
+        extracts nothing, and cannot poison the minimum with a NaN).
+
         Args:
             dists: [B, k] ascending normalized L2 distances to the k nearest training images.
             idx: [B, k] their training indices.
             seeds: [B] int64 seeds of the candidates.
             alpha: the ratio's alpha (SPEC §3).
         """
-        ratio = dists[:, 0] / (alpha * dists.mean(1))
-        ratio = torch.where(torch.isnan(ratio), torch.zeros_like(ratio), ratio)  # 0/0: an exact copy
+        ratio = _ratio(dists, alpha)
         j = idx[:, 0]
         old = self.ratio.clone()
         self.ratio.scatter_reduce_(0, j, ratio, "amin")
         # the smallest seed among the candidates that reach the (new) best ratio of their training image;
-        # masked with torch.where, not boolean indexing, so that nothing here waits for the device
-        hit = ratio == self.ratio[j]
+        # masked with torch.where, not boolean indexing, so that nothing here waits for the device. An ignored
+        # candidate (ratio inf) is no hit: a training image no candidate reached keeps seed _BIG.
+        hit = (ratio == self.ratio[j]) & torch.isfinite(ratio)
         cand = torch.full_like(self.seed, _BIG)
         cand.scatter_reduce_(0, j, torch.where(hit, seeds, _BIG), "amin")
         take = (self.ratio < old) | ((self.ratio == old) & (cand < self.seed))
@@ -226,6 +247,16 @@ class NNState:
                 info = json.loads((f.metadata() or {})["memcore_nn"])
                 t = {k: f.get_tensor(k) for k in ("ratio", "seed", "dist")}
             done = normalize(info.pop("done"))
+            # a well-formed file with other arrays would merge by broadcasting, or promote the state's dtypes
+            want = {"ratio": torch.float32, "seed": torch.int64, "dist": torch.float32}
+            n = t["ratio"].shape[0] if t["ratio"].dim() == 1 else -1
+            bad = [
+                f"{k} {x.dtype} {list(x.shape)}"
+                for k, x in t.items()
+                if x.dtype != want[k] or x.shape != (n,)
+            ]
+            if bad or (done and done[0][0] < 0):
+                raise ValueError(f"not an NN state: {', '.join(bad) or f'done {done}'}")
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise ValueError(
                 f"NN checkpoint {path} is damaged ({type(exc).__name__}: {exc}); delete it to recompute its "
