@@ -198,6 +198,11 @@ def test_damaged_checkpoint_is_a_clear_error(setup, tmp_path):
     part.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="damaged"):
         carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
+    # a part over another training set, written before parts carried their run's parameters: named, not an
+    # index error from deep inside the merge
+    NN.NNState(7).save(part, {})
+    with pytest.raises(ValueError, match=rf"covers 7 training images, this run has {len(train)}"):
+        carlini.extract(model, None, config=config, train=train, out=tmp_path, device="cpu")
 
 
 def test_nn_state_merge_is_order_free():

@@ -1180,7 +1180,7 @@ def _extraction(
         nn_state = NNState(len(tr), device)
         if out is not None:
             nn_file = _nn.part_path(out, shard)
-            nn_todo = _nn.subtract(nn_todo, _nn.covered(out))
+            nn_todo = _nn.subtract(nn_todo, _nn.covered(out, len(tr)))
             if nn_file.exists():  # this part's own earlier progress: continue from it
                 nn_state, _ = NNState.load(nn_file, device)
     feed0 = {i for lo, hi in nn_todo for i in range(lo, min(hi, n))} if 0 in todo else set()

@@ -296,9 +296,9 @@ def load_parts(out: str | Path, num_train: int | None = None) -> tuple[NNState |
     return merged, files
 
 
-def covered(out: str | Path) -> list[Interval]:
-    """Candidate intervals folded in by any part file."""
-    st, _ = load_parts(out)
+def covered(out: str | Path, num_train: int | None = None) -> list[Interval]:
+    """Candidate intervals folded in by any part file (each checked as :func:`load_parts` does)."""
+    st, _ = load_parts(out, num_train)
     return [] if st is None else st.done
 
 
