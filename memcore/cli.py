@@ -252,7 +252,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if args.shard:
         shard = parse_shard(args.shard).combine(shard)
     if args.dry_run:
-        return _dry_run(args, config, conditions, device)
+        return _dry_run(args, config, conditions, device, shard)
     t0 = time.perf_counter()
     res = carlini.extract(
         args.model,
@@ -281,7 +281,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(args, config, conditions, device) -> int:
+def _dry_run(args, config, conditions, device, shard) -> int:
     from memcore.attacks import carlini
     from memcore.attacks.cost import project, unet_flops
     from memcore.utils.device import resolve_device
@@ -302,9 +302,14 @@ def _dry_run(args, config, conditions, device) -> int:
         steps=config.num_inference_steps,
         cfg=(carlini._guidance(m.kind, config) or 0) > 1,  # diffusers' rule: CFG runs only above 1
         throughput=args.throughput,
+        micro_batch=config.micro_batch,
         extra_candidates=extra,
     )
     print("memcore extract --dry-run: nothing is generated or written")
+    if shard.count > 1:  # the projection is of the run the parts make together
+        print(
+            f"  (the whole run: all {shard.count} parts; part {shard.index} runs about 1/{shard.count} of it)"
+        )
     for line in proj.lines():
         print("  " + line)
     return 0
@@ -452,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput",
         type=float,
         default=None,
-        help="images/s for --dry-run's GPU-hours (from `memcore profile`)",
+        help="images sampled/s for --dry-run's GPU-hours, as `memcore profile` measures it (valid for the "
+        "same steps, guidance, micro-batch, dtype and device)",
     )
     ex.add_argument("--no-progress", action="store_true")
     ex.add_argument("--no-report", action="store_true", help="skip report.html")

@@ -131,7 +131,10 @@ def test_dry_run_prints_cost_and_writes_nothing(model_dir, tmp_path, capsys):
     assert main(args(model_dir, out, "--dry-run", "--throughput", "100")) == 0
     text = capsys.readouterr().out
     assert "candidates            36" in text and "UNet FLOPs / forward" in text and "100 images/s" in text
+    assert "images sampled        40 (micro-batch 5; 4 padding rows)" in text  # the last batch is padded
     assert not out.exists()
+    assert main(args(model_dir, out, "--dry-run", "--shard", "1/2")) == 0
+    assert "(the whole run: all 2 parts; part 1 runs about 1/2 of it)" in capsys.readouterr().out
     # what the run would refuse at once, the dry run refuses too
     for extra, match in (
         (["--grid", "3x3"], "grid 3x3 does not divide the model's image size 8x8"),
