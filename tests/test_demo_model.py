@@ -13,6 +13,7 @@ import torch
 from memcore.io.data import load_images
 from memcore.models import demo
 from memcore.models.train_demo import (
+    _class_report,
     _max_clique,
     _tiled_l2,
     make_scheduler,
@@ -27,11 +28,16 @@ def ts() -> demo.DemoTrainingSet:
     return demo.demo_training_set("cond")
 
 
+def test_bundled_weights_are_a_few_mb():
+    sizes = [
+        (demo.demo_model_dir(v) / "diffusion_pytorch_model.safetensors").stat().st_size for v in demo.VARIANTS
+    ]
+    assert sum(sizes) < 4 * 2**20  # "a few MB at most" for both variants together
+
+
 @pytest.mark.parametrize("variant", demo.VARIANTS)
 def test_bundled_weights_load_and_run(variant):
     d = demo.demo_model_dir(variant)
-    weights = d / "diffusion_pytorch_model.safetensors"
-    assert weights.stat().st_size < 4 * 2**20  # "a few MB at most" for both variants together
     unet, sched = demo.load_demo(variant)
     assert next(unet.parameters()).dtype == torch.float32 and not unet.training
     assert unet.config.sample_size == 16 and unet.config.in_channels == 1
@@ -181,10 +187,40 @@ def test_training_is_deterministic(tmp_path):
 def test_train_demo_main_cli(tmp_path, capsys):
     from memcore.models.train_demo import main
 
-    assert main(["--out", str(tmp_path), "--variant", "uncond", "--steps", "2", "--batch-size", "4"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["--out", str(tmp_path), "--variant", "uncond", "--steps", "2", "--batch-size", "4"]) == 0
+        # trained with one thread, as the bundled weights (two give other weights), and the setting restored
+        assert json.loads((tmp_path / "uncond" / "train_info.json").read_text())["threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert "wrote" in capsys.readouterr().out
     unet, _ = demo.load_demo(model_dir=tmp_path / "uncond")
     assert unet.config.num_class_embeds is None
     assert not (tmp_path / "cond").exists()
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--variant", "huge"])
+
+
+def test_train_demo_refuses_a_bad_variant_folder_before_training(tmp_path, capsys):
+    from memcore.models.train_demo import main
+
+    (tmp_path / "uncond").write_text("not a folder")
+    # "both" trains cond first: the file in uncond's place must stop the run before that, not after it
+    with pytest.raises(ValueError, match="uncond exists and is not a directory"):
+        main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "4"])
+    assert not (tmp_path / "cond").exists() and "step" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="threads"):
+        train_demo(tmp_path / "x", threads=0)
+    assert not (tmp_path / "x").exists()
+
+
+def test_validation_counts_a_class_only_on_its_own_planted_image(ts):
+    # twelve identical samples of class 2's planted digit: a clique of twelve on a planted image
+    two = ts.planted_of_class(2)
+    x = (ts.images[two : two + 1].float() / 255).repeat(12, 1, 1, 1)
+    for cond, want in ((2, True), (None, True), (0, False), (1, False)):
+        r = _class_report(x, cond, ts, 0.1, 0.15, 10, (4, 4))  # the SPEC defaults
+        assert r.flagged and r.medoid_nearest_index == two and r.medoid_is_planted is want, cond

@@ -91,13 +91,63 @@ def test_demo_command_small(tmp_path, capsys):
     _weights_or_skip("cond")
     from memcore.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "-n", "30", "--nn-candidates", "60", "--steps", "10"]) == 0
+    argv = ["demo", "--out", str(tmp_path), "-n", "30", "--nn-candidates", "60", "--steps", "10"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "planted duplicated digits" in out and "recall" in out and "false positives" in out
+    # it says what it measured, with the thresholds, and that these are not the demo's own settings
+    assert "NOT the demo defaults" in out and "30 candidates per digit 0-9, 60 unconditional" in out
+    assert ">= 10 candidates within tiled L2 0.1 (4x4 grid)" in out and "within L2 0.15" in out
     rep = json.loads((tmp_path / "demo.json").read_text())
     assert set(rep["found_classes"]) <= set(rep["planted_classes"])
+    assert rep["settings"]["num_per_condition"] == 30 and rep["settings"]["nn_candidates"] == 60
     for sub in ("", "conditional/", "unconditional/"):
         assert (tmp_path / f"{sub}report.html").is_file()
+    # the same command again resumes the folder; other settings are refused before either attack runs
+    # (the NN part's were refused only after the generate-and-filter part had run and rewritten its files)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "demo.json").read_text())["found_classes"] == rep["found_classes"]
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert main([*argv, "--nn-candidates", "80"]) == 2  # the last --nn-candidates wins
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nn_candidates 60 there, 80 now" in err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_demo_refuses_a_folder_of_other_results(tmp_path, capsys):
+    from memcore.cli import main
+
+    (tmp_path / "report.html").write_text("someone else's report")
+    (tmp_path / "results.jsonl").write_text("")
+    # small sizes: run, the demo would overwrite report.html in seconds
+    assert main(["demo", "--out", str(tmp_path), "-n", "12", "--nn-candidates", "12", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a memcore demo's (results.jsonl)" in err
+    assert (tmp_path / "report.html").read_text() == "someone else's report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.jsonl"]
+
+
+def test_demo_report_lines_at_the_defaults():
+    from memcore.attacks import demo as ademo
+
+    s = ademo._settings(carlini.ExtractConfig(num_per_condition=100), 500)
+    rep = ademo.DemoReport(
+        planted_classes=(0, 2),
+        planted_indices=(5, 7),
+        found_classes=(0,),
+        recall=0.5,
+        false_positive_classes=(3,),
+        nn_found=(5,),
+        nn_recall=0.5,
+        nn_false_positives=(9,),
+        seconds={"total": 1.0, "conditional": 0.5, "unconditional": 0.5},
+        out="d",
+        settings=s,
+    )
+    text = "\n".join(rep.lines())
+    assert "NOT the demo defaults" not in text and "100 candidates per digit 0-9, 500 unconditional" in text
+    assert "recall 0.50 (BELOW the 0.8 target" in text and "[3]" in text and "[9]" in text
 
 
 @pytest.mark.parametrize(

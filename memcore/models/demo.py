@@ -306,8 +306,10 @@ def load_demo(
     d = Path(model_dir) if model_dir is not None else demo_model_dir(variant)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"no diffusers model in {d} (config.json missing)")
-    unet = (
-        UNet2DModel.from_pretrained(d, torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
+    # local files only, as memcore.models.loading: a demo never reaches for the network
+    unet = UNet2DModel.from_pretrained(
+        d, torch_dtype=torch.float32, low_cpu_mem_usage=False, local_files_only=True
     )
-    scheduler = DDIMScheduler.from_pretrained(d)
+    unet = unet.to(device).eval()
+    scheduler = DDIMScheduler.from_pretrained(d, local_files_only=True)
     return unet, scheduler

@@ -7,9 +7,13 @@ average of the weights, which is what gets saved (float16). It runs on a CPU or 
 steps of 64 images, a 0.64 M-parameter UNet) cost ~0.19 s of CPU time per step on one core of this project's
 build machine, ~6.5 minutes per variant on an idle core; the bundled weights took 19.4 minutes of wall time
 per variant with both variants training at once on a 2-core machine shared with other jobs.
-``main(argv)`` is the ``memcore train-demo`` command line. Training on a CPU with one thread is
-deterministic: a second run of ``train_demo(out, variant="cond")`` (9.6 minutes, same machine) reproduced the
-bundled ``cond`` weights bit for bit. The logged loss is the mean over the last ``log_every`` steps.
+``main(argv)`` is the ``memcore train-demo`` command line. Training on a CPU with one thread (the default of
+both, ``threads=1`` / ``--threads 1``, as the bundled weights were trained) is deterministic: a second run of
+``train_demo(out, variant="cond")`` (9.6 minutes, same machine) reproduced the bundled ``cond`` weights bit for
+bit. Another thread count sums in another order and gives other weights (40 steps of the ``cond`` model: one
+and two threads give safetensors files with different digests, each the same run to run); so may another CPU
+type, torch version or a GPU, where only the memorization (``validate_demo``), not the bits, is to be
+expected. The logged loss is the mean over the last ``log_every`` steps.
 
 ``validate_demo`` measures memorization with a plain diffusers DDIM loop and a few lines of torch (no memcore
 kernels, so it also checks them from outside): per class the fraction of samples near the planted image, the
@@ -128,6 +132,7 @@ def train_demo(
     block_out_channels: Sequence[int] = DEFAULT_CHANNELS,
     recipe: DemoRecipe | None = None,
     log_every: int = 100,
+    threads: int | None = 1,
 ) -> TrainResult:
     """Train one demo model on the duplicated ``load_digits`` set and save it in diffusers' layout.
 
@@ -142,11 +147,14 @@ def train_demo(
         block_out_channels: UNet width per level (smaller for tests).
         recipe: the data recipe; ``None``: :class:`DemoRecipe` defaults (the bundled weights' recipe).
         log_every: print the loss every this many steps (0: silent).
+        threads: torch's CPU threads during the training (restored afterwards); ``None`` leaves torch's
+            setting. The bundled weights were trained with 1: another count sums in another order and gives
+            other weights.
 
     Returns:
         A :class:`TrainResult`.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from memcore.io.results import check_out_dir
 
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -154,6 +162,36 @@ def train_demo(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    # before the training, not after it: a folder that cannot be written would cost the whole run
+    check_out_dir(out_dir, flag="output folder")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(
+            Path(out_dir), variant, steps, seed, device, batch_size, lr, block_out_channels, recipe, log_every
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(
+    out: Path,
+    variant: str,
+    steps: int,
+    seed: int,
+    device: str | torch.device,
+    batch_size: int,
+    lr: float,
+    block_out_channels: Sequence[int],
+    recipe: DemoRecipe | None,
+    log_every: int,
+) -> TrainResult:
+    """The body of :func:`train_demo` (which see), run with its thread count."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
     device = resolve_device(device)
     config = unet_config(variant, block_out_channels)
     recipe = recipe or DemoRecipe()
@@ -221,7 +259,6 @@ def train_demo(
     with torch.no_grad():
         for e, p in zip(ema, unet.parameters()):
             p.copy_(e)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # float16 halves the bundled size; load_demo reads it back as float32.
     from diffusers.utils import logging as dlog
@@ -327,7 +364,7 @@ class ClassReport:
     flagged: bool  # max_clique >= min_clique
     medoid_nearest_index: int | None
     medoid_nearest_l2: float | None
-    medoid_is_planted: bool
+    medoid_is_planted: bool  # within delta of this class's planted image (any planted image: unconditional)
 
 
 @dataclass(frozen=True)
@@ -367,7 +404,10 @@ def _class_report(x, cond, ts: DemoTrainingSet, alpha, delta, min_clique, grid) 
         medoid = clique[int(sub.sum(1).argmin())]
         d = _l2(x[medoid : medoid + 1], ts.images.float() / 255)[0]
         near_idx, near_l2 = int(d.argmin()), float(d.min())
-        is_planted = near_idx in ts.planted and near_l2 <= delta
+        # a class's clique counts only on its own planted image (a class-0 clique on class 2's planted digit is
+        # no hit for class 0); the unconditional model has no class, so any planted image is
+        want = ts.planted if cond is None else (planted,)
+        is_planted = near_idx in want and near_l2 <= delta
     return ClassReport(cond, planted, frac, len(clique), flagged, near_idx, near_l2, is_planted)
 
 
@@ -448,12 +488,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1, as the bundled weights were trained: another count gives other weights)",
+    )
     ap.add_argument("--validate", action="store_true", help="run validate_demo on the result and print it")
     args = ap.parse_args(argv)
     from memcore.io.results import check_out_dir
 
     check_out_dir(args.out)  # before training, not after it
     variants = VARIANTS if args.variant == "both" else (args.variant,)
+    for v in variants:  # each variant's folder too: with "both", a bad OUT/uncond would be found after cond
+        check_out_dir(Path(args.out) / v, flag="output folder")
     for v in variants:
         res = train_demo(
             Path(args.out) / v,
@@ -463,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             batch_size=args.batch_size,
             lr=args.lr,
+            threads=args.threads,
         )
         print(f"[train-demo {v}] wrote {res.out_dir} in {res.seconds:.0f}s, final loss {res.final_loss:.4f}")
         if args.validate:
