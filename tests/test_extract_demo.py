@@ -169,3 +169,24 @@ def test_demo_bad_options_write_nothing(tmp_path, capsys, extra, match):
     afile.write_text("")
     assert main(["demo", "--out", str(afile)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_demo_runs_whole_under_a_torchrun_environment(tmp_path, monkeypatch):
+    # a shard of the conditions would be scored against every planted digit: the demo is one whole run
+    from memcore.attacks import demo
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_extract(*args, shard=None, **kwargs):
+        seen.append(shard)
+        raise Stop
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(carlini, "extract", fake_extract)
+    with pytest.raises(Stop):
+        demo.run_demo(tmp_path / "d", num_per_condition=12, nn_candidates=20, steps=3)
+    assert seen == [carlini._results.ShardSpec(0, 1)]

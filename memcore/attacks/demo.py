@@ -35,11 +35,14 @@ from pathlib import Path
 import torch
 
 from memcore.attacks import carlini
-from memcore.io.results import atomic_write_bytes, atomic_write_json
+from memcore.io.results import ShardSpec, atomic_write_bytes, atomic_write_json
 
 DEMO_N = 100
 DEMO_NN = 500
 DEMO_STEPS = 50
+# the demo is one process's whole run: a torchrun or shard environment would have it score part of the
+# conditions against every planted digit
+_WHOLE = ShardSpec()
 DEMO_FILES = ("conditional", "unconditional", "demo.json", "report.html")  # what a demo writes in --out
 
 
@@ -202,6 +205,7 @@ def run_demo(
         train=train,
         out=out / "conditional",
         device=device,
+        shard=_WHOLE,
         progress=progress,
     )
     t1 = time.perf_counter()
@@ -222,6 +226,7 @@ def run_demo(
         train=uts.images,
         out=out / "unconditional",
         device=device,
+        shard=_WHOLE,
         progress=progress,
     )
     t2 = time.perf_counter()
