@@ -36,7 +36,8 @@ def reference_sample(
         class_labels: [B] class ids or None.
 
     Returns:
-        uint8 [B, C, H, W] images (``(x / 2 + 0.5).clamp(0, 1)``, then ``round(x * 255)``).
+        uint8 [B, C, H, W] images (``(x / 2 + 0.5).clamp(0, 1)``, then ``round(x * 255)``, both in the UNet's
+        dtype as DDIMPipeline's output, float32 for bfloat16).
     """
     device = torch.device(device)
     from diffusers import DDIMScheduler
@@ -62,7 +63,12 @@ def reference_sample(
         eps = unet(inp, t, class_labels=labels).sample
         kwargs = {"eta": eta} if "eta" in sched.step.__code__.co_varnames else {}
         x = sched.step(eps, t, x, **kwargs).prev_sample
-    img = (x.float() / 2 + 0.5).clamp(0, 1)
+    # as DDIMPipeline: (x / 2 + 0.5).clamp(0, 1) in the model dtype, then numpy_to_pil's round(x * 255) on that
+    # array, i.e. in the model dtype too (float16: the product is rounded to float16 first); numpy has no
+    # bfloat16, float32 holds its values exactly
+    img = (x / 2 + 0.5).clamp(0, 1)
+    if img.dtype == torch.bfloat16:
+        img = img.float()
     return (img * 255).round().to(torch.uint8)
 
 

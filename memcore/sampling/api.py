@@ -27,7 +27,8 @@ def _single_condition(c: Any) -> Any:
             return int(c)
         return None
     if isinstance(c, np.ndarray):
-        return None
+        # a 0-d integer array is a class id like a 0-d integer tensor (it was refused as "not a class id")
+        return int(c) if c.ndim == 0 and c.dtype.kind in "iu" else None
     if hasattr(type(c), "__index__"):  # int, numpy integers
         return operator.index(c)
     return None
@@ -108,7 +109,8 @@ def sample(
 
     Returns:
         ``[N, C, H, W]`` uint8 images on the model's device, ``round(255 * clamp(x / 2 + 0.5, 0, 1))`` as the
-        stock pipelines' PIL/np output.
+        stock pipelines' PIL output, in their arithmetic (for a float16 pixel model the product is rounded to
+        float16 first, as DDIMPipeline's numpy conversion does; see ``to_uint8``).
     """
     seeds = check_seeds(seeds)
     n = len(seeds)

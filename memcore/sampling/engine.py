@@ -207,7 +207,7 @@ class SamplerConfig:
         guidance_scale: classifier-free guidance for text models; None -> 7.5 (diffusers' default); <= 1
             disables CFG (diffusers' rule). Must be None for pixel UNets (they have no unconditional branch).
         eta: DDIM eta in [0, 1] (0 deterministic, 1 DDPM-like); step noise comes from the (seed, step) Philox
-            stream.
+            stream. A scheduler whose ``step`` takes no eta (DDPM, PLMS, Euler, ...) refuses ``eta > 0``.
         mode: fused-step arithmetic: ``"parity"`` (diffusers' per-op rounding: same images as diffusers) or
             ``"fp32"`` (compute in fp32, round once; fused only).
         batch_size: the fixed micro-batch the model runs at (CFG doubles the UNet batch).
@@ -253,7 +253,8 @@ class SamplerConfig:
             GEMM shapes, so the last bits may change (parity mode is then not bit-identical with diffusers);
             models whose UNet lacks the method (e.g. ``UNet2DModel``) are refused. The model is changed in
             place, as with ``fuse_norm``.
-        guidance_rescale: diffusers' ``guidance_rescale`` in [0, 1] (0 = off).
+        guidance_rescale: diffusers' ``guidance_rescale`` in [0, 1] (0 = off); text models only, and like
+            diffusers it applies only with CFG (ignored when ``guidance_scale <= 1``).
         attention: the scaled-dot-product-attention kernel the UNet's attention layers try first: ``"auto"``
             (PyTorch's choice: FlashAttention-2 for half precision on CUDA), ``"cudnn"`` (cuDNN's fused
             attention, Hopper-tuned; it takes head dimensions FlashAttention-2 pads, e.g. SD 1.x's 40),
@@ -327,7 +328,8 @@ class SampleBatch:
 
     Attributes:
         images_unit: ``[B, C, H, W]`` float32 in [0, 1], on the model's device.
-        images_u8: ``[B, C, H, W]`` uint8, ``round(255 * images_unit)`` (diffusers' ``numpy_to_pil`` rule).
+        images_u8: ``[B, C, H, W]`` uint8, ``round(255 * images_unit)`` computed as the stock pipeline's
+            ``numpy_to_pil`` does (``to_uint8`` in ``Sampler.uint8_dtype``: float16 for a float16 pixel model).
         seeds: ``[B]`` int64 (CPU: known on the host, reading it never syncs the device).
         condition_ids: ``[B]`` int64 (CPU), the ids given with the jobs.
         valid: number of real rows (a prefix).
@@ -340,10 +342,32 @@ class SampleBatch:
     valid: int
 
 
-def to_uint8(unit: torch.Tensor) -> torch.Tensor:
-    """``[..]`` float in [0, 1] -> uint8 exactly as diffusers' ``numpy_to_pil``: ``(x * 255).round()`` in float32
-    (round half to even, as numpy), then cast."""
-    return (unit.float() * 255).round().to(torch.uint8)
+def to_uint8(unit: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[..]`` float in [0, 1] -> uint8 exactly as diffusers' ``numpy_to_pil``: ``(x * 255).round()`` in ``dtype``
+    (round half to even, as numpy), then cast.
+
+    Args:
+        unit: images in [0, 1], holding values of ``dtype`` (a float32 copy of them is fine: the cast is exact).
+        dtype: the dtype numpy multiplies in, which depends on the pipeline (``uint8_dtype``): float32 for
+            latent pipelines (their image processor casts to float32 before numpy), the model dtype for
+            DDIMPipeline / DDPMPipeline (they hand the model-dtype tensor to numpy). It matters for float16:
+            ``x * 255`` rounded to float16 can land on a .5 and round the other way (124 of the 15361 float16
+            values in [0, 1] give another uint8 than in float32).
+    """
+    return (unit.to(dtype) * 255).round().to(torch.uint8)
+
+
+def uint8_dtype(latent: bool, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the stock diffusers pipeline of a model turns its [0, 1] images into uint8 in (``to_uint8``).
+
+    Latent (Stable Diffusion) pipelines go through ``VaeImageProcessor.pt_to_numpy``, which casts to float32.
+    Pixel pipelines (DDIMPipeline, DDPMPipeline) call ``.numpy()`` on the model-dtype tensor, so numpy computes
+    ``x * 255`` in float16 (or float64) there; numpy has no bfloat16 (those pipelines fail on it), and float32
+    is exact for bfloat16 values.
+    """
+    if latent or model_dtype == torch.bfloat16:
+        return torch.float32
+    return model_dtype
 
 
 _RANDN_LOCK = threading.Lock()
@@ -485,6 +509,11 @@ class Sampler:
                 raise ValueError(
                     f"guidance_scale is for text-to-image pipelines; a {lm.kind} model has no CFG"
                 )
+            if config.guidance_rescale > 0:
+                raise ValueError(
+                    f"guidance_rescale is for text-to-image pipelines (it rescales the CFG combine); a {lm.kind} "
+                    "model has no CFG"
+                )
             self.cfg_scale = None
         else:
             gs = DEFAULT_TEXT_GUIDANCE if gs is None else float(gs)
@@ -499,6 +528,12 @@ class Sampler:
         self.t_device = self.timesteps.to(self.device)
         self.scheduler_name = type(sched).__name__
         self.step_accepts_eta = "eta" in inspect.signature(sched.step).parameters
+        if float(config.eta) > 0 and not self.step_accepts_eta:
+            # it would be dropped silently (DDPM's noise follows its variance_type, PLMS has none)
+            raise ValueError(
+                f"eta={config.eta} is DDIM's noise weight, but {self.scheduler_name}.step takes no eta: "
+                "use eta=0 with this scheduler"
+            )
         fusable = self.scheduler_name in _FUSED_KINDS
         sb = config.step_backend
         if sb == "auto":
@@ -544,7 +579,8 @@ class Sampler:
                 sched,
                 eta=float(config.eta) if self.scheduler_name == "DDIMScheduler" else 0.0,  # DDPM has no eta
                 mode=config.mode,
-                guidance_rescale=float(config.guidance_rescale),
+                # diffusers rescales only under CFG: guidance_scale <= 1 ignores it (the fused step refuses it)
+                guidance_rescale=float(config.guidance_rescale) if self.cfg_scale is not None else 0.0,
             )
             self.kernel_backend = _backend.resolve(config.backend, self.device, cuda_order=("cuda", "triton"))
             # Step indices as tensors for fused_step_graphable (the kernel reads the step on its device, so the
@@ -610,6 +646,8 @@ class Sampler:
         self.vae_decode = lm.vae.decode if lm.latent else None
         if config.compile and lm.latent:
             self.vae_decode = _compiled(lm.vae.decode, config)
+        # the dtype the stock pipeline's numpy -> PIL conversion multiplies in (SampleBatch.images_u8)
+        self.uint8_dtype = uint8_dtype(lm.latent, lm.unet.dtype)
         self._graph: Any = None
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._uncond: torch.Tensor | None = None
@@ -817,10 +855,14 @@ class Sampler:
         Matches the stock pipelines: ``vae.decode(latents / scaling_factor)``, then ``(x / 2 + 0.5).clamp(0, 1)``
         in the model dtype (diffusers' ``x * 0.5 + 0.5`` is the same float op), then float32.
         """
+        return self._decode(x).float()
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode`` before the cast to float32: ``[B, C', H, W]`` in [0, 1] in the model dtype."""
         with stage("decode"):
             if self.model.latent:
                 x = self.vae_decode(x / self.model.vae_scaling_factor, return_dict=False)[0]
-            return (x / 2 + 0.5).clamp(0, 1).float()
+            return (x / 2 + 0.5).clamp(0, 1)
 
     def run_batch(self, seeds: Sequence[int], conditions: Sequence[Any] | None = None) -> torch.Tensor:
         """Sample one micro-batch of up to ``batch_size`` candidates (padded to ``batch_size``).
@@ -841,10 +883,12 @@ class Sampler:
             conditions = [None] * n
         if len(conditions) != n:
             raise ValueError(f"{len(conditions)} conditions for {n} seeds")
-        return self._run_padded(seeds, [self.check_condition(c) for c in conditions])[:n]
+        return self._run_padded(seeds, [self.check_condition(c) for c in conditions])[:n].float()
 
     @torch.no_grad()
     def _run_padded(self, seeds: list[int], conditions: list[Any]) -> torch.Tensor:
+        """``[batch_size, C, H, W]`` images in [0, 1] in the model dtype (``_decode``) for up to ``batch_size``
+        jobs, the rest padding."""
         n = len(seeds)
         bs = self.config.batch_size
         # Pad with copies of the first job: the other rows' values never change a row's result at fixed shape.
@@ -860,7 +904,7 @@ class Sampler:
             x = self._denoise_graphs(x, seeds_dev, kwargs)
         else:
             x = self._denoise_eager(x, seeds_dev, kwargs)
-        return self.decode(x)
+        return self._decode(x)
 
     def regenerate(self, seed: int, condition: Any = None, *, slot: int = 0) -> torch.Tensor:
         """One candidate alone, bit-identical to its image when it ran in row ``slot`` of any micro-batch.
@@ -874,21 +918,23 @@ class Sampler:
             slot: its row in the micro-batch it was sampled in, ``0 <= slot < batch_size``.
 
         Returns:
-            ``[C, H, W]`` float32 in [0, 1] on the device.
+            ``[C, H, W]`` float32 in [0, 1] on the device; ``to_uint8(image, self.uint8_dtype)`` is its
+            ``SampleBatch.images_u8`` row.
         """
         bs = self.config.batch_size
         slot = as_int("slot", slot)
         if not 0 <= slot < bs:
             raise ValueError(f"slot must be in [0, {bs}), got {slot}")
         seeds = check_seeds([seed] * bs)
-        return self._run_padded(seeds, [self.check_condition(condition)] * bs)[slot]
+        return self._run_padded(seeds, [self.check_condition(condition)] * bs)[slot].float()
 
     def sample(self, seeds: Sequence[int], conditions: Sequence[Any] | None = None) -> torch.Tensor:
         """All candidates, micro-batch by micro-batch: ``[len(seeds), C, H, W]`` uint8 on the device."""
         seeds = check_seeds(seeds)
-        jobs = [(0, None if conditions is None else conditions[i], s) for i, s in enumerate(seeds)]
+        # checked before indexing: fewer conditions than seeds was an IndexError
         if conditions is not None and len(conditions) != len(seeds):
             raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds: give one per seed")
+        jobs = [(0, None if conditions is None else conditions[i], s) for i, s in enumerate(seeds)]
         out = [b.images_u8[: b.valid] for b in self.stream(jobs)]
         if not out:
             return torch.empty((0, *self.model.image_shape), dtype=torch.uint8, device=self.device)
@@ -925,9 +971,12 @@ class Sampler:
         cids = [j[0] for j in jobs]  # checked ints (stream)
         conds = [self.check_condition(j[1]) for j in jobs]
         seeds = check_seeds([j[2] for j in jobs])
-        unit = self._run_padded(seeds, conds)  # padding rows hold copies of row 0's image
+        native = self._run_padded(seeds, conds)  # padding rows hold copies of row 0's image
+        # uint8 from the model-dtype values, as the stock pipeline converts them (uint8_dtype)
+        images_u8 = to_uint8(native, self.uint8_dtype)
+        unit = native.float()
         seeds_t = torch.tensor(seeds + [-1] * (bs - n), dtype=torch.int64)
         cids_t = torch.tensor(cids + [-1] * (bs - n), dtype=torch.int64)
         return SampleBatch(
-            images_unit=unit, images_u8=to_uint8(unit), seeds=seeds_t, condition_ids=cids_t, valid=n
+            images_unit=unit, images_u8=images_u8, seeds=seeds_t, condition_ids=cids_t, valid=n
         )

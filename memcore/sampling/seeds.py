@@ -36,6 +36,7 @@ import math
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -46,28 +47,32 @@ PHILOX_W1 = 0xBB67AE85
 MAX_SEED = 2**63 - 1
 
 
-def check_seeds(seeds: Sequence[int] | torch.Tensor) -> list[int]:
-    """Validate seeds: Python ints (or an integer tensor) in ``[0, 2**63)``. Returns them as a list of ints."""
+def check_seeds(seeds: Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
+    """Validate seeds: ints (Python, numpy, one-element integer tensors), or a 1-D integer tensor or numpy array,
+    in ``[0, 2**63)``.
+
+    Returns them as a list of ints.
+    """
     if isinstance(seeds, torch.Tensor):
-        if seeds.dtype.is_floating_point or seeds.dtype == torch.bool or seeds.dim() != 1:
+        if not _is_integer_tensor(seeds) or seeds.dim() != 1:
             raise TypeError(
                 f"seeds must be a 1-D integer tensor or a sequence of ints, got {seeds.dtype} {seeds.dim()}-D"
+            )
+        seeds = seeds.tolist()
+    elif isinstance(seeds, np.ndarray):  # not a Sequence, but the usual container of many seeds
+        if seeds.dtype.kind not in "iu" or seeds.ndim != 1:
+            raise TypeError(
+                f"seeds must be a 1-D integer array or a sequence of ints, got {seeds.dtype} {seeds.ndim}-D"
             )
         seeds = seeds.tolist()
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
         raise TypeError(f"seeds must be a sequence of ints, got {type(seeds).__name__}")
     out = []
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int):
-            try:
-                import numpy as np
-
-                if isinstance(s, np.integer):
-                    s = int(s)
-                else:
-                    raise TypeError
-            except (ImportError, TypeError):
-                raise TypeError(f"every seed must be an int, got {type(s).__name__}") from None
+        try:  # Python and numpy ints, one-element integer tensors (as_int); never floats or bools
+            s = as_int("a seed", s)
+        except TypeError:
+            raise TypeError(f"every seed must be an int, got {type(s).__name__} {s!r}") from None
         if not 0 <= s <= MAX_SEED:
             raise ValueError(f"seed {s} is outside [0, 2**63)")
         out.append(int(s))
