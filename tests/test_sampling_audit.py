@@ -143,3 +143,15 @@ def test_fused_parity_with_ddim_pipeline_over_schedule_settings(unet_pipe_dir, s
     assert s.step_backend == "fused"
     assert torch.equal(s.run_batch(seeds), torch.from_numpy(out).permute(0, 3, 1, 2))
     assert torch.equal(ms.sample(s, seeds=seeds), _pil_u8(pipe.numpy_to_pil(out)))
+
+
+def test_config_integers_may_be_numpy_integers():
+    # SamplerConfig(batch_size=np.int64(4)) was refused as "must be an int >= 1, got 4"
+    c = SamplerConfig(batch_size=np.int64(4), num_inference_steps=np.int32(3))
+    assert (c.batch_size, c.num_inference_steps) == (4, 3) and type(c.batch_size) is int
+    with pytest.raises(TypeError, match="batch_size must be an int, got float"):
+        SamplerConfig(batch_size=4.0)
+    with pytest.raises(TypeError, match="num_inference_steps must be an int, got bool"):
+        SamplerConfig(num_inference_steps=True)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        SamplerConfig(batch_size=np.int64(0))

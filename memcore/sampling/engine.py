@@ -283,12 +283,12 @@ class SamplerConfig:
     attention: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
-            raise TypeError("num_inference_steps must be an int")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        # numpy integers (a batch size read from an array or a sweep) as plain ints; floats and bools refused
+        for name in ("num_inference_steps", "batch_size"):
+            v = as_int(name, getattr(self, name))
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+            object.__setattr__(self, name, v)
         if self.guidance_scale is not None:
             _real("guidance_scale", self.guidance_scale)
         if not 0.0 <= _real("eta", self.eta) <= 1.0:
