@@ -189,8 +189,12 @@ def test_train_demo_main_cli(tmp_path, capsys):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    # a copied folder's validation of other weights: it would describe the new ones wrongly
+    (tmp_path / "uncond").mkdir()
+    (tmp_path / "uncond" / "validation.json").write_text('{"variant": "uncond", "old": true}')
     try:
         assert main(["--out", str(tmp_path), "--variant", "uncond", "--steps", "2", "--batch-size", "4"]) == 0
+        assert not (tmp_path / "uncond" / "validation.json").exists()
         # trained with one thread, as the bundled weights (two give other weights), and the setting restored
         assert json.loads((tmp_path / "uncond" / "train_info.json").read_text())["threads"] == 1
         assert torch.get_num_threads() == 2
@@ -224,3 +228,23 @@ def test_validation_counts_a_class_only_on_its_own_planted_image(ts):
     for cond, want in ((2, True), (None, True), (0, False), (1, False)):
         r = _class_report(x, cond, ts, 0.1, 0.15, 10, (4, 4))  # the SPEC defaults
         assert r.flagged and r.medoid_nearest_index == two and r.medoid_is_planted is want, cond
+
+
+def test_train_demo_validate_writes_its_report_beside_the_weights(tmp_path, monkeypatch, capsys):
+    import memcore.models.train_demo as td
+
+    class Report:
+        def to_json(self):
+            return {"variant": "uncond", "recall": 1.0}
+
+    seen = []
+
+    def fake_validate(variant, *, model_dir, device):
+        seen.append((variant, model_dir))
+        return Report()
+
+    monkeypatch.setattr(td, "validate_demo", fake_validate)
+    args = ["--out", str(tmp_path), "--variant", "uncond", "--steps", "2", "--batch-size", "4", "--validate"]
+    assert td.main(args) == 0
+    assert seen == [("uncond", tmp_path / "uncond")]
+    assert json.loads((tmp_path / "uncond" / "validation.json").read_text()) == Report().to_json()

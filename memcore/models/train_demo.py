@@ -53,6 +53,8 @@ DEFAULT_BATCH = 64
 DEFAULT_LR = 1e-3
 DEFAULT_CHANNELS = (16, 32, 64)
 EMA_DECAY = 0.995
+# validate_demo's report of the weights beside it (``--validate`` writes it; training removes a stale one)
+VALIDATION_FILE = "validation.json"
 WARMUP = 100
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -260,6 +262,9 @@ def _train(
         for e, p in zip(ema, unet.parameters()):
             p.copy_(e)
     out.mkdir(parents=True, exist_ok=True)
+    # a validation of the weights the folder held before (the bundled folder copied, an earlier training)
+    # does not describe these: `--validate` writes a new one
+    (out / VALIDATION_FILE).unlink(missing_ok=True)
     # float16 halves the bundled size; load_demo reads it back as float32.
     from diffusers.utils import logging as dlog
 
@@ -494,9 +499,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="CPU threads (default 1, as the bundled weights were trained: another count gives other weights)",
     )
-    ap.add_argument("--validate", action="store_true", help="run validate_demo on the result and print it")
+    ap.add_argument(
+        "--validate",
+        action="store_true",
+        help="run validate_demo on the result, print it and write validation.json",
+    )
     args = ap.parse_args(argv)
-    from memcore.io.results import check_out_dir
+    from memcore.io.results import atomic_write_json, check_out_dir
 
     check_out_dir(args.out)  # before training, not after it
     variants = VARIANTS if args.variant == "both" else (args.variant,)
@@ -516,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[train-demo {v}] wrote {res.out_dir} in {res.seconds:.0f}s, final loss {res.final_loss:.4f}")
         if args.validate:
             rep = validate_demo(v, model_dir=res.out_dir, device=args.device)
+            atomic_write_json(res.out_dir / VALIDATION_FILE, rep.to_json())  # beside the weights it describes
             print(json.dumps(rep.to_json(), indent=1))
     return 0
 
