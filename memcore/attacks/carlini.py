@@ -61,6 +61,7 @@ import torch
 from memcore.attacks import nn as _nn
 from memcore.attacks.nn import NNExtraction, NNState
 from memcore.io import results as _results
+from memcore.io.prompts import check_text
 from memcore.metrics.pr import flagged_precision_recall, pr_from_records, ranking_key
 from memcore.sampling.seeds import MAX_SEED, as_int
 from memcore.utils.device import resolve_device, same_device
@@ -898,13 +899,7 @@ def _conditions_for(model: _Model, conditions: list[Any] | None) -> list[Any]:
     for i, c in enumerate(conditions):
         if not isinstance(c, str):
             raise ValueError(f"text model: condition {c!r} is not a prompt string")
-        try:  # a lone surrogate ("\ud800" decoded from JSON) is not text: records and digests are UTF-8
-            c.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"text model: prompt {i} holds an unpaired surrogate (U+{ord(c[exc.start]):04X}), which is not "
-                "Unicode text"
-            ) from None
+        check_text(c, f"text model: prompt {i}")
     return [str(c) for c in conditions]  # numpy strings as plain ones (JSON records, token digest)
 
 

@@ -86,11 +86,8 @@ def unet_flops(model: Any) -> dict[str, Any]:
     """
     unet = model.unet
     p = next(unet.parameters())
-    pipe = getattr(model, "pipeline", None)  # a ReferenceModel keeps a text model's parts in its pipeline
-
-    def part(name: str) -> Any:
-        v = getattr(model, name, None)
-        return getattr(pipe, name, None) if v is None else v
+    # a ReferenceModel keeps a text model's parts in its diffusers pipeline (carlini._components' rule)
+    parts = getattr(model, "pipeline", None) or model
 
     shape = getattr(model, "sample_shape", None)
     if shape is None:
@@ -107,7 +104,7 @@ def unet_flops(model: Any) -> dict[str, Any]:
     elif kind == "sd_pipeline":
         # the context the engine (and diffusers' encode_prompt) gives the UNet: the encoder's output for a
         # prompt padded to the tokenizer's model_max_length (77 for SD; the cross-attention cost scales with it)
-        te, tok = part("text_encoder"), part("tokenizer")
+        te, tok = parts.text_encoder, parts.tokenizer
         ids = tok(
             "", padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(next(te.parameters()).device)
@@ -115,7 +112,7 @@ def unet_flops(model: Any) -> dict[str, Any]:
         kwargs["encoder_hidden_states"] = emb.to(dtype=p.dtype, device=p.device)
     fwd, fwd_conv, _ = _counted(lambda: unet(x, t, **kwargs))
     dec = dec_conv = 0
-    vae = part("vae")
+    vae = getattr(parts, "vae", None)
     if vae is not None:
         dec, dec_conv, _ = _counted(lambda: vae.decode(x.to(next(vae.parameters()).dtype)))
     return {

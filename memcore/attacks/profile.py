@@ -70,15 +70,12 @@ def run_profile(
     )
     # the model is loaded once: the calibration runs on a Sampler (or, for the reference sampler, a
     # ReferenceModel) built here, whose model the FLOPs are counted on
-    sampler = carlini._as_sampler(model)
-    if sampler is None and cfg.sampler == "memcore":
-        sampler = model = carlini.extraction_sampler(model, cfg, device=dev)
-    elif sampler is None:
-        model = carlini._load_model(model, cfg, dev).handle  # a ReferenceModel, in cfg.dtype
-    handle = sampler.model if sampler is not None else model
-    m = carlini._Model(
-        handle.kind, tuple(handle.image_shape), handle.num_classes, "", handle, handle.unet, sampler
-    )
+    if carlini._as_sampler(model) is None and cfg.sampler == "memcore":
+        model = carlini.extraction_sampler(model, cfg, device=dev)
+    m = carlini._load_model(model, cfg, dev)
+    if m.sampler is None:
+        model = m.handle  # a ReferenceModel, in cfg.dtype
+    handle = m.handle
     conds = carlini._conditions_for(m, carlini._conditions_arg(conditions))
     warmup = _warm_up(m, cfg, dev, None if m.kind == "unet" else conds[0])
     res = carlini.extract(model, calib, config=cfg, train=train, out=None, device=dev, report=False)

@@ -120,6 +120,19 @@ def parse_classes(spec: str, *, num_classes: int | None = None) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- helpers
 
+
+def check_text(s: str, where: str) -> None:
+    """Refuse a string no UTF-8 writer can encode (a lone surrogate, as ``json.loads("\"\\ud800\"")`` gives):
+    the results files and the conditions digest are UTF-8. ``where`` names the string in the error."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        cp = ord(s[exc.start])
+        raise ValueError(
+            f"{where} holds an unpaired surrogate (U+{cp:04X}), which is not Unicode text"
+        ) from None
+
+
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
@@ -168,16 +181,8 @@ def _read_jsonl(p: Path, text: str, column: str | None) -> list[str]:
             raise ValueError(
                 f"{p}: line {lineno}: field {key!r} is a {type(value).__name__}, expected a string"
             )
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # json.loads turns a "\ud800" escape into a lone surrogate, which no UTF-8 writer (the results
-            # files, the conditions digest) can encode: refuse it here, not mid-run
-            cp = ord(value[exc.start])
-            raise ValueError(
-                f"{p}: line {lineno}: field {key!r} holds an unpaired surrogate (U+{cp:04X}), which is not "
-                "Unicode text"
-            ) from None
+        # json.loads turns a "\ud800" escape into a lone surrogate: refused here, not mid-run
+        check_text(value, f"{p}: line {lineno}: field {key!r}")
         value = value.strip()
         if value:
             prompts.append(value)
