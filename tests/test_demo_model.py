@@ -6,6 +6,8 @@ Memorization quality is the end-to-end demo test's business (branch ``extract``)
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +250,28 @@ def test_train_demo_validate_writes_its_report_beside_the_weights(tmp_path, monk
     assert td.main(args) == 0
     assert seen == [("uncond", tmp_path / "uncond")]
     assert json.loads((tmp_path / "uncond" / "validation.json").read_text()) == Report().to_json()
+
+
+def test_an_interrupted_save_is_not_taken_for_a_model(tmp_path, monkeypatch):
+    kw = dict(variant="uncond", steps=1, batch_size=4, block_out_channels=(8, 16), log_every=0)
+    out = tmp_path / "m"
+    train_demo(out, **kw)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+    demo.load_recipe(out)
+    moved = []
+    real = os.replace
+
+    def replace(src, dst):  # the save killed after its second file is in place
+        if len(moved) == 2:
+            raise OSError(28, "No space left on device")
+        moved.append(Path(dst).name)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        train_demo(out, seed=1, **kw)
+    # new weights beside the old recipe would load as a model: the recipe goes first and comes back last
+    assert "recipe.json" not in moved and not (out / "recipe.json").exists()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        demo.load_recipe(out)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

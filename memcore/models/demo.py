@@ -258,7 +258,9 @@ def load_recipe(model_dir: str | Path) -> DemoRecipe:
     """The :class:`DemoRecipe` stored next to a demo model's weights."""
     p = Path(model_dir) / RECIPE_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"no {RECIPE_FILE} in {model_dir}: not a demo model directory")
+        raise FileNotFoundError(
+            f"no {RECIPE_FILE} in {model_dir}: not a demo model directory, or a train-demo save that did not finish"
+        )
     return DemoRecipe.from_json(json.loads(p.read_text(encoding="utf-8")))
 
 

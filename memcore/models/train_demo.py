@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -261,21 +264,6 @@ def _train(
     with torch.no_grad():
         for e, p in zip(ema, unet.parameters()):
             p.copy_(e)
-    out.mkdir(parents=True, exist_ok=True)
-    # a validation of the weights the folder held before (the bundled folder copied, an earlier training)
-    # does not describe these: `--validate` writes a new one
-    (out / VALIDATION_FILE).unlink(missing_ok=True)
-    # float16 halves the bundled size; load_demo reads it back as float32.
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # diffusers warns about casting with .to(); no module here needs float32
-    try:
-        unet.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
-    finally:
-        dlog.set_verbosity(level)
-    make_scheduler().save_pretrained(out)
-    (out / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2) + "\n", encoding="utf-8")
     final_loss = float(torch.stack(losses[-100:]).mean())
     info = {
         "variant": variant,
@@ -294,11 +282,48 @@ def _train(
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _save(out, unet, recipe, info)
     return TrainResult(out, variant, steps, seconds, final_loss, ts.sha256())
 
 
 # ------------------------------------------------------------------------------------------- validation
+
+
+def _save(out: Path, unet: torch.nn.Module, recipe: DemoRecipe, info: dict) -> None:
+    """Write a trained model into ``out`` so that an interrupted save never looks like a finished one.
+
+    Every file is written into a staging folder inside ``out`` first, then moved into place. ``recipe.json``,
+    which :func:`~memcore.models.demo.load_recipe` requires of a demo folder, is removed before the first move
+    and moved in last: a save stopped half way (a kill, a full disk) leaves a folder that loading refuses,
+    not new weights beside the old recipe or scheduler.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".train-demo-", dir=out))
+    try:
+        # float16 halves the bundled size; load_demo reads it back as float32.
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # diffusers warns about casting with .to(); no module here needs float32
+        try:
+            unet.to("cpu", torch.float16).save_pretrained(stage, safe_serialization=True)
+        finally:
+            dlog.set_verbosity(level)
+        make_scheduler().save_pretrained(stage)
+        (stage / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (stage / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2) + "\n", encoding="utf-8")
+        for f in stage.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        (out / RECIPE_FILE).unlink(missing_ok=True)
+        # a validation of the weights the folder held before (the bundled folder copied, an earlier training)
+        # does not describe these: `--validate` writes a new one
+        (out / VALIDATION_FILE).unlink(missing_ok=True)
+        names = [*sorted(f.name for f in stage.iterdir() if f.name != RECIPE_FILE), RECIPE_FILE]
+        for name in names:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def ddim_sample(
