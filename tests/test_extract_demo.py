@@ -103,10 +103,17 @@ def test_demo_command_small(tmp_path, capsys):
     assert rep["settings"]["num_per_condition"] == 30 and rep["settings"]["nn_candidates"] == 60
     for sub in ("", "conditional/", "unconditional/"):
         assert (tmp_path / f"{sub}report.html").is_file()
+    assert rep["resumed"] == [] and "earlier run" not in out
     # the same command again resumes the folder; other settings are refused before either attack runs
     # (the NN part's were refused only after the generate-and-filter part had run and rewritten its files)
     assert main(argv) == 0
-    assert json.loads((tmp_path / "demo.json").read_text())["found_classes"] == rep["found_classes"]
+    again = json.loads((tmp_path / "demo.json").read_text())
+    assert again["found_classes"] == rep["found_classes"]
+    # its time is the resume's own few seconds: it says so instead of passing them off as the demo's
+    assert again["resumed"] == ["conditional", "unconditional"]
+    assert "this run only: conditional and unconditional went on from an earlier run's results" in (
+        capsys.readouterr().out
+    )
     capsys.readouterr()
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert main([*argv, "--nn-candidates", "80"]) == 2  # the last --nn-candidates wins

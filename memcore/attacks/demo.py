@@ -62,6 +62,8 @@ class DemoReport:
         seconds: wall time of each part and in total.
         out: the output folder.
         settings: what the run used: candidates, DDIM steps, seed and the thresholds (``ExtractConfig`` names).
+        resumed: the parts (``"conditional"``, ``"unconditional"``) that went on from an earlier run's results
+            in ``out``; ``seconds`` counts this run's time only.
     """
 
     planted_classes: tuple[int, ...]
@@ -75,6 +77,7 @@ class DemoReport:
     seconds: dict[str, float]
     out: str
     settings: dict
+    resumed: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         s = self.settings
@@ -102,7 +105,13 @@ class DemoReport:
             f"{self.nn_recall:.2f}, false positives (extracted images that are not planted): "
             f"{list(self.nn_false_positives) or 'none'}",
             f"time: {self.seconds['total']:.0f}s (conditional {self.seconds['conditional']:.0f}s, "
-            f"unconditional {self.seconds['unconditional']:.0f}s); report: {Path(self.out) / 'report.html'}",
+            f"unconditional {self.seconds['unconditional']:.0f}s)"
+            + (
+                f", this run only: {' and '.join(self.resumed)} went on from an earlier run's results"
+                if self.resumed
+                else ""
+            )
+            + f"; report: {Path(self.out) / 'report.html'}",
         ]
 
 
@@ -198,6 +207,8 @@ def run_demo(
     ucfg = dataclasses.replace(cfg, nn_candidates=nn_n)  # checked now, before the first attack writes
     settings = _settings(cfg, nn_n)
     _check_demo_out(out, settings)
+    # an attack's params.json exists once it has written a record (a run that wrote none takes it back)
+    resumed = tuple(p for p in ("conditional", "unconditional") if (out / p / "params.json").is_file())
     cond = carlini.extract(
         demo_model_dir("cond"),
         list(range(10)),
@@ -243,6 +254,7 @@ def run_demo(
         seconds={"conditional": t1 - t0, "unconditional": t2 - t1, "total": t2 - t0},
         out=str(out),
         settings=settings,
+        resumed=resumed,
     )
     atomic_write_json(out / "demo.json", dataclasses.asdict(rep))
     _index(out, rep)
