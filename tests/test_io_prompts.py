@@ -178,6 +178,26 @@ def test_csv_prompt_column_named_twice(tmp_path):
     assert load_conditions(p, column="id") == ["1"]
 
 
+def test_csv_of_another_separator_is_refused(tmp_path):
+    # a tab-separated file read as one column made "a cat\t42" the prompt of its first row
+    p = tmp_path / "p.csv"
+    p.write_text("prompt\tseed\na cat\t42\n")
+    with pytest.raises(ValueError, match=r"one tab-separated column 'prompt\\tseed'.*comma-separated"):
+        load_conditions(p)
+    p.write_text("prompt;seed\na cat;42\n")
+    with pytest.raises(ValueError, match="one semicolon-separated column"):
+        load_conditions(p)
+    p.write_text("caption\na cat; a dog\n")  # a separator inside a prompt is the prompt's
+    assert load_conditions(p) == ["a cat; a dog"]
+
+
+def test_csv_field_over_the_limit_names_the_likely_cause(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text('prompt\n"an open quote\n' + "x" * 140_000 + "\n")
+    with pytest.raises(ValueError, match=r"over 131,072 characters \(an unbalanced quote\?\)"):
+        load_conditions(p)
+
+
 def test_parse_classes_too_many_digits():
     # int() refused more than 4300 digits with a message about sys.set_int_max_str_digits, naming no input
     with pytest.raises(ValueError, match=r"bad class list.*more than 18 digits"):

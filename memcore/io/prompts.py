@@ -7,7 +7,8 @@
   an error.
 - ``.csv``: a header row; the prompt is the column ``column``, by default the first of ``prompt``, ``text``,
   ``caption`` in the header, or the only column; blank entries are skipped. The prompt column must appear
-  once in the header.
+  once in the header. Fields are comma-separated: a lone header column holding tabs or semicolons is refused
+  (read as one column, each row's other fields would join its prompt).
 
 A line ends at ``\\n``, ``\\r\\n`` or ``\\r`` only (as ``wc -l``, Python's text files and the JSON Lines
 format count them), not at the other characters :meth:`str.splitlines` breaks at: U+2028, U+2029, U+0085
@@ -203,6 +204,13 @@ def _read_csv(p: Path, text: str, column: str | None) -> list[str]:
         else:
             key = next((k for k in DEFAULT_COLUMNS if k in header), None)
             if key is None:
+                if len(header) == 1 and ("\t" in header[0] or ";" in header[0]):
+                    # read as one column, every row's other fields would become part of its prompt
+                    sep = "tab" if "\t" in header[0] else "semicolon"
+                    raise ValueError(
+                        f"{p}: the header is one {sep}-separated column {header[0]!r}: a .csv prompt file "
+                        "is comma-separated; convert it, or write the prompts as .txt or .jsonl"
+                    )
                 if len(header) != 1:
                     raise ValueError(
                         f"{p}: none of the columns {', '.join(DEFAULT_COLUMNS)} (columns: "
@@ -231,5 +239,12 @@ def _read_csv(p: Path, text: str, column: str | None) -> list[str]:
             if value:
                 prompts.append(value)
     except csv.Error as exc:
+        if "field limit" in str(
+            exc
+        ):  # no caption is that long: a quote left open has swallowed the rows after it
+            raise ValueError(
+                f"{p}: a field past line {reader.line_num} is over {csv.field_size_limit():,} characters (an "
+                'unbalanced quote?); write one prompt per row, "" for a quote inside a quoted field'
+            ) from None
         raise ValueError(f"{p}: malformed CSV at line {reader.line_num} ({exc})") from None
     return prompts
