@@ -239,12 +239,23 @@ def _check_out(out: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- extract
+#: The flags of the dry run's cost projection, by the argparse names they set.
+_COST_FLAGS = {"--throughput": "throughput", "--peak-tflops": "peak_tflops", "--utilisation": "utilisation"}
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from memcore.attacks import carlini
     from memcore.io.results import parse_shard, shard_from_env
 
     _check_paths(args)
     _check_out(args.out)
+    given = [f for f, v in _COST_FLAGS.items() if getattr(args, v) is not None]
+    if given and not args.dry_run:  # a run measures its own cost: these would be ignored silently
+        raise _CliError(f"{' and '.join(given)} only apply to --dry-run")
+    if args.throughput is not None and (args.peak_tflops is not None or args.utilisation is not None):
+        raise _CliError(
+            "--peak-tflops and --utilisation project from FLOPs; --throughput replaces them: give one"
+        )
     config = _config_from(args)
     conditions = _conditions_from(args)
     device = _device_from(args)
@@ -302,6 +313,8 @@ def _dry_run(args, config, conditions, device, shard) -> int:
         steps=config.num_inference_steps,
         cfg=(carlini._guidance(m.kind, config) or 0) > 1,  # diffusers' rule: CFG runs only above 1
         throughput=args.throughput,
+        peak_tflops=args.peak_tflops,
+        utilisation=0.5 if args.utilisation is None else args.utilisation,
         micro_batch=config.micro_batch,
         extra_candidates=extra,
     )
@@ -459,6 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images sampled/s for --dry-run's GPU-hours, as `memcore profile` measures it (valid for the "
         "same steps, guidance, micro-batch, dtype and device)",
+    )
+    ex.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for --dry-run's GPU-hours without --throughput (default: an H100 SXM's "
+        "dense peak in the model's dtype, 989.4 for bfloat16/float16)",
+    )
+    ex.add_argument(
+        "--utilisation",
+        type=float,
+        default=None,
+        help="the share of the peak --dry-run assumes is reached, in (0, 1] (default 0.5)",
     )
     ex.add_argument("--no-progress", action="store_true")
     ex.add_argument("--no-report", action="store_true", help="skip report.html")

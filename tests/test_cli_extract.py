@@ -145,6 +145,30 @@ def test_dry_run_prints_cost_and_writes_nothing(model_dir, tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+def test_dry_run_on_another_device_peak(model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(args(model_dir, out, "--dry-run", "--peak-tflops", "312", "--utilisation", "0.4")) == 0
+    text = capsys.readouterr().out
+    assert "assumed 40% of 312 TFLOP/s, the given peak" in text
+    hours = float(text.split("projected GPU-hours")[1].split()[0])
+    total = float(text.split("total FLOPs")[1].split()[0])
+    assert hours == pytest.approx(total / (312e12 * 0.4) / 3600, rel=1e-3)
+    for extra, match in (
+        (["--peak-tflops", "312"], "--peak-tflops only apply to --dry-run"),  # a run measures its own cost
+        (
+            ["--throughput", "5", "--utilisation", "0.3"],
+            "--throughput and --utilisation only apply to --dry-run",
+        ),
+        (["--dry-run", "--throughput", "5", "--peak-tflops", "312"], "--throughput replaces them: give one"),
+        (["--dry-run", "--utilisation", "1.5"], "utilisation must be in (0, 1], got 1.5"),
+        (["--dry-run", "--peak-tflops", "nan"], "peak_tflops must be a finite number > 0, got nan"),
+    ):
+        assert main(args(model_dir, out, *extra)) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_output_folders_that_cannot_be_one_are_refused_before_any_work(model_dir, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
