@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -370,3 +371,56 @@ def test_atomic_writes_have_the_mode_a_plain_open_gives(tmp_path):
     os.chmod(p, 0o640)  # a rewrite keeps the mode the file has
     R.atomic_write_json(p, {"a": 2})
     assert p.stat().st_mode & 0o777 == 0o640 and json.loads(p.read_text()) == {"a": 2}
+
+
+def test_a_merge_beside_a_running_whole_run_loses_none_of_its_records(tmp_path):
+    # `memcore merge DIR` while a single-process extract appends to DIR/results.jsonl: replaced, the file the
+    # writer holds was unlinked, and every record appended after the merge went nowhere
+    with R.ResultsDir(tmp_path, PARAMS) as rd, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        rd.append(rec(0))
+        assert [r["condition_id"] for r in R.merge_parts(tmp_path)] == [0]
+        rd.append(rec(1))
+    assert [r["condition_id"] for r in R.load_results(tmp_path)] == [0, 1]
+    assert [str(w.message).split(" is being written by a running memcore extract;")[0] for w in said] == [
+        str(tmp_path / "results.jsonl")
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run over: the merge rewrites the file, saying nothing
+        assert [r["condition_id"] for r in R.merge_parts(tmp_path)] == [0, 1]
+    with R.ResultsDir(tmp_path, PARAMS) as rd:  # and a run resuming after a merge appends to the new file
+        rd.append(rec(2))
+    assert [r["condition_id"] for r in R.load_results(tmp_path)] == [0, 1, 2]
+
+
+def test_another_runs_part_parameters_left_behind_do_not_refuse_this_runs_part(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with R.ResultsDir(b, {**PARAMS, "alpha": 0.2}, shard=R.ShardSpec(1, 2)) as rd:
+        rd.append(rec(1))
+    with R.ResultsDir(a, PARAMS, shard=R.ShardSpec(0, 2)) as rd:
+        rd.append(rec(0))
+    for name in ("results.part1-of-2.jsonl", "results.part1-of-2.params.json"):
+        shutil.copy(b / "parts" / name, a / "parts" / name)
+    with pytest.raises(ValueError, match=r"part1-of-2\.jsonl was written by another run"):
+        R.merge_parts(a)
+    # the user moves the part out, as the refusal says, and runs that part here: its records are this run's
+    (a / "parts" / "results.part1-of-2.jsonl").rename(tmp_path / "theirs.jsonl")
+    with R.ResultsDir(a, PARAMS, shard=R.ShardSpec(1, 2)) as rd:
+        rd.append(rec(1))
+    assert [r["condition_id"] for r in R.merge_parts(a)] == [0, 1]
+    assert R.load_params(a) == R.read_json_file(a / "parts" / "results.part1-of-2.params.json")["params"]
+
+
+@pytest.mark.parametrize("cid", [None, "1", 1.0, True, -1])
+def test_a_record_whose_condition_id_is_no_index_is_corruption_named_by_file_and_line(tmp_path, cid):
+    # read as it was: int(None) failed in load_results naming no file, "1" / 1.0 / True passed for id 1
+    with R.ResultsDir(tmp_path, PARAMS) as rd:
+        rd.append(rec(0))
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(
+        path.read_bytes() + R.encode_record({**rec(1), "condition_id": cid}) + R.encode_record(rec(2))
+    )
+    with pytest.raises(
+        ValueError, match=r"results\.jsonl: line 2 is not a valid results record \(condition_id"
+    ):
+        R.load_results(tmp_path)

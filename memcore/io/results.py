@@ -286,6 +286,10 @@ def read_records(path: str | os.PathLike) -> ReadResult:
             rec = json.loads(raw.decode("utf-8"))
             if not isinstance(rec, dict) or "condition_id" not in rec:
                 raise ValueError("not a condition record")
+            cid = rec["condition_id"]
+            if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+                # read as it was, it failed later without naming the file (int(None)) or became another id
+                raise ValueError(f"condition_id {cid!r} is not a condition's index")
         except (UnicodeDecodeError, ValueError) as exc:
             if nl + 1 >= len(data):  # a garbled last line is also a torn write
                 return ReadResult(records, pos, True)
@@ -619,7 +623,9 @@ class ResultsDir:
     def _write_part_params(self) -> None:
         """A part file's own copy of the parameters: gathered into another directory, it is checked there."""
         side = part_params_path(self.part_path)
-        if not self.shard.is_whole and not side.exists():
+        # also over a copy left beside no records: one that came with another run's part, moved out as the
+        # refusal asks, would otherwise describe this run's records and refuse them at the next reading
+        if not self.shard.is_whole and (not side.exists() or _is_empty(self.part_path)):
             side.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(side, self._stored())
 
@@ -654,7 +660,11 @@ class ResultsDir:
             # with the first record, not at open: parts/ appears no earlier than it did (a rank starting beside
             # this one tells a directory without params.json by it), and a run that writes nothing leaves nothing
             self._write_part_params()
-            self._writer = RecordWriter(self.part_path)
+            if self.shard.is_whole:  # results.jsonl, which a merge replaces: see merge_parts
+                with _dir_lock(self.path):
+                    self._writer = RecordWriter(self.part_path)
+            else:
+                self._writer = RecordWriter(self.part_path)
             self.keep_params()
         return self._writer
 
@@ -699,18 +709,70 @@ def _dir_lock(path: Path) -> Iterator[None]:
 def merge_parts(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Merge ``results.jsonl`` and every ``parts/*.jsonl`` into ``results.jsonl`` (sorted by condition id,
     first record per id kept), atomically. Part files are left in place (a merge is idempotent), so a rank
-    still writing is never disturbed; its later records are picked up by the next merge.
+    still writing is never disturbed; its later records are picked up by the next merge. A ``results.jsonl``
+    that a single-process run is still appending to is left as it is, with a warning: replaced, the records
+    that run appends next would go to the unlinked file.
 
     Returns the merged records.
     """
     path = Path(path)
     if not (path / PARAMS_FILE).exists():
         raise ValueError(f"{path} is not a memcore results directory (no {PARAMS_FILE})")
-    with _dir_lock(path):
+    with _dir_lock(path), _unwritten(path / RESULTS_FILE) as free:
         seen = _collect(path)
         merged = [seen[k] for k in sorted(seen)]
-        atomic_write_bytes(path / RESULTS_FILE, b"".join(encode_record(r) for r in merged))
+        if free:
+            atomic_write_bytes(path / RESULTS_FILE, b"".join(encode_record(r) for r in merged))
+        else:  # replaced, the file would go on growing unlinked: the records appended from now on were lost
+            warnings.warn(
+                f"{path / RESULTS_FILE} is being written by a running memcore extract; it was left as it is "
+                "(the summary counts every record): run memcore merge again when that run has finished",
+                stacklevel=2,
+            )
     return merged
+
+
+@contextlib.contextmanager
+def _unwritten(path: Path) -> Iterator[bool]:
+    """Hold ``path``'s writer lock, yielding True, or yield False if a :class:`RecordWriter` holds it.
+
+    A whole run's writer opens ``results.jsonl`` under the directory lock (``ResultsDir.writer``), so with
+    that lock held, a free file stays free until this returns.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield True
+        return
+    fd = -1
+    # writable where it may be: NFS emulates flock with fcntl locks, and exclusive ones need it
+    for mode in (os.O_RDWR, os.O_RDONLY):
+        with contextlib.suppress(PermissionError, FileNotFoundError):
+            fd = os.open(path, mode)
+            break
+    if fd < 0:  # no file (no writer either), or one this user may not open (nor lock): replaced as before
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                busy = True
+            elif exc.errno == errno.EBADF:  # a read-only descriptor on NFS: cannot tell
+                busy = False
+            else:
+                raise
+        else:
+            busy = False
+        yield not busy
+    finally:
+        os.close(fd)
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
