@@ -10,8 +10,10 @@ import random
 import pytest
 import torch
 
+from memcore.attacks import carlini
 from memcore.attacks import nn as NN
 from memcore.distance import knn
+from memcore.io import results as R
 
 ALPHA = 0.5
 
@@ -208,3 +210,63 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         p.write_bytes(raw[:cut])
         with pytest.raises(ValueError, match="damaged"):
             NN.NNState.load(p)
+
+
+def _small_state(t: int = 10) -> NN.NNState:
+    st = NN.NNState(t)
+    st.ratio[:] = 2.0
+    st.ratio[3] = 0.5
+    st.seed[:] = 7
+    st.dist[:] = 0.25
+    st.mark(0, 64)
+    return st
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_and_old_checkpoints_still_load(tmp_path):
+    f = tmp_path / "state.part0-of-1.safetensors"
+    _small_state().save(f, {"params": {"a": 1}})
+    raw = f.read_bytes()
+    assert NN.NNState.load(f)[0].done == [(0, 64)]
+    flips = [len(raw) - 3, raw.index(b"64]]")]  # a ratio (the last array), the folded-in intervals
+    for i in flips:
+        bad = bytearray(raw)
+        bad[i] ^= 0x08  # "6" -> ">" is no JSON; the ratio 2.0 -> another float
+        bad[i] = ord("9") if i == flips[1] else bad[i]  # [[0, 94]]: well formed, 30 candidates never run
+        f.write_bytes(bytes(bad))
+        with pytest.raises(ValueError, match=r"NN checkpoint .* is damaged .*sha256.*delete it"):
+            NN.NNState.load(f)
+    # a checkpoint written before states carried a digest is taken as it is
+    from safetensors.torch import save
+
+    st = _small_state()
+    f.write_bytes(
+        save(
+            {"ratio": st.ratio, "seed": st.seed, "dist": st.dist},
+            metadata={"memcore_nn": '{"done": [[0, 64]]}'},
+        )
+    )
+    assert NN.NNState.load(f)[0].done == [(0, 64)]
+
+
+def test_a_merge_without_the_training_set_size_reports_the_k_the_run_used(tmp_path):
+    # params.json without train.num (hand-made, or from a tool writing its own): S had min(nn_k, T) images
+    params = {
+        "model": "m",
+        "model_kind": "unet",
+        "num_conditions": 1,
+        "num_per_condition": 4,
+        "nn_candidates": 4,
+        "nn_k": 50,
+        "nn_alpha": 0.5,
+        "train": {"source": "t.npz"},
+    }
+    R.atomic_write_json(
+        tmp_path / "params.json", {"format": 1, "fingerprint": R.fingerprint(params), "params": params}
+    )
+    st = _small_state(10)
+    st.done = [(0, 4)]
+    st.save(NN.part_path(tmp_path, R.ShardSpec(0, 1)), {"params": params})
+    s = carlini.summarize_dir(tmp_path, report=False)
+    assert s["nn_extraction"]["k"] == 10 and s["extracted_train_indices"] == [3]
+    assert json.loads((tmp_path / "nn_extraction.json").read_text())["k"] == 10
+    assert not math.isnan(s["nn_extraction"]["alpha"])

@@ -18,6 +18,7 @@ the whole range, they are merged into ``nn_extraction.json``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -234,8 +235,9 @@ class NNState:
         from safetensors.torch import save
 
         tensors = {"ratio": self.ratio.cpu(), "seed": self.seed.cpu(), "dist": self.dist.cpu()}
-        info = {"done": [list(x) for x in self.done], **(meta or {})}
-        _results.atomic_write_bytes(path, save(tensors, metadata={"memcore_nn": json.dumps(info)}))
+        info = json.dumps({"done": [list(x) for x in self.done], **(meta or {})})
+        md = {"memcore_nn": info, "memcore_nn_sha256": _state_digest(tensors, info)}
+        _results.atomic_write_bytes(path, save(tensors, metadata=md))
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple[NNState, dict[str, Any]]:
@@ -244,7 +246,8 @@ class NNState:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                info = json.loads((f.metadata() or {})["memcore_nn"])
+                md = f.metadata() or {}
+                info = json.loads(md["memcore_nn"])
                 t = {k: f.get_tensor(k) for k in ("ratio", "seed", "dist")}
             done = normalize(info.pop("done"))
             # a well-formed file with other arrays would merge by broadcasting, or promote the state's dtypes
@@ -257,6 +260,11 @@ class NNState:
             ]
             if bad or (done and done[0][0] < 0):
                 raise ValueError(f"not an NN state: {', '.join(bad) or f'done {done}'}")
+            # a flipped bit in the arrays or in the intervals (which say what is folded in) is well formed:
+            # only the digest tells; a file written before states carried one is taken as it is
+            want = md.get("memcore_nn_sha256")
+            if want is not None and want != _state_digest(t, md["memcore_nn"]):
+                raise ValueError("its contents do not match the sha256 recorded when it was written")
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise ValueError(
                 f"NN checkpoint {path} is damaged ({type(exc).__name__}: {exc}); delete it to recompute its "
@@ -266,6 +274,16 @@ class NNState:
         st.ratio, st.seed, st.dist = (x.to(device) for x in (t["ratio"], t["seed"], t["dist"]))
         st.done = done
         return st, info
+
+
+def _state_digest(tensors: dict[str, torch.Tensor], info: str) -> str:
+    """sha256 of a state file's metadata text and arrays (name, dtype, shape, bytes), in a fixed order."""
+    h = hashlib.sha256(info.encode("utf-8"))
+    for k in ("ratio", "seed", "dist"):
+        x = tensors[k].contiguous()
+        h.update(f"|{k}|{x.dtype}|{list(x.shape)}|".encode())
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- results directory
@@ -312,7 +330,7 @@ def finalize(out: str | Path, num_candidates: int, k: int, alpha: float) -> NNEx
     st, _ = load_parts(out)
     if st is None or subtract([(0, num_candidates)], st.done):
         return None
-    nn = st.result(num_candidates, k, alpha)
+    nn = st.result(num_candidates, min(k, st.num_train), alpha)  # k of S is at most the training set's size
     imgs = tuple(
         image_name(j, s) if (out / image_name(j, s)).exists() else None
         for j, s in zip(nn.extracted_train_indices, nn.seeds)
