@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,48 @@ def test_merge_command_finalizes_nn(setup, single, tmp_path):
     s = carlini.summarize_dir(tmp_path)
     assert s["extracted_train_indices"] == list(ref.nn.extracted_train_indices)
     assert json.loads((tmp_path / "nn_extraction.json").read_text())["seeds"] == list(ref.nn.seeds)
+
+
+def test_a_rank_merges_and_writes_its_summary_under_one_lock(setup, tmp_path, monkeypatch):
+    """Two ranks finishing together: one that merged first but wrote its summary last replaced the complete
+    summary.json and report.html with its own older ones. Merge and writes now hold one lock, so each summary
+    written comes from a merge made after the one before it was written."""
+    import fcntl
+    import os
+
+    from memcore.report import html
+
+    model, config, train = setup
+    held = []
+
+    def locked() -> bool:
+        fd = os.open(tmp_path / ".summary.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    merge, write_json, write_report = R.merge_parts, R.atomic_write_json, html.write_report
+    monkeypatch.setattr(R, "merge_parts", lambda out: held.append(("merge", locked())) or merge(out))
+
+    def writing(f, obj):
+        if Path(f).name == "summary.json":
+            held.append(("summary", locked()))
+        write_json(f, obj)
+
+    monkeypatch.setattr(R, "atomic_write_json", writing)
+    monkeypatch.setattr(
+        html, "write_report", lambda *a: held.append(("report", locked())) or write_report(*a)
+    )
+    carlini.extract(
+        model, None, config=config, train=train, out=tmp_path, device="cpu", shard=R.ShardSpec(0, 2)
+    )
+    carlini.summarize_dir(tmp_path)  # memcore merge
+    assert held == [("merge", True), ("summary", True), ("report", True)] * 2
+    assert json.loads((tmp_path / "summary.json").read_text())["counts"]["conditions_done"] == 1
 
 
 def test_shards_gathered_from_another_run_are_refused_at_merge(setup, single, tmp_path):

@@ -1567,25 +1567,24 @@ def extract(
         )
     )
     rd = state.get("results_dir")
-    if out is not None:
+    if out is None:
+        results = sorted(fresh, key=lambda r: r.condition_id)
+        summary = _summary(results, state.get("nn"), config, state)
+        return ExtractionResult(tuple(results), tuple(summary["ranking"]), state.get("nn"), summary, None)
+    with _results.summary_lock(out):  # ranks finishing together: the last summary written has every record
         if rd is not None and not rd.shard.is_whole:
             records = _results.merge_parts(out)
         else:
             records = _results.load_results(out)
         results = [ConditionResult.from_record(r) for r in records]
         nn = state.get("nn") or _read_nn(Path(out))
-    else:
-        results = sorted(fresh, key=lambda r: r.condition_id)
-        nn = state.get("nn")
-    summary = _summary(results, nn, config, state)
-    ranking = tuple(summary["ranking"])
-    if out is not None:
+        summary = _summary(results, nn, config, state)
         _results.atomic_write_json(Path(out) / "summary.json", summary)
         if report:
             from memcore.report.html import write_report
 
             write_report(out, [r.to_record() for r in results], summary)
-    return ExtractionResult(tuple(results), ranking, nn, summary, Path(out) if out is not None else None)
+    return ExtractionResult(tuple(results), tuple(summary["ranking"]), nn, summary, Path(out))
 
 
 def _summary(
@@ -1661,6 +1660,11 @@ def summarize_dir(out: str | os.PathLike, *, merge: bool = True, report: bool = 
     """
     out = Path(out)
     params = _results.load_params(out)
+    with _results.summary_lock(out):  # beside ranks still finishing: see extract
+        return _summarize_dir(out, params, merge, report)
+
+
+def _summarize_dir(out: Path, params: dict[str, Any], merge: bool, report: bool) -> dict[str, Any]:
     records = _results.merge_parts(out) if merge else _results.load_results(out)
     results = [ConditionResult.from_record(r) for r in records]
     old = {}

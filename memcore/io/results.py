@@ -694,16 +694,27 @@ class ResultsDir:
 
 
 @contextlib.contextmanager
-def _dir_lock(path: Path) -> Iterator[None]:
+def _dir_lock(path: Path, name: str = ".merge.lock") -> Iterator[None]:
     if fcntl is None:  # pragma: no cover
         yield
         return
-    fd = os.open(path / ".merge.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path / name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def summary_lock(path: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """Held by a process from its merge of the parts until its ``summary.json`` and report are written.
+
+    Ranks finishing together then write in turn, each from a merge made after the previous one wrote: the
+    summary and report left are those of the last merge, which has every record. Without it, a rank that
+    merged first but wrote last replaced the complete summary with its older one. (Its own lock file:
+    :func:`merge_parts` takes the merge lock inside it.)
+    """
+    return _dir_lock(Path(path), ".summary.lock")
 
 
 def merge_parts(path: str | os.PathLike) -> list[dict[str, Any]]:
