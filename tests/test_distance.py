@@ -415,3 +415,40 @@ def test_long_cross_sets_are_split_across_kernel_calls(monkeypatch):
     assert torch.equal(got.view(torch.int64), want_g.view(torch.int64))
     with pytest.raises(ValueError, match="pairwise"):
         D.tiled_l2(b, grid=(2, 2), backend="cpu")
+
+
+def test_knn_refs_none_is_a_type_error():
+    q = torch.rand(2, 3, 4, 4)
+    with pytest.raises(TypeError, match=r"refs must be a torch\.Tensor"):
+        D.knn(q, None, 1)
+
+
+@pytest.mark.parametrize(
+    "fn", [D.l2, lambda x: D.knn(x, x, 1), lambda x: D.tiled_l2_graph(x, 0.1, grid=(1, 1))]
+)
+def test_sparse_images_are_a_type_error(fn):
+    x = torch.rand(2, 3, 4, 4).to_sparse()
+    with pytest.raises(TypeError, match="dense"):
+        fn(x)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nan_input_never_reads_as_a_match(backend):
+    # check_finite=False: a NaN image must not come out at distance 0 from everything (a false match): every
+    # backend gives NaN for its pairs, as the reference does, so it gets no graph edge and sorts last in k-NN.
+    a = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    a[1, 2, 3, 1] = float("nan")
+    d = D.tiled_l2(a, grid=(2, 2), backend=backend, check_finite=False)
+    off = ~torch.eye(5, dtype=torch.bool)
+    assert bool(d[1][off[1]].isnan().all()) and bool(d[:, 1][off[:, 1]].isnan().all())
+    assert not bool(d[[0, 2, 3, 4]][:, [0, 2, 3, 4]].isnan().any())
+
+    bits = D.tiled_l2_graph(a, 1.0, grid=(2, 2), backend=backend, check_finite=False).view(torch.int64)[:, 0]
+    assert bits.tolist() == [0b11100, 0, 0b11001, 0b10101, 0b01101]
+
+    dist, idx = D.knn(a, a, 5, grid=(2, 2), backend=backend, check_finite=False, chunk=2)
+    want_d, want_i = D.knn(a, a, 5, grid=(2, 2), backend="reference", check_finite=False, chunk=2)
+    assert torch.equal(idx, want_i)
+    assert idx[1].tolist() == [0, 1, 2, 3, 4]  # all NaN: ties by index
+    assert bool((idx[[0, 2, 3, 4], -1] == 1).all())  # NaN sorts last
+    torch.testing.assert_close(dist, want_d, equal_nan=True, **tol("distance", torch.float32))

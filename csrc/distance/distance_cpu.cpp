@@ -118,6 +118,13 @@ struct F32Kind {
   }
 };
 
+inline bool is_nan(std::int64_t) {
+  return false;
+}
+inline bool is_nan(double v) {
+  return std::isnan(v);
+}
+
 // ------------------------------------------------------------------------------------------ packing
 
 struct Geometry {
@@ -208,7 +215,9 @@ void squared_tile_max(const typename Kind::Elem* pa, std::int64_t n, const typen
         Kind::sq4(a, pb + j * stride + t * g.d, g.d, s);
         for (std::int64_t r = 0; r < rows; ++r) {
           Sum& dst = smax[(i0 + r) * m + j];
-          if (s[r] > dst) dst = s[r];
+          // A NaN sum wins and stays (as on the reference backend): `s > dst` alone would drop it
+          // and report a NaN/Inf input as distance 0.
+          if (s[r] > dst || is_nan(s[r])) dst = s[r];
         }
       }
     }
@@ -310,8 +319,18 @@ void graph_cpu(std::uintptr_t a, std::int64_t n, std::uintptr_t b, std::int64_t 
 
 namespace {
 
-// (distance, index) lexicographic: ties go to the smaller reference index.
-using Cand = std::pair<float, std::int64_t>;
+// (distance, index) lexicographic: ties go to the smaller reference index. NaN distances order after every
+// number (as a stable ascending sort puts them), so the heap's comparison stays a strict weak order.
+struct Cand {
+  float first;
+  std::int64_t second;
+  bool operator<(const Cand& o) const {
+    const bool nan = std::isnan(first), onan = std::isnan(o.first);
+    if (nan != onan) return onan;
+    if (!nan && first != o.first) return first < o.first;
+    return second < o.second;
+  }
+};
 
 template <typename Kind>
 void knn_impl(std::uintptr_t q, std::int64_t n, std::uintptr_t r, std::int64_t m, int dtype,

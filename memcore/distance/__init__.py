@@ -81,6 +81,8 @@ _RANGES = {"unit": 1.0, "symmetric": 0.5}
 def _check_images(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of images [N, C, H, W], got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -262,6 +264,7 @@ def knn(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not isinstance(chunk, Integral) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    _check_images(refs, "refs")  # refs=None would otherwise pass as the pairwise case of _prepare
     queries, refs, gh, gw, scale, name = _prepare(
         queries,
         refs,
@@ -296,7 +299,7 @@ def tiled_l2_graph(
 
     Args:
         a: [N, C, H, W] images.
-        alpha: threshold on the [0, 1] distance scale (compared as float32).
+        alpha: threshold on the [0, 1] distance scale (compared as float32; as float64 for float64 inputs).
         b: None for the graph among ``a`` (diagonal clear), or [M, C, H, W] for the cross block.
         grid: (rows, cols) of tiles; (1, 1) thresholds plain L2.
         backend, value_range, check_finite: as in :func:`tiled_l2`.
