@@ -107,6 +107,22 @@ def test_triton_knn_and_empty(rng):
     assert D.tiled_l2_graph(q.to(dev), 0.1, b=e, grid=(2, 2), backend="triton").shape == (5, 0)
 
 
+def test_triton_nan_input_never_reads_as_a_match():
+    """check_finite=False: a NaN image is NaN from every other image, as on the reference backend (the float
+    kernels' maximum dropped a NaN tile, and the image matched its neighbours on the others)."""
+    dev = _device()
+    a = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    a[1, 2, 3, 1] = float("nan")
+    d = D.tiled_l2(a.to(dev), grid=(2, 2), backend="triton", check_finite=False).cpu()
+    want = D.tiled_l2(a, grid=(2, 2), backend="reference", check_finite=False)
+    torch.testing.assert_close(d, want, equal_nan=True, **tol("distance_triton", torch.float32))
+    assert bool(d[1, [0, 2, 3, 4]].isnan().all())
+    g = D.tiled_l2_graph(a.to(dev), 1.0, grid=(2, 2), backend="triton", check_finite=False).cpu()
+    assert g.view(torch.int64)[:, 0].tolist() == [0b11100, 0, 0b11001, 0b10101, 0b01101]
+    dist, idx = D.knn(a.to(dev), a.to(dev), 5, grid=(2, 2), backend="triton", check_finite=False)
+    assert bool(dist[1].cpu().isnan().all()) and bool((idx[[0, 2, 3, 4], -1].cpu() == 1).all())
+
+
 def test_triton_value_range_symmetric(rng):
     dev = _device()
     a = images(rng, 4, 3, 4, 4, torch.float32).to(dev)

@@ -273,7 +273,8 @@ def _pair_kernel(
         else:
             g = _gram(a_base, b_base, rmask, cmask, 0, d_live, H, W, TH, TW,
                       IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
-            s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
+            # NaN propagates (a NaN input is NaN, never a match, as on every backend): the default drops it
+            s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
         # int32 offsets from the block's first row unless BM·M >= 2^31 (WIDE): [BM, BN] int64 addresses made
         # this the register peak (255 registers and 128 B of spills for 64x64 at Triton 3.6)
         blk = out_ptr + (pid_m * BM).to(tl.int64) * M
@@ -688,8 +689,9 @@ def _tile_s(
         else:
             g = _gram(a_base, b_base, rmask, cmask, 0, D, 1, 1, 1, 1,
                       IS_INT, False, True, BM, BN, BK, PRECISION)  # fmt: skip
-            st = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0)
-        s = tl.maximum(s, st)
+            # NaN propagates through the clamp and the maximum over tiles: see _pair_kernel
+            st = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        s = tl.maximum(s, st, propagate_nan=tl.PropagateNan.ALL)
     return s
 
 
