@@ -767,3 +767,39 @@ def test_meta_tensors_are_a_clear_error():
         for call in (mg.max_clique, mg.to_bitset, mg.to_dense, lambda a: mg.max_clique_batch([a])):
             with pytest.raises(ValueError, match="meta tensor"):
                 call(adj)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "alpha",
+    [float("inf"), float("-inf"), np.float32("inf"), 10**400],
+    ids=["inf", "-inf", "np.float32-inf", "int-past-float"],
+)
+def test_threshold_graph_refuses_non_finite_alpha(backend, alpha):
+    # as memcore.distance.tiled_l2_graph does: inf made every pair an edge (inf distances too), and an int past
+    # the float range escaped as an OverflowError
+    d = torch.rand(5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        mg.threshold_graph(d, alpha, backend=backend)
+
+
+def test_clique_stats_medoid_tie_rule_is_exact():
+    # Every row sums to 0.6 exactly, but float64 sums in row order round apart (0.1 + 0.2 + 0.3 > 0.2 + 0.3
+    # + 0.1): the tie rule (first minimum) must give position 0, as the reference does.
+    x = torch.tensor(
+        [[0, 0.1, 0.2, 0.3], [0.1, 0, 0.3, 0.2], [0.2, 0.3, 0, 0.1], [0.3, 0.2, 0.1, 0]], dtype=torch.float64
+    )
+    want_pos, want_mean = ref.clique_stats(x)
+    s = mg.clique_stats(x)
+    assert s.medoid_position == want_pos == 0
+    assert s.mean_distance == want_mean
+    assert len(set(s.summed_distances.tolist())) == 1
+    assert mg.clique_stats(x[[2, 1, 0, 3]][:, [2, 1, 0, 3]]).medoid_position == 0
+
+
+def test_to_bitset_checks_the_backend_for_bitsets_too():
+    bits = torch.zeros((3, 1), dtype=torch.uint64)
+    with pytest.raises(ValueError, match="unknown backend 'bad'"):
+        mg.to_bitset(bits, backend="bad")
+    with pytest.raises(ValueError, match="does not exist for cliques"):
+        mg.to_bitset(bits, backend="cuda")

@@ -452,3 +452,10 @@ def test_nan_input_never_reads_as_a_match(backend):
     assert idx[1].tolist() == [0, 1, 2, 3, 4]  # all NaN: ties by index
     assert bool((idx[[0, 2, 3, 4], -1] == 1).all())  # NaN sorts last
     torch.testing.assert_close(dist, want_d, equal_nan=True, **tol("distance", torch.float32))
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("-inf"), float("nan"), 10**400])
+def test_graph_alpha_must_be_finite(alpha):
+    # 10**400 escaped as an OverflowError from float(); the rule is memcore.graph.threshold_graph's too
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        D.tiled_l2_graph(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), alpha)

@@ -47,13 +47,13 @@ exact backend: 10.6 ms SD pairwise, 51 ms CIFAR k-NN), autotuning may pick it.
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 
 from memcore.ops import _backend, _tune
 from memcore.ops import distance as _ops
+from memcore.utils.checks import finite_threshold
 
 __all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_graph"]
 
@@ -308,10 +308,7 @@ def tiled_l2_graph(
         uint64 [N, ceil(M/64)] (M = N for ``b=None``): bit j of row i (word j // 64, bit j % 64) is set iff
         ``d(a_i, b_j) <= alpha`` (and i != j in the pairwise case).
     """
-    if not isinstance(alpha, Real) or isinstance(alpha, bool):
-        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-    if not math.isfinite(float(alpha)):
-        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    alpha = finite_threshold(alpha)
     a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
     m = None if b is None else _tune.bucket(b.shape[0])
     return _run(
@@ -319,5 +316,5 @@ def tiled_l2_graph(
         name,
         a,
         ("graph", gh, gw, _tune.bucket(a.shape[0]), m),
-        lambda be: _ops.distance_graph(a, b, float(alpha), gh, gw, scale, be),
+        lambda be: _ops.distance_graph(a, b, alpha, gh, gw, scale, be),
     )

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import operator
 import os
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from memcore.ops import clique as _ops
+from memcore.utils.checks import finite_threshold
 from memcore.utils.profiling import stage
 
 __all__ = [
@@ -155,7 +157,8 @@ class CliqueResult:
         exact: the search finished. For the maximum-clique path: ``members`` is a maximum clique and the
             tie rule holds (or, if empty, the clique number is proven below ``min_size``). For the decision
             path: the question "clique of >= min_size members?" is answered (a witness, or proven no).
-        upper_bound: proven upper bound on the clique number (equal to ``size`` when exact and non-empty).
+        upper_bound: proven upper bound on the clique number (on the maximum-clique path, equal to ``size``
+            when exact and non-empty; a decision witness leaves it loose, e.g. N).
             ``exact=False`` with ``size == upper_bound`` means the size is proven maximum but the budget ran
             out before the tie rule was applied.
         nodes: branch-and-bound nodes explored (networkx backend: maximal cliques enumerated).
@@ -385,8 +388,9 @@ def threshold_graph(dist: torch.Tensor, alpha: float, *, backend: str = "auto") 
     Args:
         dist: ``[N, N]`` float32 or float64 distances (any device but meta; copied to the host). NaN is an
             error.
-        alpha: edge threshold, a real number (int, float or numpy scalar; not NaN); compared in ``dist``'s
-            dtype (alpha rounded to it), as ``dist <= alpha`` does.
+        alpha: edge threshold, a finite real number (int, float or numpy scalar; NaN and +-inf are a
+            ValueError, as for ``memcore.distance.tiled_l2_graph``); compared in ``dist``'s dtype (alpha
+            rounded to it), as ``dist <= alpha`` does.
 
     Returns:
         ``[N, ceil(N/64)]`` uint64 bitset on the CPU: bit j of row i set iff i != j, ``dist[i, j] <= alpha``
@@ -399,13 +403,10 @@ def threshold_graph(dist: torch.Tensor, alpha: float, *, backend: str = "auto") 
     if dist.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dist must be float32 or float64, got {dist.dtype}")
     _ops.check_has_data(dist, "dist")
-    # numbers.Real, as memcore.distance.tiled_l2_graph takes it: numpy scalars (np.float32 thresholds) too
-    if not isinstance(alpha, Real) or isinstance(alpha, (bool, np.bool_)):
-        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__} ({alpha!r})")
-    if math.isnan(alpha):
-        raise ValueError(f"alpha must be a real number, got {alpha!r}")
+    # one rule with memcore.distance.tiled_l2_graph: numpy scalars too; NaN, inf and 10**400 refused
+    a = finite_threshold(alpha)
     d = dist.detach().to("cpu").contiguous()
-    return _ops.threshold(d, float(alpha), backend=backend)
+    return _ops.threshold(d, a, backend=backend)
 
 
 def _member_indices(members: object) -> torch.Tensor:
@@ -438,8 +439,8 @@ def clique_stats(distances: torch.Tensor, members: torch.Tensor | Sequence[int] 
 
     Args:
         distances: ``[K, K]`` distances among the members, or ``[N, N]`` over all generations when ``members``
-            is given. Finite values (NaN/Inf is an error); any float dtype, any device but meta. Sums in
-            float64.
+            is given. Finite values (NaN/Inf is an error); any float dtype, any device but meta. Sums are
+            correctly rounded float64 (``math.fsum``), so equal sums tie exactly.
         members: ``[K]`` distinct integer vertex indices into ``distances`` (e.g. ``max_clique(...).members``;
             an integer tensor, numpy array or sequence of ints), or None. Floats and bool masks are a
             TypeError, anything but 1-D a ValueError.
@@ -470,8 +471,12 @@ def clique_stats(distances: torch.Tensor, members: torch.Tensor | Sequence[int] 
         raise ValueError("distances among the members must be finite (found NaN or Inf)")
     off = d.clone()
     off.fill_diagonal_(0.0)
-    sums = off.sum(dim=1)
+    # Correctly rounded sums (math.fsum), as memcore.reference.clique.clique_stats: mathematically equal row
+    # sums then compare equal, so the tie rule (first minimum) holds. A float64 sum in some order does not:
+    # rows 0.1 + 0.2 + 0.3 and 0.2 + 0.3 + 0.1 round apart, which moved the medoid off the first tied member.
+    rows = off.tolist()
+    sums = torch.tensor([math.fsum(r) for r in rows], dtype=torch.float64)
     pos = int(torch.argmin(sums))  # torch.argmin returns the first minimum: the documented tie rule
-    mean = float(off.sum() / (k * (k - 1))) if k >= 2 else float("nan")
+    mean = math.fsum(itertools.chain.from_iterable(rows)) / (k * (k - 1)) if k >= 2 else float("nan")
     medoid = int(idx[pos]) if idx is not None else pos
     return CliqueStats(medoid_position=pos, medoid=medoid, mean_distance=mean, summed_distances=sums)

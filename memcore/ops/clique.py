@@ -62,6 +62,8 @@ def to_bitset(adjacency: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
     if not isinstance(adjacency, torch.Tensor):
         raise TypeError(f"adjacency must be a torch.Tensor, got {type(adjacency).__name__}")
     check_has_data(adjacency, "adjacency")
+    # checked for every input, not only when a bool matrix is packed: a misspelt backend is an error
+    name = resolve_backend(backend)
     if adjacency.dim() != 2:
         raise ValueError(
             f"adjacency must be 2-D ([N, ceil(N/64)] uint64 or [N, N] bool), got {adjacency.dim()}-D"
@@ -71,7 +73,7 @@ def to_bitset(adjacency: torch.Tensor, *, backend: str = "auto") -> torch.Tensor
         if adjacency.shape[1] != n:
             raise ValueError(f"a boolean adjacency must be square [N, N], got {tuple(adjacency.shape)}")
         dense = adjacency.detach().to("cpu").contiguous()
-        if resolve_backend(backend) == "reference":
+        if name == "reference":
             return _ref.pack_bitset(dense)
         out = torch.empty((n, _words(n)), dtype=torch.uint64)
         if n:
