@@ -188,6 +188,59 @@ def _coefficient_rows(plan: StepPlan, config: StepConfig, classifier_scale: floa
     return torch.stack(rows)
 
 
+def _rows(plan: StepPlan, config: StepConfig, classifier_scale: float) -> torch.Tensor:
+    """``_coefficient_rows``, cached on the plan."""
+    key = ("rows", config.prediction_type, float(config.eta), float(classifier_scale))
+    rows = plan._cache.get(key)
+    if rows is None:
+        rows = _coefficient_rows(plan, config, classifier_scale)
+        plan._cache[key] = rows
+    return rows
+
+
+def _check_schedule(plan: StepPlan, config: StepConfig) -> None:
+    """Refuse a (plan, config) whose every image is NaN or inf whatever the model predicts (diffusers too).
+
+    Two real configurations do that, both zero terminal SNR (``rescale_betas_zero_snr=True``, alphabar = 0 at
+    the first trailing / linspace timestep): ``prediction_type="epsilon"`` without clipping divides by
+    sqrt(alphabar_t) = 0 (huggingface/diffusers#3851), and DDIM with ``eta=1`` takes the square root of
+    1 - alphabar_prev - sigma_t^2, mathematically 0 there and negative after rounding (diffusers#5969).
+    Checked for every backend (the reference path included), once per (plan, config).
+    """
+    key = ("checked", config.prediction_type, float(config.eta), config.clip_sample)
+    if key in plan._cache:
+        return
+    if config.prediction_type == "epsilon" and not config.clip_sample:
+        zero = (plan.alpha_prod_t == 0).nonzero().flatten().tolist()
+        if zero:
+            i = zero[0]
+            raise ValueError(
+                f"prediction_type='epsilon' at step {i} (t={plan.timesteps[i]}) where alphas_cumprod[t] = 0 "
+                "(zero terminal SNR, rescale_betas_zero_snr=True): x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) "
+                "divides by 0, so every image is inf/NaN (in diffusers too, huggingface/diffusers#3851); "
+                "zero-SNR models predict v: use prediction_type='v_prediction'"
+            )
+    rows = _rows(plan, config, 0.0)
+    cols = [COL_SA, COL_SB, COL_DIV, COL_A, COL_B, COL_N]
+    bad = torch.isnan(rows[:, cols]).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        if plan.kind == "ddim" and torch.isnan(rows[i, COL_B]):
+            var = float(config.eta) ** 2 * float(plan.variance[i])
+            why = (
+                f"1 - alphas_cumprod[prev] - sigma_t^2 < 0 with eta={config.eta} (sigma_t^2 = {var:.9g} rounds "
+                "above 1 - alphas_cumprod[prev] where alphas_cumprod[t] = 0, zero terminal SNR; "
+                "huggingface/diffusers#5969): use eta < 1"
+            )
+        else:
+            why = "a NaN step coefficient (check the scheduler's betas)"
+        raise ValueError(
+            f"{plan.scheduler_class} step {i} (t={plan.timesteps[i]}): {why}; every image would be NaN "
+            "(in diffusers too)"
+        )
+    plan._cache[key] = True
+
+
 def coefficient_table(
     plan: StepPlan, config: StepConfig, classifier_scale: float, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -217,12 +270,7 @@ def coefficient_table(
                 "capture cannot hold; run the step once before capturing (or call "
                 "memcore.ops.step.coefficient_table(plan, config, classifier_scale, dtype, device) first)"
             )
-        base_key = ("rows", config.prediction_type, float(config.eta), float(classifier_scale))
-        rows = plan._cache.get(base_key)
-        if rows is None:
-            rows = _coefficient_rows(plan, config, classifier_scale)
-            plan._cache[base_key] = rows
-        table = rows.clone()
+        table = _rows(plan, config, classifier_scale).clone()
         if config.mode == "parity" and rule == "cpu" and dtype in (torch.float16, torch.bfloat16):
             cols = list(_LEFT_MUL_COLS)
             table[:, cols] = table[:, cols].to(dtype).to(torch.float32)
@@ -373,6 +421,7 @@ def _prepare(
         )
     if not isinstance(config, StepConfig):
         raise TypeError(f"config must be a StepConfig, got {type(config).__name__}")
+    _check_schedule(plan, config)
     if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
         raise ValueError("sample must be a [B, C, H, W] tensor")
     if sample.dtype not in (torch.float32, torch.float16, torch.bfloat16):

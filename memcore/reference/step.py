@@ -107,6 +107,19 @@ def _scheduler(plan: StepPlan, config: StepConfig) -> Any:
         )
         sched = getattr(diffusers, plan.scheduler_class).from_config(cfg)
         sched.set_timesteps(plan.num_inference_steps)
+        # The values the plan read from the source scheduler, not its config's: a scheduler whose
+        # alphas_cumprod was patched after construction (e.g. alphas_cumprod[-1] = 2**-24, the zero-SNR
+        # workaround of diffusers' Euler scheduler and ComfyUI) must give the oracle the same schedule.
+        acp = sched.alphas_cumprod.clone()
+        for t, prev, a_t, a_prev in zip(
+            plan.timesteps, plan.prev_timesteps, plan.alpha_prod_t, plan.alpha_prod_t_prev
+        ):
+            acp[t] = a_t
+            if prev >= 0:
+                acp[prev] = a_prev
+            elif plan.kind == "ddim":
+                sched.final_alpha_cumprod = a_prev.clone()
+        sched.alphas_cumprod = acp
         plan._cache[key] = sched
     return sched
 

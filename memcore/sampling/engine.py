@@ -558,12 +558,13 @@ class Sampler:
         self.plan = None
         self.kernel_backend: str | None = None
         if sb == "fused":
-            from memcore.sampling.schedule import make_plan
+            from memcore.sampling.schedule import ScheduleError, make_plan
 
             try:
                 self.plan = make_plan(sched, config.num_inference_steps)
             except ValueError as exc:
-                if config.step_backend == "fused" or config.mode == "fp32":
+                # a schedule diffusers cannot step either failed at its first step with an IndexError
+                if config.step_backend == "fused" or config.mode == "fp32" or isinstance(exc, ScheduleError):
                     raise
                 # e.g. thresholding or an unsupported timestep_spacing: diffusers runs it, unfused
                 warnings.warn(
@@ -582,6 +583,10 @@ class Sampler:
                 # diffusers rescales only under CFG: guidance_scale <= 1 ignores it (the fused step refuses it)
                 guidance_rescale=float(config.guidance_rescale) if self.cfg_scale is not None else 0.0,
             )
+            from memcore.ops.step import _check_schedule
+
+            # here, not at the first step: a schedule whose every image is NaN or inf is refused when it is built
+            _check_schedule(self.plan, self.step_config)
             self.kernel_backend = _backend.resolve(config.backend, self.device, cuda_order=("cuda", "triton"))
             # Step indices as tensors for fused_step_graphable (the kernel reads the step on its device, so the
             # eager loop needs no host round trip either); the reference backend takes a Python int.

@@ -94,6 +94,10 @@ def _check_common(cfg: Any, name: str) -> None:
         raise ValueError(f"{name}: unsupported timestep_spacing {cfg.get('timestep_spacing')!r}")
 
 
+class ScheduleError(ValueError):
+    """A schedule that diffusers' own step cannot run either: an error, not a reason to fall back to it."""
+
+
 def make_plan(scheduler: Any, num_inference_steps: int) -> StepPlan:
     """Build the step plan of a diffusers ``DDIMScheduler`` or ``DDPMScheduler``.
 
@@ -109,7 +113,9 @@ def make_plan(scheduler: Any, num_inference_steps: int) -> StepPlan:
 
     Raises:
         ValueError: another scheduler class ("not fused; use the reference path"), ``thresholding=True``,
-            a DDPM ``variance_type`` other than fixed_small / fixed_small_log / fixed_large, or a bad step count.
+            a DDPM ``variance_type`` other than fixed_small / fixed_small_log / fixed_large, a bad step count,
+            or a schedule with a timestep >= ``num_train_timesteps`` ("leading" spacing with ``steps_offset``
+            > 0 and all ``num_train_timesteps`` steps, where diffusers fails too).
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -145,6 +151,21 @@ def make_plan(scheduler: Any, num_inference_steps: int) -> StepPlan:
     sched.set_timesteps(num_inference_steps)
     acp = sched.alphas_cumprod.detach().to("cpu", torch.float32)
     timesteps = tuple(int(t) for t in sched.timesteps)
+    if len(acp) < total and max(timesteps) >= len(acp):
+        # diffusers takes the betas' length from trained_betas and T from the config without comparing them
+        raise ScheduleError(
+            f"{name}: timestep {max(timesteps)} is outside trained_betas ({len(acp)} entries, but "
+            f"num_train_timesteps={total}; diffusers' step indexes alphas_cumprod out of range there)"
+        )
+    if max(timesteps) >= total:
+        # "leading" adds steps_offset after spacing the steps T // steps apart: with steps == T the first
+        # timestep is T - 1 + steps_offset, and diffusers' own step then fails on alphas_cumprod[T]
+        raise ScheduleError(
+            f"{name}: timestep {max(timesteps)} is outside [0, {total}) (timestep_spacing="
+            f"{cfg.timestep_spacing!r}, steps_offset={cfg.steps_offset}, num_inference_steps="
+            f"{num_inference_steps}; diffusers' step indexes alphas_cumprod out of range there): use fewer "
+            "steps or another timestep_spacing"
+        )
     a_t, a_prev, var, prevs = [], [], [], []
     with torch.no_grad():
         for t in timesteps:
