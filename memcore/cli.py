@@ -35,6 +35,13 @@ class _CliError(Exception):
     pass
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors in one line, like memcore's own (argparse prints the whole usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _grid(text: str) -> tuple[int, int]:
     t = text.lower().replace("×", "x")
     parts = t.split("x") if "x" in t else t.split(",")
@@ -202,6 +209,8 @@ def _config_from(args: argparse.Namespace, **over):
 def _conditions_from(args: argparse.Namespace) -> list | None:
     from memcore.io.prompts import load_conditions, parse_classes
 
+    if args.column is not None and args.prompts is None:  # it would be ignored silently
+        raise _CliError("--column only applies to --prompts (the field or column of a .jsonl or .csv file)")
     if args.prompts is not None:
         return load_conditions(args.prompts, column=args.column)
     if args.classes is not None:  # "" too: parse_classes says the list is empty
@@ -251,7 +260,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     _check_out(args.out)
     given = [f for f, v in _COST_FLAGS.items() if getattr(args, v) is not None]
     if given and not args.dry_run:  # a run measures its own cost: these would be ignored silently
-        raise _CliError(f"{' and '.join(given)} only apply to --dry-run")
+        raise _CliError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --dry-run")
     if args.throughput is not None and (args.peak_tflops is not None or args.utilisation is not None):
         raise _CliError(
             "--peak-tflops and --utilisation project from FLOPs; --throughput replaces them: give one"
@@ -260,7 +269,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     conditions = _conditions_from(args)
     device = _device_from(args)
     shard = shard_from_env()
-    if args.shard:
+    if args.shard is not None:  # "" too: parse_shard says what a shard looks like
         shard = parse_shard(args.shard).combine(shard)
     if args.dry_run:
         return _dry_run(args, config, conditions, device, shard)
@@ -452,10 +461,11 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="memcore", description="Audit diffusion models for memorized training data."
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    from memcore import __version__
+
+    ap = OneLineParser(prog="memcore", description="Audit diffusion models for memorized training data.")
+    ap.add_argument("--version", action="version", version=f"memcore {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")  # none given: refused in _main, naming them
 
     ex = sub.add_parser(
         "extract",
@@ -491,11 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=_cmd_extract)
 
     de = sub.add_parser("demo", help="run the attack on the bundled demo model (CPU, minutes)")
-    de.add_argument("--out", default="./memcore-demo")
+    de.add_argument(
+        "--out",
+        default="./memcore-demo",
+        help="output folder: new, empty or an earlier demo's (resumed) (default ./memcore-demo)",
+    )
     de.add_argument("--num-per-condition", "-n", type=int, default=None, help="default: the demo's own (100)")
     de.add_argument("--nn-candidates", type=int, default=None, help="default: the demo's own (500)")
     de.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50)")
-    de.add_argument("--device", default=None)
+    de.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cpu)")
     de.add_argument("--no-progress", action="store_true")
     de.set_defaults(fn=_cmd_demo)
 
@@ -525,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "train-demo", help="retrain the bundled demo model (memcore train-demo --help)", add_help=False
     )
+    ap.set_defaults(commands=list(sub.choices))
     return ap
 
 
@@ -568,7 +583,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if argv and argv[0] == "train-demo":  # its own parser; the same one-line errors
         run = lambda: _cmd_train_demo(argv[1:])  # noqa: E731
     else:
-        args = build_parser().parse_args(argv)
+        ap = build_parser()
+        args = ap.parse_args(argv)
+        if args.cmd is None:
+            ap.error(f"no command given; choose one of {', '.join(args.commands)}")
         run = lambda: args.fn(args)  # noqa: E731
     try:
         return int(run() or 0)

@@ -154,7 +154,7 @@ def test_dry_run_on_another_device_peak(model_dir, tmp_path, capsys):
     total = float(text.split("total FLOPs")[1].split()[0])
     assert hours == pytest.approx(total / (312e12 * 0.4) / 3600, rel=1e-3)
     for extra, match in (
-        (["--peak-tflops", "312"], "--peak-tflops only apply to --dry-run"),  # a run measures its own cost
+        (["--peak-tflops", "312"], "--peak-tflops only applies to --dry-run"),  # a run measures its own cost
         (
             ["--throughput", "5", "--utilisation", "0.3"],
             "--throughput and --utilisation only apply to --dry-run",

@@ -23,7 +23,6 @@ the planted image; for the unconditional model the nearest-neighbour ratio test 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -510,7 +509,9 @@ def validate_demo(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``memcore train-demo``: train the demo model(s), optionally validate them. Returns the exit status."""
-    ap = argparse.ArgumentParser(prog="memcore train-demo", description=__doc__.split("\n\n")[0])
+    from memcore.cli import OneLineParser  # usage errors in one line, as memcore's other commands
+
+    ap = OneLineParser(prog="memcore train-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder; a variant goes to OUT/<variant>")
     ap.add_argument("--variant", choices=(*VARIANTS, "both"), default="both")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
