@@ -182,6 +182,13 @@ def test_shards_gathered_from_another_run_are_refused_at_merge(setup, single, tm
     gather(b / "ok", a)
     s = carlini.summarize_dir(a)
     assert s["extracted_train_indices"] == list(ref.nn.extracted_train_indices)
+    # gathered into a new folder (no params.json): the parts' own copies of the parameters serve
+    new = tmp_path / "new"
+    new.mkdir()
+    gather(a, new)
+    s = carlini.summarize_dir(new)
+    assert s["extracted_train_indices"] == list(ref.nn.extracted_train_indices)
+    assert R.load_params(new) == R.load_params(a)
 
 
 # ---------------------------------------------------------------------------------------- interrupt/resume

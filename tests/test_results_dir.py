@@ -424,3 +424,27 @@ def test_a_record_whose_condition_id_is_no_index_is_corruption_named_by_file_and
         ValueError, match=r"results\.jsonl: line 2 is not a valid results record \(condition_id"
     ):
         R.load_results(tmp_path)
+
+
+def test_parts_gathered_into_a_new_folder_bring_their_parameters(tmp_path):
+    # the multi-node recipe without a shared filesystem gathers each node's parts/ into one folder: a new
+    # folder has no params.json, and `memcore merge` refused it although every part carries its run's
+    nodes = []
+    for i, (part, params) in enumerate(((0, PARAMS), (1, PARAMS), (1, {**PARAMS, "alpha": 0.2}))):
+        d = tmp_path / f"node{i}"
+        with R.ResultsDir(d, params, shard=R.ShardSpec(part, 2)) as rd:
+            rd.append(rec(part))
+        nodes.append(d)
+    new = tmp_path / "new"
+    for d in nodes[:2]:
+        shutil.copytree(d / "parts", new / "parts", dirs_exist_ok=True)
+    assert not (new / "params.json").exists() and R.adopt_part_params(new)
+    assert R.load_params(new) == R.load_params(nodes[0])
+    assert [r["condition_id"] for r in R.merge_parts(new)] == [0, 1]
+    assert not R.adopt_part_params(new)  # it has its params.json now
+    other = tmp_path / "other"
+    shutil.copytree(nodes[0] / "parts", other / "parts")
+    shutil.copytree(nodes[2] / "parts", other / "parts", dirs_exist_ok=True)  # part 1 of another run
+    with pytest.raises(ValueError, match=r"parts were written by different runs: alpha"):
+        R.adopt_part_params(other)
+    assert not (other / "params.json").exists()

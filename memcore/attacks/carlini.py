@@ -1659,6 +1659,8 @@ def summarize_dir(out: str | os.PathLike, *, merge: bool = True, report: bool = 
     For ``memcore merge DIR`` after a sharded run; timings of an earlier summary are kept.
     """
     out = Path(out)
+    if merge:  # parts gathered from several nodes into a new folder: their own copies of the parameters
+        _results.adopt_part_params(out)
     params = _results.load_params(out)
     with _results.summary_lock(out):  # beside ranks still finishing: see extract
         return _summarize_dir(out, params, merge, report)

@@ -850,6 +850,33 @@ def read_json_file(path: str | os.PathLike, advice: str = "restore it or remove 
         raise ValueError(f"{path} is corrupt ({exc}); {advice}") from None
 
 
+def adopt_part_params(path: str | os.PathLike) -> bool:
+    """Write ``params.json`` from the parts' own copies when ``path`` has parts but no ``params.json``.
+
+    That is a multi-node run's parts gathered into a new folder (README, Scale): every part carries the
+    parameters of the run that wrote it, so the directory's can be taken from them. They must describe one
+    run; parts of several are refused by name. Returns whether ``params.json`` was written.
+    """
+    path = Path(path)
+    if (path / PARAMS_FILE).exists() or not (path / PARTS_DIR).is_dir():
+        return False
+    parts = sorted(f for f in (path / PARTS_DIR).iterdir() if _PART_RE.match(f.name))
+    sides = [part_params_path(f) for f in parts if part_params_path(f).exists()]
+    if not sides:
+        return False
+    first = _read_stored(sides[0])
+    for side in sides[1:]:
+        diffs = param_differences(
+            first["params"], _read_stored(side)["params"], labels=(sides[0].name, side.name)
+        )
+        if diffs:
+            raise ValueError(
+                f"{path} has no {PARAMS_FILE} and its parts were written by different runs: {'; '.join(diffs)}"
+            )
+    atomic_write_json(path / PARAMS_FILE, first)
+    return True
+
+
 def load_params(path: str | os.PathLike) -> dict[str, Any]:
     pfile = Path(path) / PARAMS_FILE
     if not pfile.exists():
