@@ -448,3 +448,13 @@ def test_parts_gathered_into_a_new_folder_bring_their_parameters(tmp_path):
     with pytest.raises(ValueError, match=r"parts were written by different runs: alpha"):
         R.adopt_part_params(other)
     assert not (other / "params.json").exists()
+
+
+@pytest.mark.parametrize("name", ["summary.json", "report.html", "nn_extraction.json"])
+def test_a_folder_of_another_tools_summary_or_report_is_refused(tmp_path, name):
+    # a run replaces these at its end: opened as a new results directory, another tool's file was lost
+    (tmp_path / name).write_text("theirs")
+    with pytest.raises(ValueError, match=f"holds {name} but no params.json: not a memcore results directory"):
+        R.ResultsDir(tmp_path, PARAMS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    assert (tmp_path / name).read_text() == "theirs"

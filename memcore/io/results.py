@@ -578,6 +578,14 @@ class ResultsDir:
             if pfile.exists():  # a rank started beside this one wrote it and its first record meanwhile
                 return self._check_or_write_params(added, located)
             raise ValueError(f"{self.path} holds results but no {PARAMS_FILE}; refusing to append to it")
+        # files a run replaces at its end: without params.json they are not a memcore run's (it writes them
+        # last), and another tool's summary or report would be lost
+        theirs = [n for n in (SUMMARY_FILE, "report.html", "nn_extraction.json") if (self.path / n).exists()]
+        if theirs:
+            raise ValueError(
+                f"{self.path} holds {', '.join(theirs)} but no {PARAMS_FILE}: not a memcore results directory, "
+                "and a run would replace them; choose another --out"
+            )
         atomic_write_json(pfile, self._stored())
         self._wrote_params = True
 
