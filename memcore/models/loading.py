@@ -6,11 +6,15 @@ Accepted inputs (``load_model``):
   Diffusion layout: ``unet/`` ``UNet2DConditionModel`` + ``text_encoder/`` CLIP text model + ``tokenizer/`` +
   ``vae/`` ``AutoencoderKL`` + ``scheduler/``); components are loaded one by one, so a safety checker or feature
   extractor in the directory is never loaded;
-- a model directory with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``): a
-  ``UNet2DModel``, unconditional or class-conditional (``num_class_embeds``);
+- a model directory with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``, or shards with
+  their index): a ``UNet2DModel``, unconditional or class-conditional (``num_class_embeds``);
 - a ``.safetensors`` file with a ``config.json`` next to it (a ``UNet2DModel`` state dict);
 - a loaded diffusers object: ``UNet2DModel``, or a pipeline with ``unet`` + ``scheduler`` (+ ``vae``,
   ``text_encoder``, ``tokenizer`` for text-to-image).
+
+In a directory (or a pipeline's component folder) the plain weights file is loaded, as diffusers does; a folder
+holding one variant only (``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``) loads that
+variant, which diffusers does only when given ``variant=``.
 
 The scheduler comes from ``scheduler/scheduler_config.json`` of a pipeline, or ``scheduler_config.json`` next to
 a model directory or file; a bare UNet with none gets ``DDPMScheduler()`` defaults (1000 steps, linear betas
@@ -123,16 +127,52 @@ def _check_safetensors(path: Path) -> None:
         raise ValueError(f"{path} is not a valid safetensors file (size {size} does not match its header)")
 
 
-def _check_weights_dir(d: Path, what: str) -> None:
+# the weights files diffusers (``diffusion_pytorch_model``) and transformers (``model``, ``pytorch_model``) load,
+# whole or sharded (an index naming the shards); a variant puts its name before the suffix
+# (``diffusion_pytorch_model.fp16.safetensors``, ``model.safetensors.index.fp16.json``)
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
+_TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
+
+
+def _weights_name(stems: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(
+        rf"^(?:{'|'.join(stems)})(?:\.(?P<v1>[^.-]+))?\.(?:safetensors|bin)(?:\.index(?:\.(?P<v2>[^.-]+))?\.json)?$"
+    )
+
+
+def _check_weights_dir(d: Path, what: str, stems: tuple[str, ...] = _DIFFUSERS_WEIGHTS) -> str | None:
+    """Check a component directory before diffusers/transformers read it; returns the variant to load.
+
+    The variant is None when the plain weights file is there (what diffusers loads without ``variant=``), else
+    the one variant present (``fp16`` for a folder holding only ``diffusion_pytorch_model.fp16.safetensors``),
+    which diffusers loads only when told (its error then names the ``.bin`` it did not find either).
+    """
     if not d.is_dir():
         raise FileNotFoundError(f"{what}: directory {d} is missing")
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{what}: {d / 'config.json'} is missing")
+    _read_json(d / "config.json")  # a list or broken JSON: diffusers took it for a hub id to download
     st = sorted(d.glob("*.safetensors"))
     if not st and not any(d.glob("*.bin")):
         raise FileNotFoundError(f"{what}: no weights file (*.safetensors or *.bin) in {d}")
     for f in st:
         _check_safetensors(f)
+    found = [m for m in map(_weights_name(stems).match, sorted(os.listdir(d))) if m]
+    if any(m["v1"] is None and m["v2"] is None for m in found):
+        return None
+    variants = sorted({m["v1"] or m["v2"] for m in found})
+    if len(variants) == 1:
+        return variants[0]
+    names = sorted(f.name for f in d.iterdir() if f.suffix in (".safetensors", ".bin"))
+    raise FileNotFoundError(
+        f"{what}: no {stems[0]}.safetensors (or .bin, or a sharded index) in {d}"
+        + (
+            f", only the variants {', '.join(variants)}: memcore does not choose between them"
+            if variants
+            else f", only {', '.join(names)}"
+            + (" (a lone .safetensors file loads when passed as the path itself)" if what == "model" else "")
+        )
+    )
 
 
 # Every diffusers model load: local files only (never a download), and the plain loading path explicitly
@@ -184,13 +224,26 @@ def _first_lines(msg: str, n: int = 3) -> str:
     return " ".join(lines[:n]) + more
 
 
-def _diffusers_cls(name: str) -> Any:
+def _diffusers_cls(name: Any, where: Path) -> Any:
     import diffusers
 
-    cls = getattr(diffusers, name, None)
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"unknown diffusers class {name!r}")
+        raise ValueError(f"{where}: unknown diffusers class {name!r}")
     return cls
+
+
+def _component(index: dict[str, Any], name: str, root: Path) -> str | None:
+    """The class name model_index.json gives a component (``"unet": ["diffusers", "UNet2DModel"]``); None when
+    it has none (absent, or ``[null, null]`` as diffusers saves a safety checker left out)."""
+    entry = index.get(name)
+    if entry is None or (isinstance(entry, list) and len(entry) == 2 and entry[1] is None):
+        return None
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+        raise ValueError(
+            f"{root / 'model_index.json'}: {name!r} must be [library, class name], got {entry!r}"
+        )
+    return entry[1]
 
 
 @contextlib.contextmanager
@@ -225,8 +278,12 @@ def _load_scheduler_from(directory: Path) -> Any | None:
     cfg = directory / "scheduler_config.json"
     if not cfg.is_file():
         return None
-    name = _read_json(cfg).get("_class_name", "DDPMScheduler")
-    return _diffusers_cls(name).from_pretrained(str(directory), local_files_only=True)
+    from diffusers import SchedulerMixin
+
+    cls = _diffusers_cls(_read_json(cfg).get("_class_name", "DDPMScheduler"), cfg)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"{cfg}: {cls.__name__} is not a diffusers scheduler")
+    return cls.from_pretrained(str(directory), local_files_only=True)
 
 
 def _default_scheduler() -> Any:
@@ -311,41 +368,58 @@ def _describe_unet(
 
 
 def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    index = _read_json(root / "model_index.json")
-    if "unet" not in index:
-        raise ValueError(f"{root}/model_index.json names no 'unet' component; memcore samples UNet pipelines")
-    unet_cls = _diffusers_cls(index["unet"][1])
-    _check_weights_dir(root / "unet", "unet")
-    unet = _from_pretrained(unet_cls, root, "unet", subfolder="unet", torch_dtype=dtype)
+    index_path = root / "model_index.json"
+    index = _read_json(index_path)
+    names = {c: _component(index, c, root) for c in ("unet", "scheduler", "vae", "text_encoder", "tokenizer")}
+    if names["unet"] is None:
+        raise ValueError(f"{index_path} names no 'unet' component; memcore samples UNet pipelines")
+    unet_cls = _diffusers_cls(names["unet"], index_path)
+    if names["unet"] == "UNet2DConditionModel":  # Stable Diffusion layout: say which part is missing
+        for c in ("vae", "text_encoder", "tokenizer"):
+            if names[c] is None:
+                raise ValueError(
+                    f"{index_path} names no {c!r} component: a UNet2DConditionModel pipeline (Stable Diffusion "
+                    "layout) needs vae, text_encoder and tokenizer"
+                )
+    variant = _check_weights_dir(root / "unet", "unet")
+    if names["scheduler"] is None:
+        raise ValueError(f"{index_path} names no 'scheduler' component")
+    unet = _from_pretrained(unet_cls, root, "unet", subfolder="unet", torch_dtype=dtype, variant=variant)
     unet = _finish_unet(unet, device, dtype)
-    scheduler = None
-    if "scheduler" in index and (root / "scheduler").is_dir():
-        scheduler = _load_scheduler_from(root / "scheduler")
+    scheduler = _load_scheduler_from(root / "scheduler") if (root / "scheduler").is_dir() else None
     if scheduler is None:
         raise FileNotFoundError(f"{root}/scheduler/scheduler_config.json is missing")
     extra: dict[str, Any] = {}
-    if index.get("vae") and index["vae"][0] is not None:
-        _check_weights_dir(root / "vae", "vae")
-        vae = _from_pretrained(
-            _diffusers_cls(index["vae"][1]), root, "vae", subfolder="vae", torch_dtype=dtype
-        )
+    if names["vae"] is not None:
+        vae_cls = _diffusers_cls(names["vae"], index_path)
+        variant = _check_weights_dir(root / "vae", "vae")
+        vae = _from_pretrained(vae_cls, root, "vae", subfolder="vae", torch_dtype=dtype, variant=variant)
         extra["vae"] = _finish_unet(vae, device, dtype)
-    if index.get("text_encoder") and index["text_encoder"][0] is not None:
-        import transformers
-
-        _check_weights_dir(root / "text_encoder", "text_encoder")
-        te_cls = getattr(transformers, index["text_encoder"][1])
-        kw = {"dtype": dtype} if dtype is not None else {}
+    if names["text_encoder"] is not None:
+        te_cls = _transformers_cls(names["text_encoder"], index_path)
+        variant = _check_weights_dir(root / "text_encoder", "text_encoder", _TRANSFORMERS_WEIGHTS)
+        # the UNet's dtype when none is asked for: transformers loads a float16 checkpoint as float16 where
+        # diffusers makes the UNet float32, and float16 embeddings into a float32 UNet fail
+        te_dtype = dtype if dtype is not None else unet.dtype
         with _quiet_transformers():
-            te = _from_pretrained(te_cls, root / "text_encoder", "text_encoder", base=_TRANSFORMERS_KW, **kw)
-        extra["text_encoder"] = _finish_unet(te, device, dtype)
-    if index.get("tokenizer") and index["tokenizer"][0] is not None:
-        import transformers
-
+            te = _from_pretrained(
+                te_cls,
+                root / "text_encoder",
+                "text_encoder",
+                base=_TRANSFORMERS_KW,
+                dtype=te_dtype,
+                variant=variant,
+            )
+        extra["text_encoder"] = _finish_unet(te, device, te_dtype)
+    if names["tokenizer"] is not None:
+        tok_cls = _transformers_cls(names["tokenizer"], index_path)
         tdir = root / "tokenizer"
         if not tdir.is_dir():
             raise FileNotFoundError(f"tokenizer: directory {tdir} is missing")
-        tok_cls = getattr(transformers, index["tokenizer"][1])
+        vocab = sorted(set(getattr(tok_cls, "vocab_files_names", {}).values()))
+        if vocab and not any((tdir / f).is_file() for f in vocab):
+            # transformers then builds a tokenizer of the special tokens alone: every prompt the same ids
+            raise FileNotFoundError(f"tokenizer: {tdir} holds no vocabulary ({' or '.join(vocab)})")
         try:
             extra["tokenizer"] = tok_cls.from_pretrained(str(tdir), local_files_only=True)
         except (ValueError, OSError) as exc:  # e.g. a bare JSON decoding error that names no file
@@ -353,11 +427,20 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
     return _describe_unet(unet, scheduler, device, str(root), **extra)
 
 
+def _transformers_cls(name: str, where: Path) -> Any:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"{where}: unknown transformers class {name!r}")
+    return cls
+
+
 def _load_unet_dir(d: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    _check_weights_dir(d, "model")
+    variant = _check_weights_dir(d, "model")
     cfg = _read_json(d / "config.json")
-    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"))
-    unet = _from_pretrained(cls, d, "model", torch_dtype=dtype)
+    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"), d / "config.json")
+    unet = _from_pretrained(cls, d, "model", torch_dtype=dtype, variant=variant)
     unet = _finish_unet(unet, device, dtype)
     scheduler = _load_scheduler_from(d) or _default_scheduler()
     return _describe_unet(unet, scheduler, device, str(d))
@@ -371,7 +454,7 @@ def _load_safetensors_file(f: Path, device: torch.device, dtype: torch.dtype | N
     from safetensors.torch import load_file
 
     cfg = _read_json(cfg_path)
-    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"))
+    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"), cfg_path)
     unet = cls.from_config(cfg)
     state = load_file(str(f))
     try:
@@ -428,7 +511,9 @@ def load_model(
             weights), a ``.safetensors`` file with ``config.json`` beside it, a ``LoadedModel`` (returned as is
             when device and dtype agree), or a loaded ``UNet2DModel`` / diffusers pipeline.
         device: where to put the modules.
-        dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"); None keeps the stored dtype.
+        dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"). None: a loaded object keeps its
+            dtype; from a path, the UNet and VAE come as diffusers loads them (float32, a float16 checkpoint
+            too) and the text encoder in the UNet's dtype.
         scheduler: a diffusers scheduler instance (``SchedulerMixin``) overriding the stored one; None keeps
             the stored one. Names such as ``"ddim"`` are not taken here (``SamplerConfig(scheduler=...)`` takes
             them).
