@@ -464,7 +464,8 @@ class Sampler:
         config: ``SamplerConfig``.
         device: device for a model given by path (default CUDA when available); ignored for loaded objects
             unless given.
-        dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"); None keeps the stored dtype.
+        dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"); None: as
+            :func:`memcore.models.load_model` loads it (a loaded object keeps its dtype; from a path, float32).
     """
 
     def __init__(
