@@ -114,8 +114,10 @@ def groupnorm_silu(
         TypeError: a non-tensor or wrongly typed x / weight / bias, a non-numeric eps.
         ValueError: bad shapes or devices, num_groups not dividing C, an unavailable backend.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError("x must be a [N, C, H, W] tensor")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a [N, C, H, W] tensor, got {x.dim()} dims")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x dtype must be float32, float16 or bfloat16, got {x.dtype}")
     c = x.shape[1]
@@ -140,6 +142,19 @@ def groupnorm_silu(
 # Swapping the fused pair into diffusers UNets
 
 
+def _runs_plain_forward(m: nn.Module, *, own_forward: bool = True) -> bool:
+    """Whether ``m(x)`` would run just its class's forward: no forward hooks (the module's or global ones)
+    and, with ``own_forward``, no forward replaced on the instance (as accelerate's offload hooks do)."""
+    from torch.nn.modules import module as _mod
+
+    # torch's registries of global hooks (private: read with a default in case they move)
+    if getattr(_mod, "_global_forward_hooks", None) or getattr(_mod, "_global_forward_pre_hooks", None):
+        return False
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    return not (own_forward and "forward" in m.__dict__)
+
+
 def _norm_silu(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """``act(norm(x))``, fused when the tensors allow it, else the original modules unchanged."""
     use = backend == "triton" or (backend == "auto" and x.device.type == "cuda")
@@ -148,10 +163,19 @@ def _norm_silu(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor, backend: str
         if not ok:  # e.g. the UNet was moved to the CPU after it was patched
             raise ValueError(f"fuse_groupnorm_silu(backend='triton'): {why}")
     if use and _backend.available("triton", x.device)[0]:
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (norm.weight is not None and norm.weight.requires_grad)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, norm.weight, norm.bias)
         )
-        if not needs_grad and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # conv_norm_out's own forward is the patched one (its hooks run around it either way)
+        plain = _runs_plain_forward(act) and _runs_plain_forward(
+            norm, own_forward="_memcore_act" not in norm.__dict__
+        )
+        if (
+            plain
+            and not needs_grad
+            and x.dim() == 4  # the kernel is 2-D; video VAEs run conv_norm_out on [N, C, T, H, W]
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        ):
             return groupnorm_silu_op(x, norm.num_groups, norm.weight, norm.bias, float(norm.eps))
     if "_memcore_act" in norm.__dict__:  # conv_norm_out, whose own forward is the patched one
         return act(nn.GroupNorm.forward(norm, x))
@@ -217,7 +241,12 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args,
 
 
 def _is_silu(m: Any) -> bool:
-    return isinstance(m, nn.SiLU)
+    return isinstance(m, nn.SiLU) and type(m).forward is nn.SiLU.forward
+
+
+def _is_group_norm(m: Any) -> bool:
+    # a subclass that overrides forward computes something else (e.g. upcasts); leave it alone
+    return isinstance(m, nn.GroupNorm) and type(m).forward is nn.GroupNorm.forward
 
 
 def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
@@ -238,7 +267,10 @@ def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
     The kernel is inference-only and takes float32 / float16 / bfloat16: with either backend, a pair whose
     input or GroupNorm weight needs a gradient (a forward outside ``torch.no_grad()`` on trainable weights)
     or whose input is float64 runs the original modules instead, so a patched UNet still trains and still
-    runs in double precision, computing exactly what the unpatched one does.
+    runs in double precision, computing exactly what the unpatched one does. So does a pair whose modules
+    carry forward hooks (or a forward replaced on the instance, as accelerate's offload hooks do) when the
+    forward runs: the hooks still see what they saw. Not so for hooks on ``conv_norm_out`` itself, whose
+    output is now SiLU's, nor for hooks on ``unet.conv_act`` (now ``nn.Identity``).
 
     Args:
         unet: the UNet (any module tree containing diffusers ``ResnetBlock2D`` blocks).
@@ -267,7 +299,7 @@ def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
     for module in unet.modules():
         if type(module) is not ResnetBlock2D or getattr(module, "_memcore_fused_backend", None) is not None:
             continue
-        if not (isinstance(module.norm1, nn.GroupNorm) and isinstance(module.norm2, nn.GroupNorm)):
+        if not (_is_group_norm(module.norm1) and _is_group_norm(module.norm2)):
             continue
         if not _is_silu(module.nonlinearity):
             continue
@@ -276,7 +308,7 @@ def fuse_groupnorm_silu(unet: nn.Module, *, backend: str = "auto") -> int:
         swapped += 1 if module.time_embedding_norm == "scale_shift" else 2
     norm_out = getattr(unet, "conv_norm_out", None)
     act = getattr(unet, "conv_act", None)
-    if isinstance(norm_out, nn.GroupNorm) and _is_silu(act) and "_memcore_act" not in norm_out.__dict__:
+    if _is_group_norm(norm_out) and _is_silu(act) and "_memcore_act" not in norm_out.__dict__:
         # Patch the GroupNorm's forward in place (state dict keys unchanged); kept in __dict__, not as a
         # submodule, so the module tree and state dict stay exactly diffusers'.
         norm_out.__dict__["_memcore_act"] = act

@@ -2,7 +2,11 @@
 
 ``y = silu((x - mean_g) * rstd_g * weight_c + bias_c)`` with ``silu(v) = v * sigmoid(v)``; mean and variance
 per (sample, group) over the group's ``C / G`` channels and ``H * W`` positions, computed in float32 in two
-passes (mean, then the centred sum of squares, as accurate as PyTorch's Welford). In small pixel-space UNets
+passes (mean, then the centred sum of squares, as accurate as PyTorch's Welford). Every pass works on
+``x - p`` with ``p`` the group's first value (a shifted-data variance): a large common offset (mean / std of
+1e3 and more) then costs no precision in the statistics nor in the output, where ``x * scale + shift`` would
+cancel two numbers ``mean / std`` times larger than the result; a constant group gives exactly ``silu(bias)``.
+In small pixel-space UNets
 these memory-bound pairs cost about half as much as the convolutions; fusing them saves the normalised
 tensor's write and re-read and one launch.
 
@@ -50,9 +54,9 @@ def _scale_shift(
 
 
 @triton.jit
-def _silu_store(x_ptr, out_ptr, off, m, scale, shift):
-    """Load x, apply the folded normalisation and SiLU in float32, store in the output dtype."""
-    v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+def _silu_store(x_ptr, out_ptr, off, m, pivot, scale, shift):
+    """Load x, apply the folded normalisation (of ``x - pivot``) and SiLU in float32, store in the output dtype."""
+    v = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - pivot) * scale[None, :] + shift[None, :]
     tl.store(out_ptr + off, (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -82,6 +86,7 @@ def _groupnorm_silu_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CPG
     count = HW * CPG
+    pivot = tl.load(x_ptr + base).to(tl.float32)
 
     acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
@@ -90,8 +95,8 @@ def _groupnorm_silu_kernel(
         ptrs = (
             x_ptr + base + offs_hw[:, None].to(tl.int64) * stride_hw + offs_c[None, :].to(tl.int64) * stride_c
         )
-        acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+        acc += tl.where(m, tl.load(ptrs, mask=m, other=0.0).to(tl.float32) - pivot, 0.0)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count  # of x - pivot
 
     acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
@@ -100,7 +105,7 @@ def _groupnorm_silu_kernel(
         ptrs = (
             x_ptr + base + offs_hw[:, None].to(tl.int64) * stride_hw + offs_c[None, :].to(tl.int64) * stride_c
         )
-        d = tl.load(ptrs, mask=m, other=0.0).to(tl.float32) - mean
+        d = (tl.load(ptrs, mask=m, other=0.0).to(tl.float32) - pivot) - mean
         acc += tl.where(m, d * d, 0.0)
     var = tl.sum(tl.sum(acc, axis=1), axis=0) / count
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -111,12 +116,12 @@ def _groupnorm_silu_kernel(
         offs_hw = start + tl.arange(0, BLOCK_HW)
         m = (offs_hw[:, None] < HW) & mask_c[None, :]
         off = base + offs_hw[:, None].to(tl.int64) * stride_hw + offs_c[None, :].to(tl.int64) * stride_c
-        _silu_store(x_ptr, out_ptr, off, m, scale, shift)
+        _silu_store(x_ptr, out_ptr, off, m, pivot, scale, shift)
 
 
 @triton.jit
 def _nhwc_partial_kernel(
-    x_ptr, pmean_ptr, pm2_ptr, HW, C, n_tiles, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr
+    x_ptr, pmean_ptr, pm2_ptr, HW, C, CPG, n_tiles, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr
 ):
     n = tl.program_id(0)
     tile = tl.program_id(1)
@@ -126,9 +131,11 @@ def _nhwc_partial_kernel(
     mrow = rows < HW
     m = mrow[:, None] & (cols[None, :] < C)
     off = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
-    v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    # each column's group pivot: the group's first channel at pixel 0
+    pivot = tl.load(x_ptr + n.to(tl.int64) * HW * C + (cols // CPG) * CPG, mask=cols < C, other=0.0)
+    v = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - pivot.to(tl.float32)[None, :]
     count = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)
-    mean = tl.sum(v, axis=0) / count
+    mean = tl.sum(tl.where(m, v, 0.0), axis=0) / count
     d = tl.where(m, v - mean[None, :], 0.0)
     m2 = tl.sum(d * d, axis=0)
     poff = (n.to(tl.int64) * n_tiles + tile) * C + cols
@@ -209,8 +216,9 @@ def _nhwc_apply_kernel(
     mean = tl.load(mean_ptr + grp, mask=mcol, other=0.0)
     rstd = tl.load(rstd_ptr + grp, mask=mcol, other=0.0)
     scale, shift = _scale_shift(w_ptr, b_ptr, cols, mcol, mean, rstd, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    pivot = tl.load(x_ptr + n.to(tl.int64) * HW * C + (cols // CPG) * CPG, mask=mcol, other=0.0)
     off = n.to(tl.int64) * HW * C + rows[:, None].to(tl.int64) * C + cols[None, :]
-    _silu_store(x_ptr, out_ptr, off, m, scale, shift)
+    _silu_store(x_ptr, out_ptr, off, m, pivot.to(tl.float32)[None, :], scale, shift)
 
 
 def _groupnorm_silu_nhwc(x, num_groups, weight, bias, eps, out):
@@ -227,7 +235,7 @@ def _groupnorm_silu_nhwc(x, num_groups, weight, bias, eps, out):
     rstd = torch.empty_like(mean)
     warps = 8 if block_hw * block_c >= 4096 else 4
     _nhwc_partial_kernel[(n, n_tiles, n_cblk)](
-        x, pmean, pm2, hw, c, n_tiles, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=warps
+        x, pmean, pm2, hw, c, cpg, n_tiles, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=warps
     )
     block_cpg = triton.next_power_of_2(cpg)
     block_t = max(1, min(triton.next_power_of_2(n_tiles), 2048 // block_cpg))
