@@ -282,3 +282,44 @@ def test_epilogue_kernels_compile_for_sm90():
         }
         consts = {"IS_INT": True, "SHIFT": shift, "PACKED": packed, "BN": 32, "BK": 128}
         assert _spilled(_compile(tk._norms_kernel, args, consts, 4, 3)) == 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_groupnorm_silu_kernels_compile_for_sm90(dtype):
+    """The fused GroupNorm+SiLU kernels (NCHW, and NHWC's partial / stats / apply), at the launchers' own block
+    sizes for UNet shapes from CIFAR's (128 channels, 32x32) to SD's (1280 channels, 8x8): no spills."""
+    from memcore.kernels.triton import groupnorm_silu as gk
+
+    x = f"*{dtype}"
+    for c, g, hw in ((128, 32, 1024), (256, 32, 256), (1280, 32, 64), (320, 32, 4096)):
+        cpg = c // g
+        bhw, bc, warps = gk.nchw_blocks(hw, cpg)
+        args = {
+            "x_ptr": (x, None), "w_ptr": (x, None), "b_ptr": (x, None), "out_ptr": (x, None),
+            "HW": ("i32", hw), "C": ("i32", c), "CPG": ("i32", cpg), "G": ("i32", g),
+            "stride_n": ("i32", c * hw), "stride_c": ("i32", hw), "stride_hw": ("i32", 1), "eps": ("fp32", None),
+        }  # fmt: skip
+        consts = {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_HW": bhw, "BLOCK_C": bc}
+        assert _spilled(_compile(gk._groupnorm_silu_kernel, args, consts, warps, 3)) == 0, (c, hw, "nchw")
+        bhw, bc, warps, bt = gk.nhwc_blocks(hw, c, cpg)
+        n_tiles = -(-hw // bhw)
+        args = {
+            "x_ptr": (x, None), "pmean_ptr": ("*fp32", None), "pm2_ptr": ("*fp32", None), "HW": ("i32", hw),
+            "C": ("i32", c), "CPG": ("i32", cpg), "n_tiles": ("i32", n_tiles),
+        }  # fmt: skip
+        consts = {"BLOCK_HW": bhw, "BLOCK_C": bc}
+        assert _spilled(_compile(gk._nhwc_partial_kernel, args, consts, warps, 3)) == 0, (c, hw, "partial")
+        args = {
+            "pmean_ptr": ("*fp32", None), "pm2_ptr": ("*fp32", None), "mean_ptr": ("*fp32", None),
+            "rstd_ptr": ("*fp32", None), "HW": ("i32", hw), "C": ("i32", c), "CPG": ("i32", cpg),
+            "G": ("i32", g), "n_tiles": ("i32", n_tiles), "eps": ("fp32", None),
+        }  # fmt: skip
+        consts = {"TILE_HW": bhw, "BLOCK_T": bt, "BLOCK_CPG": 1 << (cpg - 1).bit_length()}
+        assert _spilled(_compile(gk._nhwc_stats_kernel, args, consts, 4, 3)) == 0, (c, hw, "stats")
+        args = {
+            "x_ptr": (x, None), "w_ptr": (x, None), "b_ptr": (x, None), "mean_ptr": ("*fp32", None),
+            "rstd_ptr": ("*fp32", None), "out_ptr": (x, None), "HW": ("i32", hw), "C": ("i32", c),
+            "CPG": ("i32", cpg), "G": ("i32", g),
+        }  # fmt: skip
+        consts = {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_HW": bhw, "BLOCK_C": bc}
+        assert _spilled(_compile(gk._nhwc_apply_kernel, args, consts, warps, 3)) == 0, (c, hw, "apply")

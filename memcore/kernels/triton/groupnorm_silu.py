@@ -221,24 +221,38 @@ def _nhwc_apply_kernel(
     _silu_store(x_ptr, out_ptr, off, m, pivot.to(tl.float32)[None, :], scale, shift)
 
 
+def nhwc_blocks(hw: int, c: int, cpg: int) -> tuple[int, int, int, int]:
+    """(BLOCK_HW, BLOCK_C, num_warps) of the NHWC partial/apply kernels and BLOCK_T of the stats kernel."""
+    block_c = min(triton.next_power_of_2(c), 256)
+    block_hw = max(1, min(triton.next_power_of_2(hw), 8192 // block_c))
+    n_tiles = triton.cdiv(hw, block_hw)
+    block_t = max(1, min(triton.next_power_of_2(n_tiles), 2048 // triton.next_power_of_2(cpg)))
+    return block_hw, block_c, 8 if block_hw * block_c >= 4096 else 4, block_t
+
+
+def nchw_blocks(hw: int, cpg: int) -> tuple[int, int, int]:
+    """(BLOCK_HW, BLOCK_C, num_warps) of the NCHW kernel."""
+    block_c = triton.next_power_of_2(cpg)
+    # ~4K elements per tile: enough loads in flight per program without spilling registers
+    block_hw = max(16, min(triton.next_power_of_2(hw), max(1, 4096 // block_c)))
+    return block_hw, block_c, 4 if block_hw * block_c <= 2048 else 8
+
+
 def _groupnorm_silu_nhwc(x, num_groups, weight, bias, eps, out):
     n, c, h, w = x.shape
     hw = h * w
     cpg = c // num_groups
-    block_c = min(triton.next_power_of_2(c), 256)
-    block_hw = max(1, min(triton.next_power_of_2(hw), 8192 // block_c))
+    block_hw, block_c, warps, block_t = nhwc_blocks(hw, c, cpg)
     n_tiles = triton.cdiv(hw, block_hw)
     n_cblk = triton.cdiv(c, block_c)
     pmean = torch.empty((n, n_tiles, c), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    warps = 8 if block_hw * block_c >= 4096 else 4
     _nhwc_partial_kernel[(n, n_tiles, n_cblk)](
         x, pmean, pm2, hw, c, cpg, n_tiles, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=warps
     )
     block_cpg = triton.next_power_of_2(cpg)
-    block_t = max(1, min(triton.next_power_of_2(n_tiles), 2048 // block_cpg))
     _nhwc_stats_kernel[(n * num_groups,)](
         pmean,
         pm2,
@@ -297,9 +311,7 @@ def groupnorm_silu_triton(
         return out
     cpg = c // num_groups
     hw = h * w
-    block_c = triton.next_power_of_2(cpg)
-    # ~4K elements per tile: enough loads in flight per program without spilling registers
-    block_hw = max(16, min(triton.next_power_of_2(hw), max(1, 4096 // block_c)))
+    block_hw, block_c, warps = nchw_blocks(hw, cpg)
     grid = (n * num_groups,)
     _groupnorm_silu_kernel[grid](
         x,
@@ -318,6 +330,6 @@ def groupnorm_silu_triton(
         HAS_BIAS=bias is not None,
         BLOCK_HW=block_hw,
         BLOCK_C=block_c,
-        num_warps=4 if block_hw * block_c <= 2048 else 8,
+        num_warps=warps,
     )
     return out
