@@ -136,3 +136,15 @@ def test_a_scheduler_config_naming_another_class(tmp_path):
     (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(ValueError, match=r"scheduler_config\.json: UNet2DModel is not a diffusers scheduler"):
         load_model(tmp_path)
+
+
+def test_pickled_weights_load_without_a_failed_safetensors_lookup(tmp_path, capfd):
+    # a folder of .bin weights loaded fine but printed diffusers' "An error occurred while trying to fetch ...
+    # no file named diffusion_pytorch_model.safetensors ... Defaulting to unsafe serialization" first
+    u = _tiny_unet()
+    u.save_pretrained(tmp_path / "m", safe_serialization=False)
+    assert not any((tmp_path / "m").glob("*.safetensors"))
+    capfd.readouterr()
+    m = load_model(tmp_path / "m")
+    assert capfd.readouterr().err == ""
+    assert weights_sha256(m) == weights_sha256(load_model(u))

@@ -197,6 +197,9 @@ def _from_pretrained(
     sub = kw.get("subfolder")
     d = root / sub if sub else root
     why = f"{what}: the weights in {d} do not match {d / 'config.json'}"
+    if d.is_dir() and not any(d.glob("*.safetensors")):
+        # pickled weights only: said up front, diffusers does not log a failed safetensors lookup first
+        kw.setdefault("use_safetensors", False)
     try:
         model, info = cls.from_pretrained(str(root), **base, output_loading_info=True, **kw)
     except RuntimeError as exc:
