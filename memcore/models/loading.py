@@ -512,7 +512,9 @@ def load_model(
     Args:
         path_or_obj: a pipeline directory (``model_index.json``), a model directory (``config.json`` +
             weights), a ``.safetensors`` file with ``config.json`` beside it, a ``LoadedModel`` (returned as is
-            when device and dtype agree), or a loaded ``UNet2DModel`` / diffusers pipeline.
+            when device and dtype agree), or a loaded ``UNet2DModel`` / diffusers pipeline. A loaded object's
+            modules are moved and cast in place (``Module.to``, no copy: a Stable Diffusion model is GBs), so
+            the caller's object changes with them; reload it, or keep a copy, to use it at its old dtype.
         device: where to put the modules.
         dtype: parameter dtype (``torch.bfloat16`` or its name, "bfloat16"). None: a loaded object keeps its
             dtype; from a path, the UNet and VAE come as diffusers loads them (float32, a float16 checkpoint
