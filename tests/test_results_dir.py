@@ -312,6 +312,13 @@ def test_shard_parsing_and_env():
             R.parse_shard(bad)
     assert R.shard_from_env({}) == R.ShardSpec()
     assert R.shard_from_env({"RANK": "3", "WORLD_SIZE": "4"}) == R.ShardSpec(3, 4)
+    assert R.shard_from_env({"WORLD_SIZE": "1"}) == R.ShardSpec()
+    # every process took itself for rank 0 of 8 and ran part 0: seven parts never ran
+    with pytest.raises(ValueError, match="WORLD_SIZE=8 but no RANK"):
+        R.shard_from_env({"WORLD_SIZE": "8"})
+    for rank, world in (("8", "8"), ("-1", "2"), ("0", "0")):
+        with pytest.raises(ValueError, match=f"RANK={rank} is not a rank of WORLD_SIZE={world}"):
+            R.shard_from_env({"RANK": rank, "WORLD_SIZE": world})
     combined = [R.ShardSpec(i, 2).combine(R.ShardSpec(r, 3)) for i in range(2) for r in range(3)]
     owners = [[c.owns(g) for c in combined].count(True) for g in range(50)]
     assert owners == [1] * 50

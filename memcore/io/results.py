@@ -145,6 +145,14 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> ShardSpec:
         raise ValueError(
             f"RANK/WORLD_SIZE must be integers, got {env.get('RANK')!r}/{env['WORLD_SIZE']!r}"
         ) from exc
+    if world > 1 and "RANK" not in env:
+        # each process would take itself for rank 0 and run part 0: the other parts never ran
+        raise ValueError(
+            f"WORLD_SIZE={world} but no RANK in the environment: start the ranks with torchrun, or unset "
+            "WORLD_SIZE (use --shard i/n for manual parts)"
+        )
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not a rank of WORLD_SIZE={world} (0 <= RANK < WORLD_SIZE)")
     return ShardSpec(rank, world)
 
 
