@@ -459,3 +459,12 @@ def test_graph_alpha_must_be_finite(alpha):
     # 10**400 escaped as an OverflowError from float(); the rule is memcore.graph.threshold_graph's too
     with pytest.raises(ValueError, match="alpha must be finite"):
         D.tiled_l2_graph(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), alpha)
+
+
+def test_knn_chunk_errors():
+    q = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    for bad in (2.5, True, "8"):  # a wrong type is a TypeError, as for k (it was a ValueError)
+        with pytest.raises(TypeError, match="chunk must be an int"):
+            D.knn(q, q, 1, chunk=bad)
+    with pytest.raises(ValueError, match="chunk must be a positive int, got 0"):
+        D.knn(q, q, 1, chunk=0)

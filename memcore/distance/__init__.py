@@ -262,7 +262,9 @@ def knn(
     """
     if not isinstance(k, Integral) or isinstance(k, bool):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not isinstance(chunk, Integral) or isinstance(chunk, bool) or chunk < 1:
+    if not isinstance(chunk, Integral) or isinstance(chunk, bool):  # as for k: the type is a TypeError
+        raise TypeError(f"chunk must be an int, got {type(chunk).__name__} ({chunk!r})")
+    if chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     _check_images(refs, "refs")  # refs=None would otherwise pass as the pairwise case of _prepare
     queries, refs, gh, gw, scale, name = _prepare(
