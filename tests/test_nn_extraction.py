@@ -270,3 +270,15 @@ def test_a_merge_without_the_training_set_size_reports_the_k_the_run_used(tmp_pa
     assert s["nn_extraction"]["k"] == 10 and s["extracted_train_indices"] == [3]
     assert json.loads((tmp_path / "nn_extraction.json").read_text())["k"] == 10
     assert not math.isnan(s["nn_extraction"]["alpha"])
+
+
+def test_parts_over_other_training_sets_are_named(tmp_path):
+    # merged without the run's own size (memcore merge), two parts of different sizes failed in merge_ with
+    # "NN states over 10 and 12 training images", naming neither file
+    for i, t in enumerate((10, 12)):
+        _small_state(t).save(NN.part_path(tmp_path, R.ShardSpec(i, 2)), {})
+    with pytest.raises(
+        ValueError,
+        match=r"state\.part1-of-2\.safetensors covers 12 training images, state\.part0-of-2.* covers 10",
+    ):
+        NN.load_parts(tmp_path)

@@ -301,14 +301,20 @@ def load_parts(out: str | Path, num_train: int | None = None) -> tuple[NNState |
     files = part_files(out)
     directory = _results.dir_params(Path(out)) if files else None
     merged: NNState | None = None
+    # the size every part must cover: this run's, else the directory's record of it, else the first part's
+    want, whose = num_train, "this run has"
+    if want is None and isinstance((directory or {}).get("train"), dict):
+        want, whose = directory["train"].get("num"), "the results directory's training set has"
     for f in files:
         st, info = NNState.load(f)
         # a part gathered from another run's directory (parts written before they carried parameters pass)
         _results.check_foreign(directory, Path(out), f, info.get("params"))
-        if num_train is not None and st.num_train != num_train:
+        if want is None:
+            want, whose = st.num_train, f"{f.name} covers"
+        if st.num_train != want:
             raise ValueError(
-                f"NN checkpoint {f} covers {st.num_train} training images, this run has {num_train}; it belongs "
-                "to another run (the results directory's parameters should have caught this: was it copied?)"
+                f"NN checkpoint {f} covers {st.num_train} training images, {whose} {want}; it belongs to "
+                "another run (the results directory's parameters should have caught this: was it copied?)"
             )
         merged = st if merged is None else merged.merge_(st)
     return merged, files
