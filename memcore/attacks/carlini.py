@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import sys
@@ -155,6 +156,21 @@ class ExtractConfig:
     train_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        # numpy numbers (a sweep read from an array) as plain ones, as SamplerConfig takes them; bools refused
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v) not in (int, float):
+                object.__setattr__(self, f.name, int(v) if isinstance(v, numbers.Integral) else float(v))
+        if isinstance(self.grid, (tuple, list)):
+            object.__setattr__(
+                self,
+                "grid",
+                tuple(
+                    int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x
+                    for x in self.grid
+                ),
+            )
+
         def pos_int(name: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
                 bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -196,7 +212,9 @@ class ExtractConfig:
         if not isinstance(self.sync_timing, bool):
             raise TypeError(f"sync_timing must be a bool, got {self.sync_timing!r}")
         if self.guidance_scale is not None and (
-            not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale)
+            not isinstance(self.guidance_scale, (int, float))
+            or isinstance(self.guidance_scale, bool)  # float(True) = 1.0 would switch CFG off
+            or not math.isfinite(self.guidance_scale)
         ):
             raise ValueError(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
         g = tuple(self.grid) if isinstance(self.grid, (tuple, list)) else ()
@@ -1078,7 +1096,9 @@ def iter_extract(
         progress: show a progress bar with ETA.
 
     Yields:
-        ConditionResult, in order of completion (condition order for a single process).
+        ConditionResult, in order of completion (condition order for a single process), each already appended
+        to ``out`` when yielded; resuming ``out`` yields only the conditions it still lacked (the directory's
+        earlier records are read back by :func:`extract`).
 
     A run that fails, is interrupted or is closed before it has written anything but the results directory's
     ``params.json`` takes that back (see ``ResultsDir.abandon``): a refused command leaves no directory that
@@ -1171,6 +1191,11 @@ def _extraction(
     nn_todo: list[tuple[int, int]] = []
     nn_file = None
     if m.kind == "unet" and tr is not None:
+        if out is None and not shard.is_whole:  # its result would claim all n_nn candidates, but hold a part
+            raise ValueError(
+                f"the NN extraction of shard {shard.index}/{shard.count} (--shard or the torchrun rank) runs only "
+                "part of the candidates, which merge in a results directory: pass out=, or shard=ShardSpec()"
+            )
         nn_todo = _nn.assignment(n_nn, n, shard)
         nn_state = NNState(len(tr), device)
         if out is not None:
@@ -1425,8 +1450,10 @@ def _extraction(
                 if out is not None:
                     _results.atomic_write_json(Path(out) / "nn_extraction.json", nn.to_dict())
     finally:
-        pool.shutdown(wait=True)
-        reader.shutdown(wait=True)
+        # closed or interrupted mid-run: the queued cliques and read-backs are of records that will not be
+        # emitted (a resume recomputes them); wait only for the ones running
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
         if rd is not None:
