@@ -327,7 +327,7 @@ def test_shard_parsing_and_env():
 def test_second_writer_on_same_part_refused(tmp_path):
     rd = R.ResultsDir(tmp_path, PARAMS)
     rd.append(rec(0))
-    with pytest.raises(RuntimeError, match="another memcore process"):
+    with pytest.raises(RuntimeError, match="another memcore run"):
         R.RecordWriter(tmp_path / "results.jsonl")
     rd.close()
 

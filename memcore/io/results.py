@@ -335,8 +335,9 @@ class RecordWriter:
                 os.close(self._fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RuntimeError(
-                        f"{self.path} is being written by another memcore process (same --out and shard); "
-                        "give each process its own --shard or torchrun rank"
+                        f"{self.path} is being written by another memcore run (another process with the same "
+                        "--out and shard, or an iter_extract in this one not yet finished or closed); give each "
+                        "process its own --shard or torchrun rank"
                     ) from exc
                 raise
         info = read_records(self.path)
