@@ -36,16 +36,24 @@ def comma_list(allowed: tuple[str, ...]):
     return parse
 
 
-def commit() -> str:
+def commit(root: Path | None = None) -> str:
+    """Short commit hash of the checkout, with ``+dirty`` when tracked files differ from it (a measurement of
+    uncommitted code must not read as the commit's); changes under ``benchmarks/results/`` do not count, or
+    every script after the first of one session would mark its CSV dirty. ``MEMCORE_COMMIT`` where there is
+    no git checkout (a copied tree on a GPU machine)."""
+    root = root or Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
+
+        def git(*argv: str) -> str:
+            return subprocess.run(
+                ["git", *argv], capture_output=True, text=True, check=True, cwd=root
+            ).stdout.strip()
+
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"
         )
-        return out.stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except Exception:
         return os.environ.get("MEMCORE_COMMIT", "unknown")
 

@@ -7,8 +7,10 @@ Cases (SPEC / issue 2):
 ``--quick`` runs small versions of both (CPU). Backends: reference, cpu / cuda, triton, and cublas (the uint8
 int8-GEMM path through ``torch._int_mm``, not yet picked by ``auto``); on CUDA, one row per Triton pairwise launch
 configuration as well ("triton[name]", see ``memcore.kernels.triton.distance.PAIR_CONFIGS``). Throughput is reported as tera-ops/s of the equivalent dense
-Gram product (2·N·M·D; pairwise calls do about half of it), against the dtype's tensor-core ceiling on GPU
-(uint8 runs int8 tensor cores: H100 SXM dense int8 ≈ 1979 TOPS).
+Gram product (2·N·M·D) in ``tops_dense_equiv``; the share of the dtype's tensor-core ceiling on GPU
+(``pct_int8_peak``; uint8 runs int8 tensor cores: H100 SXM dense int8 ≈ 1979 TOPS) counts the work the op
+needs: 2·N·M·D for k-NN, the symmetric half N·(N+1)·D for pairwise (what the pairwise kernels compute; the
+dense count would read twice the tensor cores' real use).
 
     PYTHONPATH=$PWD python benchmarks/bench_distance.py --quick            # CPU, small shapes
     PYTHONPATH=$PWD python benchmarks/bench_distance.py --device cuda      # H100: full shapes
@@ -30,7 +32,9 @@ from _common import device_name, time_fn, write_csv
 import memcore.distance as D
 from memcore.ops import _backend
 
-PEAK_TOPS = {"H100": 1979.0, "H200": 1979.0}  # dense int8 tensor-core ceiling (SXM)
+#: Dense int8 tensor-core ceilings (NVIDIA spec sheets, without sparsity), the most specific name first: the
+#: PCIe and NVL boards run lower clocks/power than the SXM parts ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+PEAK_TOPS = {"H100 PCIe": 1513.0, "H100 NVL": 1671.0, "H200 NVL": 1671.0, "H100": 1979.0, "H200": 1979.0}
 
 
 def _peak(dev: str) -> float | None:
@@ -47,10 +51,15 @@ def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
         ["reference", "cpu", "cublas"] if device.type == "cpu" else ["reference", "cuda", "triton", "cublas"]
     )
     out = [b for b in names if _backend.available(b, device)[0]]
+    if wanted is not None:
+        skipped = [b for b in wanted if b not in [*out, "auto"]]
+        if skipped:
+            print(f"skipped backends (unavailable on {device.type} or unknown): {skipped}")
     # "auto": what a user gets; on CUDA it is autotuned among the exact uint8 backends on first use (the
     # warm-up runs of the timing absorb the tuning), so its row shows the tuned choice's speed
     out.append("auto")
-    return [b for b in out if wanted is None or b in wanted]
+    # the reference always runs: every row's ratio and exactness are against it
+    return [b for b in out if wanted is None or b in wanted or b == "reference"]
 
 
 #: Forced Triton k-NN variants timed beside the backends on CUDA: the fused kernel alone, and the filter with
@@ -163,6 +172,7 @@ def run(args) -> list[dict]:
     del noise
     d_total = sd["c"] * sd["h"] * sd["w"]
     ops = 2.0 * sd["n"] * sd["n"] * d_total
+    ops_needed = 1.0 * sd["n"] * (sd["n"] + 1) * d_total  # the upper triangle with its diagonal (SYRK count)
     results = {}
     # On CUDA the Triton rows are followed by one row per pairwise launch configuration ("triton[name]",
     # forced), so the CSV shows what the tuning of "triton" chose among (its pick: the "config" column)
@@ -185,7 +195,7 @@ def run(args) -> list[dict]:
                     "median_s": t["median"],
                     "min_s": t["min"],
                     "tops_dense_equiv": ops / t["median"] / 1e12,
-                    "pct_int8_peak": (100 * ops / t["median"] / 1e12 / peak) if peak else "",
+                    "pct_int8_peak": (100 * ops_needed / t["median"] / 1e12 / peak) if peak else "",
                     "exact_vs_reference": bool(torch.equal(results[(op, be)], results[(op, "reference")])),
                     "auto_choice": _auto_choice(op, be),
                     "config": _triton_choice("pairwise", be),
@@ -273,8 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", nargs="*", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per CPU measurement (k-NN: half)")
+    ap.add_argument(
+        "--backends",
+        nargs="*",
+        default=None,
+        help="only these backends (reference, cpu, cuda, triton, cublas, auto; the reference always runs)",
+    )
     return ap
 
 

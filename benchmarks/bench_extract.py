@@ -147,6 +147,18 @@ def sampling_only(model, conditions, config, device):
     return run
 
 
+def _outcome(res) -> tuple:
+    """What an extraction decided: per condition the flag, clique, medoid and nearest training image; the NN
+    extraction's training images and seeds. Float distances are left out (the reference computes them in
+    another order); the decisions must agree, or the two paths of a ratio did different work."""
+    conds = tuple(
+        (c.condition_id, c.flagged, c.clique_members, c.medoid_index, c.nearest_train_index)
+        for c in res.conditions
+    )
+    nn = (res.nn.extracted_train_indices, res.nn.seeds) if res.nn is not None else None
+    return conds, nn
+
+
 def e2e(name, model, conditions, config, train, device, *, reference: bool) -> list[dict]:
     rows = []
     n_images = config.num_per_condition * (len(conditions) if conditions else 1)
@@ -199,6 +211,10 @@ def e2e(name, model, conditions, config, train, device, *, reference: bool) -> l
     msg = f"[{name}] memcore {rows[0]['images_per_s']} img/s, outside sampling {outside:.3%}{noise}"
     if reference:
         rows[0]["speedup_vs_reference"] = round(times["reference"] / times["memcore"], 3)
+        same = _outcome(results["memcore"]) == _outcome(results["reference"])
+        rows[0]["same_result_as_reference"] = same
+        if not same:
+            msg += "; RESULTS DIFFER FROM THE REFERENCE'S"
         msg += f"; reference {rows[1]['images_per_s']} img/s; ratio {rows[0]['speedup_vs_reference']}x"
     print(msg, flush=True)
     return rows

@@ -18,7 +18,9 @@ memcore: ``Sampler`` (fused step; on CUDA one CUDA graph for UNet + step, channe
 images. Both at ``--steps`` steps. Model FLOPs are counted with ``torch.utils.flop_counter`` (UNet forwards at
 the run's batch x steps + VAE decode); MFU = FLOPs / time / the device's dense bf16 peak (``--peak-tflops``,
 default 989 for H100/H200, the spec-sheet dense figure; this machine measured ~800 on a large GEMM).
-Timing: wall clock around whole runs, synchronised, median of ``--repeats`` after one warm-up run.
+Timing: wall clock around whole runs, synchronised, median of ``--repeats`` after one warm-up run. The warm-up
+runs' images are compared (``max_abs_diff_u8`` / ``mean_abs_diff_u8``: memcore's uint8 against the reference's
+rounded as diffusers does). A configuration that fails is a row with ``error`` and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # a source checkout, 
 from _common import comma_list, device_name, time_fn, write_csv
 
 from memcore.sampling import Sampler, SamplerConfig
-from memcore.sampling.engine import ATTENTION_BACKENDS
+from memcore.sampling.engine import ATTENTION_BACKENDS, to_uint8
 
 CIFAR10 = dict(
     sample_size=32,
@@ -253,21 +255,22 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
     pipe.set_progress_bar_config(disable=True)
     params = sum(p.numel() for p in pipe.unet.parameters())
 
-    def reference() -> None:
+    def reference() -> torch.Tensor:
         gens = [torch.Generator(device).manual_seed(s) for s in seeds]
         with torch.no_grad():
             if prompts is None:
-                pipe(batch_size=b, generator=gens, num_inference_steps=steps, output_type="pt")
+                out = pipe(batch_size=b, generator=gens, num_inference_steps=steps, output_type="pt")
             else:
-                pipe(
+                out = pipe(
                     prompts[0],
                     num_images_per_prompt=b,
                     generator=gens,
                     num_inference_steps=steps,
                     output_type="pt",
                 )
+        return out.images
 
-    reference()  # warm-up
+    ref_images = reference()  # warm-up
     fast = device.type == "cuda"
     cfg = SamplerConfig(
         num_inference_steps=steps,
@@ -286,15 +289,22 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
     # reference must stay the stock pipeline.
     sampler = Sampler(copy.deepcopy(pipe), cfg, device=device)
 
-    def memcore_run() -> None:
-        sampler.sample(seeds, prompts)
+    def memcore_run() -> torch.Tensor:
+        return sampler.sample(seeds, prompts)
 
     flops = count_flops(sampler, seeds, prompts, steps)
     _sync(device)
     t0 = time.perf_counter()
-    memcore_run()  # warm-up: CUDA graph capture, caches, and the one-time torch.compile with --compile
+    # warm-up: CUDA graph capture, caches, the one-time torch.compile with --compile
+    mc_images = memcore_run()
     _sync(device)
     t_warm = time.perf_counter() - t0
+    # The same images, or the speedup is of different work: memcore's uint8 against the reference's [0, 1]
+    # images rounded as diffusers' numpy_to_pil (parity mode on the CPU: 0; a float16 pipeline's float16
+    # rounding can move a pixel by 1; compile, bf16 kernels and the fp32 step mode drift further)
+    diff = (mc_images.int() - to_uint8(ref_images.float()).int()).abs()
+    u8_diff = {"max_abs_diff_u8": int(diff.max()), "mean_abs_diff_u8": round(float(diff.float().mean()), 4)}
+    del ref_images, mc_images, diff
     # Alternate the two so that load from other processes (shared CPUs) hits both alike.
     t_ref, t_mc = _time_pair(reference, memcore_run, device, args.repeats)
     row = {
@@ -319,6 +329,7 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         "ref_images_per_s": round(b / t_ref["median"], 3),
         "memcore_images_per_s": round(b / t_mc["median"], 3),
         "speedup": round(t_ref["median"] / t_mc["median"], 3),
+        **u8_diff,
     }
     if sampler.model.latent:
         # the VAE decode's share of memcore's time (one micro-batch of latents, as the engine decodes them)
@@ -407,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     args.default_batch = 4
     batch_spec = args.batch
     args.batch = {**defaults, **batch_spec}
+    all_configs = args.configs == ",".join(CONFIGS)  # before --quick drops one: the CSV name
     if args.quick:
         args.configs = ",".join(
             c for c in args.configs.split(",") if c != "celeba64"
@@ -416,19 +428,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print(f"device {device_name(device)}, dtype {dtype}, steps {args.steps}", flush=True)
     rows = []
+    failed = []
     for name in args.configs.split(","):
         try:
             rows.append(run_config(name, args, device, dtype))
-        except Exception:  # report and go on with the next configuration
+        except Exception as exc:  # report and go on with the next configuration
             traceback.print_exc()
+            # a row that says so (not a CSV silently short of a configuration), and a failing exit status
+            failed.append(name)
+            rows.append({"config": name + ("-quick" if args.quick else ""), "error": repr(exc)[:500]})
     for r in rows:
+        if "error" in r:
+            print(f"{r['config']:>14}: FAILED {r['error']}")
+            continue
         print(
             f"{r['config']:>14}: memcore {r['memcore_images_per_s']:9.3f} img/s, reference {r['ref_images_per_s']:9.3f} img/s, x{r['speedup']:.2f}"
         )
     # one CSV per variant, so the runs of one GPU session do not overwrite each other
     tag = (
         ("_quick" if args.quick else "")
-        + ("" if args.configs == ",".join(CONFIGS) else "_" + args.configs.replace(",", "-"))
+        + ("" if all_configs else "_" + args.configs.replace(",", "-"))
         + ("_fp32" if args.mode == "fp32" else "")
         + ("_fusenorm" if args.fuse_norm else "")
         + ("_fuseqkv" if args.fuse_qkv else "")
@@ -439,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         + ("_b" + "-".join(str(v) for v in batch_spec.values()) if batch_spec else "")
     )
     write_csv("bench_sampling" + tag, rows, device)
-    return 0
+    if failed:
+        print(f"bench_sampling: failed configurations: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

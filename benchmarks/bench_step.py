@@ -8,6 +8,7 @@ diffusers' ``DDIMScheduler.step`` / ``DDPMScheduler.step`` with the pipeline's C
 Bytes moved = what one fused pass must read and write (sample, model output(s), noise, prev_sample), so
 GB/s is comparable across paths and against the device's ceiling (H100 ~3 TB/s).
 GroupNorm+SiLU: the Triton kernel against ``F.group_norm`` -> ``F.silu`` (2 passes + statistics).
+Every row is compared with the reference's output (``exact_vs_reference``, ``max_abs_diff_vs_reference``).
 """
 
 from __future__ import annotations
@@ -66,17 +67,22 @@ def bench_step(device: torch.device, cases, repeats: int) -> list[dict]:
         needs_noise = eta > 0 or kind == "ddpm"
         nbytes = (x.numel() * (2 + (2 if cfg else 1) + (1 if needs_noise else 0))) * x.element_size()
         backends = ["reference", "auto"] + (["triton"] if device.type == "cuda" else [])
-        ref_t = None
+        ref_t = ref_out = None
         for backend in backends:
             fn = functools.partial(
                 fused_step, x, mo, plan, 10, config, guidance_scale=gs, noise=noise, backend=backend
             )
+            # a fast wrong answer must not read as a speedup: parity mode is bit-identical to diffusers
+            out = fn()
+            ref_out = out if backend == "reference" else ref_out
+            exact, diff = _compare(out, ref_out)
             t = time_fn(fn, device, repeats=repeats)
             ref_t = t["median"] if backend == "reference" else ref_t
             gbs = nbytes / t["median"] / 1e9
             speedup = ref_t / t["median"]
             print(
                 f"step {name:26s} {backend:9s} {t['median'] * 1e6:10.1f} us  {gbs:8.2f} GB/s  x{speedup:6.2f}"
+                + ("" if exact else f"  NOT EXACT (max |diff| {diff:.3g})")
             )
             rows.append(
                 dict(
@@ -89,9 +95,17 @@ def bench_step(device: torch.device, cases, repeats: int) -> list[dict]:
                     min_s=t["min"],
                     gb_per_s=gbs,
                     speedup_vs_reference=speedup,
+                    exact_vs_reference=exact,
+                    max_abs_diff_vs_reference=diff,
                 )
             )
     return rows
+
+
+def _compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
+    """(bit-identical, max |out - ref| in float64) of one backend's output against the reference's."""
+    diff = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
+    return bool(torch.equal(out, ref)), diff
 
 
 def bench_groupnorm(device: torch.device, cases, repeats: int) -> list[dict]:
@@ -104,16 +118,20 @@ def bench_groupnorm(device: torch.device, cases, repeats: int) -> list[dict]:
         b = torch.randn(shape[1], device=device, dtype=dtype)
         nbytes = 2 * x.numel() * x.element_size()  # one read, one write: the fused floor
         backends = ["reference"] + (["triton"] if device.type == "cuda" else [])
-        ref_t = None
+        ref_t = ref_out = None
         for backend in backends:
             fn = functools.partial(groupnorm_silu, x, groups, w, b, 1e-5, backend=backend)
             with torch.no_grad():
+                out = fn()  # compared, not only timed (the kernel rounds differently: max |diff| recorded)
+                ref_out = out if backend == "reference" else ref_out
+                exact, diff = _compare(out, ref_out)
                 t = time_fn(fn, device, repeats=repeats)
             ref_t = t["median"] if backend == "reference" else ref_t
             gbs = nbytes / t["median"] / 1e9
             speedup = ref_t / t["median"]
             print(
                 f"gn+silu {name:30s} {backend:9s} {t['median'] * 1e6:10.1f} us  {gbs:8.2f} GB/s  x{speedup:6.2f}"
+                f"  max |diff| {diff:.3g}"
             )
             rows.append(
                 dict(
@@ -126,6 +144,8 @@ def bench_groupnorm(device: torch.device, cases, repeats: int) -> list[dict]:
                     min_s=t["min"],
                     gb_per_s=gbs,
                     speedup_vs_reference=speedup,
+                    exact_vs_reference=exact,
+                    max_abs_diff_vs_reference=diff,
                 )
             )
     return rows

@@ -103,3 +103,7 @@ def test_quick_benchmarks_write_their_csv(tmp_path, argv, csv_name):
     assert rows and all(r["device"] and r["commit"] and r["date"] for r in rows)
     if argv[0] == "bench_sampling.py":
         assert rows[0]["attention"] == "math" and rows[0]["batch"] == "2"
+        # the same images on both sides of the ratio (parity mode on the CPU: bit-identical)
+        assert rows[0]["max_abs_diff_u8"] == "0"
+    if argv[0] == "bench_step.py":
+        assert all(r["exact_vs_reference"] == "True" for r in rows if r["bench"] == "step")
