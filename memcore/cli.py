@@ -431,6 +431,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise _CliError(f"unknown benchmark(s) {sorted(unknown)}; have {[s.stem for s in scripts]}")
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in want]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bdir.parent), os.environ.get("PYTHONPATH", "")])}
+    if args.out is not None:
+        _check_out(args.out)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        env["MEMCORE_BENCH_RESULTS"] = str(Path(args.out).resolve())  # benchmarks/_common.RESULTS
     status = 0
     for s in scripts:
         cmd = [sys.executable, str(s)] + (["--quick"] if args.quick else [])
@@ -534,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="run the benchmark scripts (benchmarks/bench_*.py)")
     be.add_argument("names", nargs="*", help="e.g. extract distance (default: all)")
     be.add_argument("--quick", action="store_true", help="small sizes (CPU)")
+    be.add_argument(
+        "--out",
+        default=None,
+        help="folder for the CSVs (default: the checkout's benchmarks/results/, whose committed CSVs a run "
+        "replaces)",
+    )
     be.set_defaults(fn=_cmd_bench)
 
     sub.add_parser(

@@ -69,3 +69,16 @@ def test_demo_help_states_its_defaults(capsys):
         main(["demo", "--help"])
     flat = " ".join(capsys.readouterr().out.split())
     assert "(default ./memcore-demo)" in flat and "(default cpu)" in flat
+
+
+def test_bench_out_keeps_the_committed_csvs(tmp_path, monkeypatch):
+    # `memcore bench --quick` replaced the checkout's committed CSVs; --out puts them elsewhere
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MEMCORE_BENCH_RESULTS", raising=False)
+    before = {p: p.stat().st_mtime_ns for p in (root / "benchmarks" / "results").iterdir()}
+    assert main(["bench", "step", "--quick", "--out", str(tmp_path / "csv")]) == 0
+    assert [p.name.startswith("bench_step_") for p in (tmp_path / "csv").iterdir()] == [True]
+    assert {p: p.stat().st_mtime_ns for p in (root / "benchmarks" / "results").iterdir()} == before
