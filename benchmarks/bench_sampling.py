@@ -16,8 +16,8 @@ Configurations (random weights; FLOPs and speed do not depend on the weights):
 Reference: ``DDIMPipeline`` / ``StableDiffusionPipeline`` with per-seed generators, ``output_type="pt"``.
 memcore: ``Sampler`` (fused step; on CUDA one CUDA graph for UNet + step, channels_last, SDPA) producing uint8
 images. Both at ``--steps`` steps. Model FLOPs are counted with ``torch.utils.flop_counter`` (UNet forwards at
-the run's batch x steps + VAE decode); MFU = FLOPs / time / the device's dense bf16 peak (``--peak-tflops``,
-default 989 for H100/H200, the spec-sheet dense figure; this machine measured ~800 on a large GEMM).
+the run's batch x steps + VAE decode); MFU = FLOPs / time / the device's dense peak in the dtype (``--peak-tflops``,
+default an H100 SXM's spec-sheet figure: 989.4 bf16/fp16, 494.7 TF32; this machine measured ~800 bf16 on a large GEMM).
 Timing: wall clock around whole runs, synchronised, median of ``--repeats`` after one warm-up run. The warm-up
 runs' images are compared (``max_abs_diff_u8`` / ``mean_abs_diff_u8``: memcore's uint8 against the reference's
 rounded as diffusers does). A configuration that fails is a row with ``error`` and the exit status is 1.
@@ -241,6 +241,16 @@ def _inductor_arg(raw: str) -> dict[str, object]:
     return out
 
 
+def _peak_tflops(args, dtype: torch.dtype) -> float:
+    """The MFU denominator: ``--peak-tflops``, else the H100 SXM dense peak of the dtype (memcore's cost model's
+    figures; float32 convolutions and matmuls run as TF32 with PyTorch's CUDA defaults for cuDNN)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    from memcore.attacks.cost import H100_BF16_TFLOPS, H100_TF32_TFLOPS
+
+    return H100_BF16_TFLOPS if dtype in (torch.bfloat16, torch.float16) else H100_TF32_TFLOPS
+
+
 def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     b, steps = args.batch.get(name, args.default_batch), args.steps
     seeds = list(range(b))
@@ -338,7 +348,8 @@ def run_config(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
         row["memcore_decode_s"] = round(t_dec["median"], 4)
         row["decode_share"] = round(t_dec["median"] / t_mc["median"], 4)
     if device.type == "cuda":
-        peak = args.peak_tflops * 1e12
+        row["peak_tflops"] = _peak_tflops(args, dtype)
+        peak = row["peak_tflops"] * 1e12
         row["ref_mfu"] = round(flops / t_ref["median"] / peak, 4)
         row["memcore_mfu"] = round(flops / t_mc["median"] / peak, 4)
     else:
@@ -384,7 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SDPA kernel memcore's UNet tries first (the reference keeps PyTorch's choice)",
     )
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak for MFU (default: an H100 SXM's in the dtype, 989.4 for bfloat16/float16, "
+        "494.7 TF32 for float32; the CSV's peak_tflops column says which)",
+    )
     ap.add_argument(
         "--threads",
         type=int,

@@ -181,3 +181,14 @@ def test_extract_e2e_row_says_whether_memcore_and_reference_agree(load_bench, mo
     monkeypatch.setattr(mod.carlini, "extract", extract)
     rows = mod.e2e("tiny", model, None, cfg, train, cpu, reference=True)
     assert rows[0]["same_result_as_reference"] is False
+
+
+def test_sampling_mfu_peak_follows_the_dtype(load_bench):
+    # MFU divided float32 runs by the bf16 peak (989): float32 runs TF32 at half of it
+    import torch
+
+    mod = load_bench("bench_sampling.py")
+    args = mod.build_parser().parse_args([])
+    assert mod._peak_tflops(args, torch.bfloat16) == mod._peak_tflops(args, torch.float16) == 989.4
+    assert mod._peak_tflops(args, torch.float32) == 494.7
+    assert mod._peak_tflops(mod.build_parser().parse_args(["--peak-tflops", "756"]), torch.float32) == 756
