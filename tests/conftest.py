@@ -64,3 +64,27 @@ def class_unet_dir(tmp_path_factory):
     _unet(num_class_embeds=4).save_pretrained(d)
     DDPMScheduler().save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def load_bench(monkeypatch):
+    """Import a benchmark script (``benchmarks/<name>``, a path from the checkout's root) as a module;
+    sys.path and sys.modules are restored afterwards."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(path: str):
+        monkeypatch.syspath_prepend(str(root / "benchmarks"))
+        p = root / path
+        spec = importlib.util.spec_from_file_location(f"_bench_{p.stem}", p)
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, mod)
+        spec.loader.exec_module(mod)
+        return mod
+
+    saved = list(sys.path)
+    yield load
+    sys.path[:] = saved

@@ -5,7 +5,6 @@ values fail at parse time, and the quick CPU variants run to their CSV."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -22,24 +21,6 @@ def _gpu_run_commands() -> list[list[str]]:
     text = (ROOT / "tools" / "gpu_run.sh").read_text()
     block = text.split('default_cmds="', 1)[1].split('"', 1)[0]
     return [shlex.split(line) for line in block.splitlines() if line.strip()]
-
-
-@pytest.fixture
-def load_bench(monkeypatch):
-    """Import ``benchmarks/<name>`` as a module (sys.path and sys.modules restored afterwards)."""
-
-    def load(path: str):
-        monkeypatch.syspath_prepend(str(BENCH))
-        p = ROOT / path
-        spec = importlib.util.spec_from_file_location(f"_bench_{p.stem}", p)
-        mod = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, mod)
-        spec.loader.exec_module(mod)
-        return mod
-
-    saved = list(sys.path)
-    yield load
-    sys.path[:] = saved
 
 
 def test_gpu_run_default_commands_parse(load_bench):

@@ -4,9 +4,7 @@ that ran, the reference really compared, the same input on both sides of a ratio
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,26 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-@pytest.fixture
-def load_bench(monkeypatch):
-    """Import ``benchmarks/<name>`` as a module (sys.path and sys.modules restored afterwards)."""
-
-    def load(name: str):
-        monkeypatch.syspath_prepend(str(BENCH))
-        p = BENCH / name
-        spec = importlib.util.spec_from_file_location(f"_bench_audit2_{p.stem}", p)
-        mod = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, mod)
-        spec.loader.exec_module(mod)
-        return mod
-
-    saved = list(sys.path)
-    yield load
-    sys.path[:] = saved
-
-
 def test_commit_marks_a_dirty_tree_but_not_fresh_results(load_bench, tmp_path):
-    common = load_bench("_common.py")
+    common = load_bench("benchmarks/_common.py")
 
     def git(*argv):
         subprocess.run(["git", *argv], cwd=tmp_path, check=True, capture_output=True)
@@ -61,7 +41,7 @@ def _results_to(mod, monkeypatch, tmp_path):
 def test_distance_without_reference_in_backends_still_has_its_ratio(load_bench, monkeypatch, tmp_path):
     """``--backends cpu`` was a KeyError after every timing (the ratios and exactness read the reference's row);
     the share of peak counted the dense 2·N²·D for pairwise calls that compute the symmetric half."""
-    mod = load_bench("bench_distance.py")
+    mod = load_bench("benchmarks/bench_distance.py")
     _results_to(mod, monkeypatch, tmp_path)
     monkeypatch.setattr(mod, "_peak", lambda dev: 1.0)
     rows = mod.run(
@@ -78,14 +58,14 @@ def test_distance_without_reference_in_backends_still_has_its_ratio(load_bench, 
 
 
 def test_distance_peak_of_the_pcie_and_nvl_boards(load_bench):
-    peak = load_bench("bench_distance.py")._peak
+    peak = load_bench("benchmarks/bench_distance.py")._peak
     assert peak("NVIDIA H100 80GB HBM3") == peak("NVIDIA H200") == 1979.0
     assert peak("NVIDIA H100 PCIe") == 1513.0 and peak("NVIDIA H100 NVL") == 1671.0
 
 
 def test_step_rows_say_whether_the_kernel_matched_the_reference(load_bench, monkeypatch):
     """The step/GroupNorm rows were timings only: a backend returning a wrong tensor read as a speedup."""
-    mod = load_bench("bench_step.py")
+    mod = load_bench("benchmarks/bench_step.py")
     real = mod.fused_step
 
     def wrong_when_fast(*a, backend="auto", **kw):
@@ -104,7 +84,7 @@ def test_step_rows_say_whether_the_kernel_matched_the_reference(load_bench, monk
 def test_sampling_failed_configuration_is_a_row_and_an_exit_status(load_bench, monkeypatch, tmp_path):
     """A configuration that raised was printed as a traceback only: the CSV silently lacked it and the script
     (hence ``memcore bench`` and gpu_run.sh's log) reported success."""
-    mod = load_bench("bench_sampling.py")
+    mod = load_bench("benchmarks/bench_sampling.py")
     _results_to(mod, monkeypatch, tmp_path)
 
     def run_config(name, args, device, dtype):
@@ -130,7 +110,7 @@ def test_sampling_failed_configuration_is_a_row_and_an_exit_status(load_bench, m
 def test_clique_ratio_to_networkx_is_on_the_graph_networkx_ran(load_bench, monkeypatch, tmp_path):
     """networkx runs on a case's first graph only; memcore's median over all graphs of the case was divided
     into it (different inputs on the two sides of the ratio)."""
-    mod = load_bench("bench_clique.py")
+    mod = load_bench("benchmarks/bench_clique.py")
     monkeypatch.setattr(mod._common, "RESULTS", tmp_path)
     g0 = mod.gnp(500, 0.1, 10, 0)
     real = mod.times_of
@@ -155,7 +135,7 @@ def test_extract_e2e_row_says_whether_memcore_and_reference_agree(load_bench, mo
 
     import torch
 
-    mod = load_bench("bench_extract.py")
+    mod = load_bench("benchmarks/bench_extract.py")
     monkeypatch.setattr(mod, "REPEATS", 1, raising=False)
     model = mod._tiny_uncond()
     train = torch.randint(
@@ -187,7 +167,7 @@ def test_sampling_mfu_peak_follows_the_dtype(load_bench):
     # MFU divided float32 runs by the bf16 peak (989): float32 runs TF32 at half of it
     import torch
 
-    mod = load_bench("bench_sampling.py")
+    mod = load_bench("benchmarks/bench_sampling.py")
     args = mod.build_parser().parse_args([])
     assert mod._peak_tflops(args, torch.bfloat16) == mod._peak_tflops(args, torch.float16) == 989.4
     assert mod._peak_tflops(args, torch.float32) == 494.7

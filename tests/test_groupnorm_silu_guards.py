@@ -8,26 +8,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
+from test_groupnorm_silu import _tiny_unet
 from tolerances import tol
 from torch import nn
 
 from memcore.ops.norm import fuse_groupnorm_silu, groupnorm_silu
-
-
-def _tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-    ).eval()
 
 
 def _device() -> str:
