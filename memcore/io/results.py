@@ -324,9 +324,8 @@ class RecordWriter:
         self._fsync = fsync
         new = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        if (
-            new and fsync
-        ):  # the file's directory entry too: fsynced records in a file a power cut unlinks are lost
+        # the file's directory entry too: fsynced records in a file that a power cut unlinks are lost
+        if new and fsync:
             _fsync_dir(self.path.parent)
         if fcntl is not None:
             try:
