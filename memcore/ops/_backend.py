@@ -37,6 +37,23 @@ FAMILY_BACKENDS = ("cublas",)
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 _NATIVE = _native.native_available()
 _NATIVE_CUDA = _native.native_cuda_usable()
+
+
+def _cuda_unusable_reason() -> str:
+    """Which of the three conditions of ``native_cuda_usable`` fails (built, seen by the core, seen by torch):
+    "CUDA built, no device (cudaErrorInsufficientDriver)" says what to fix, "built with CUDA and a usable
+    device" does not."""
+    if not _NATIVE:
+        return "memcore._C is not built"
+    if not _native.native().build_info()["cuda"]:
+        return "memcore was built without its CUDA part (no CUDA compiler found, or MEMCORE_CUDA=OFF)"
+    count, text = _native.cuda_device_status()
+    if count <= 0:
+        return text
+    return f"torch sees no CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda})"
+
+
+_CUDA_WHY = "" if _NATIVE_CUDA else _cuda_unusable_reason()
 # Triton reads TRITON_INTERPRET when it is imported, so later changes of the variable do not count either.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -63,10 +80,7 @@ def available(backend: str, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, f"backend 'cuda' needs CUDA tensors, got {device}"
         if not _NATIVE_CUDA:
-            return (
-                False,
-                "backend 'cuda' needs memcore built with CUDA and a usable device (see memcore.build_info())",
-            )
+            return False, f"backend 'cuda' is not usable here: {_CUDA_WHY} (see memcore.build_info())"
         return True, ""
     if backend == "triton":
         if not triton_importable():

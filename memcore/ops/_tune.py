@@ -25,7 +25,23 @@ from typing import Any
 
 import torch
 
-ENABLED = os.environ.get("MEMCORE_AUTOTUNE", "1") not in ("0", "", "false", "False")
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off", "")
+
+
+def _env_enabled() -> bool:
+    """``MEMCORE_AUTOTUNE`` (read once, at import): on unless 0/false/no/off (any case) or empty; anything
+    else is a ValueError, so that a typo such as ``MEMCORE_AUTOTUNE=of`` does not silently keep tuning."""
+    raw = os.environ.get("MEMCORE_AUTOTUNE", "1")
+    value = raw.strip().lower()
+    if value not in _ON + _OFF:
+        raise ValueError(
+            f"MEMCORE_AUTOTUNE={raw!r}: expected 1 or 0 (also true/false, yes/no, on/off; empty means off)"
+        )
+    return value in _ON
+
+
+ENABLED = _env_enabled()
 
 # Re-entrant: a candidate may tune inside its own run (the Triton k-NN tunes its filter launch on the first
 # call, which can come from the backend tuning of ``auto``); a plain Lock would deadlock that thread.
@@ -114,8 +130,8 @@ def pick(
                 best = min(best, time.perf_counter() - t0)
             times[be] = best
         chosen = min(times, key=times.__getitem__) if times else candidates[0]
+        _TIMES[key] = times  # before the choice: choices() (lock-free) lists only what _CHOSEN holds
         _CHOSEN[key] = chosen
-        _TIMES[key] = times
         return chosen
 
 
@@ -126,7 +142,9 @@ def chosen(key: tuple) -> str | None:
 
 def choices() -> dict[tuple, dict[str, Any]]:
     """What autotuning chose per shape class, with the measured seconds per candidate."""
-    return {k: {"chosen": v, "seconds": dict(_TIMES.get(k, {}))} for k, v in _CHOSEN.items()}
+    # No lock (another thread may be tuning for seconds under it), so iterate over a copy: dict.copy() is
+    # atomic under the GIL, while iterating the live dict raises if another thread adds a choice meanwhile.
+    return {k: {"chosen": v, "seconds": dict(_TIMES.get(k, {}))} for k, v in _CHOSEN.copy().items()}
 
 
 def reset() -> None:

@@ -14,15 +14,27 @@ def default_device() -> torch.device:
 def resolve_device(device: torch.device | str | int | None) -> torch.device:
     """``device`` as a ``torch.device`` (None: :func:`default_device`).
 
+    An int is a CUDA device index (torch would take it as an index of the current accelerator, and with none
+    fail with a message that does not name the device).
+
     Raises:
-        ValueError: a name torch does not know, or a CUDA device that this torch build or machine lacks.
+        ValueError: a name torch does not know, or a device (CUDA or another accelerator such as 'mps') that
+            this torch build or machine lacks.
     """
     if device is None:
         return default_device()
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        device = torch.device("cuda", device)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r} (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type not in ("cpu", "cuda", "meta"):
+        # torch parses every device type it has a name for ('mps', 'xpu', ...), usable here or not
+        backend = getattr(torch, dev.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if not callable(is_available) or not is_available():
+            raise ValueError(f"device {str(dev)!r} is not available to this process (e.g. 'cpu', 'cuda')")
     if dev.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
             raise ValueError(f"device {str(dev)!r}: this torch ({torch.__version__}) is a CPU-only build")
