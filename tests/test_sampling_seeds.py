@@ -137,3 +137,16 @@ def test_step_noise_does_not_read_device_tensor_values():
     # under CUDA graph capture): the range is the caller's. A meta tensor stands in: it has no values to read.
     z = step_noise(torch.tensor([-1], device="meta"), torch.tensor(-1, device="meta"), (2, 3))
     assert z.device.type == "meta" and z.shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_step_noise_takes_unsigned_seed_tensors(dtype):
+    # check_seeds takes them; step_noise raised NotImplementedError ("min_all" not implemented for 'UInt32')
+    seeds = torch.tensor([0, 7, 65535], dtype=dtype)
+    assert torch.equal(step_noise(seeds, 3, (5,)), step_noise([0, 7, 65535], 3, (5,)))
+
+
+def test_step_noise_refuses_uint64_seed_past_int64():
+    # 2**63 + 5 would wrap to a negative int64 key (NaN noise); the error names the seed as given
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\*\*63\), got 9223372036854775813"):
+        step_noise(torch.tensor([1, 2**63 + 5], dtype=torch.uint64), 0, (4,))

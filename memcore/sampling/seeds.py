@@ -22,7 +22,7 @@ as 1, 2, 3", SC 2011), written with int64 torch ops so it runs on any device:
 - 10 rounds of ``(c0, c1, c2, c3) <- (hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0))`` with the
   key bumped by the Weyl constants between rounds (Random123's reference; tested against its known-answer
   vectors);
-- each 4x32-bit output gives 4 normals by Box-Muller on 24-bit uniforms ``u = (x >> 8 + 0.5) / 2**24`` in (0, 1):
+- each 4x32-bit output gives 4 normals by Box-Muller on 24-bit uniforms ``u = ((x >> 8) + 0.5) / 2**24`` in (0, 1):
   ``(z0, z1) = sqrt(-2 ln u0) * (cos 2 pi u1, sin 2 pi u1)``, same for ``(u2, u3)``, computed in float32 and cast
   to the requested dtype.
 
@@ -167,10 +167,13 @@ def _seed_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> t
     if isinstance(seeds, torch.Tensor):
         if not _is_integer_tensor(seeds) or seeds.dim() != 1:
             raise TypeError(f"seeds tensor must be a 1-D integer tensor, got {seeds.dtype} {seeds.dim()}-D")
-        # a negative seed would give a negative Philox key and NaN noise (log of a negative "uniform")
-        if _host_checkable(seeds) and seeds.numel() and int(seeds.min()) < 0:
-            raise ValueError(f"seeds must be in [0, 2**63), got {int(seeds.min())}")
-        return seeds.to(device=device, dtype=torch.int64)
+        # a negative seed would give a negative Philox key and NaN noise (log of a negative "uniform"). Checked
+        # after the int64 cast: torch has no min() for uint16/32/64, and a uint64 seed >= 2**63 wraps negative.
+        wide = seeds.to(dtype=torch.int64)
+        if _host_checkable(seeds) and wide.numel() and int(wide.min()) < 0:
+            bad = next(v for v in seeds.tolist() if not 0 <= v <= MAX_SEED)
+            raise ValueError(f"seeds must be in [0, 2**63), got {bad}")
+        return wide.to(device=device)
     return torch.tensor(check_seeds(seeds), dtype=torch.int64, device=device)
 
 
