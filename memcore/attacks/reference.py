@@ -6,6 +6,7 @@ networkx cliques. Slow and simple on purpose: it is the oracle that memcore's en
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,9 @@ def reference_sample(
     """DDIM (or any diffusers scheduler) loop over a ``UNet2DModel``, written as diffusers' DDIMPipeline does.
 
     The batch is exactly ``seeds`` (no padding); each initial noise is
-    ``torch.randn(shape, generator=torch.Generator(device).manual_seed(seed))``.
+    ``torch.randn(shape, generator=torch.Generator(device).manual_seed(seed))``, and that image's generator
+    also draws its DDIM step noise when ``eta > 0`` (as DDIMPipeline with a list of generators), so an image
+    depends on its seed only, never on the global RNG or its batch.
 
     Args:
         unet: a diffusers UNet2DModel (unconditional, or class-conditional when ``class_labels`` is given).
@@ -49,12 +52,10 @@ def reference_sample(
         cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
     )
     shape = (1, cfg.in_channels, *size)
-    x = torch.cat(
-        [
-            torch.randn(shape, generator=torch.Generator(device).manual_seed(int(s)), device=device)
-            for s in seeds
-        ]
-    ).to(unet.dtype)
+    # one generator per image, as DDIMPipeline(generator=[...]): it draws the initial noise and then, with
+    # eta > 0, the step noise (diffusers' randn_tensor draws per image from a list of generators)
+    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    x = torch.cat([torch.randn(shape, generator=g, device=device) for g in gens]).to(unet.dtype)
     labels = None if class_labels is None else torch.as_tensor(list(class_labels), device=device)
     sched.set_timesteps(num_inference_steps)
     x = x * sched.init_noise_sigma
@@ -62,6 +63,8 @@ def reference_sample(
         inp = sched.scale_model_input(x, t)
         eps = unet(inp, t, class_labels=labels).sample
         kwargs = {"eta": eta} if "eta" in sched.step.__code__.co_varnames else {}
+        if "generator" in sched.step.__code__.co_varnames:
+            kwargs["generator"] = gens
         x = sched.step(eps, t, x, **kwargs).prev_sample
     # as DDIMPipeline: (x / 2 + 0.5).clamp(0, 1) in the model dtype, then numpy_to_pil's round(x * 255) on that
     # array, i.e. in the model dtype too (float16: the product is rounded to float16 first); numpy has no
@@ -100,6 +103,32 @@ def naive_tiled_l2(
     ta, tb = tiles(a), tiles(b)
     d = ((ta[:, None] - tb[None]) ** 2).mean(-1).sqrt()  # [N, M, T]
     return d.amax(-1)
+
+
+def exact_tile_sq(
+    a: torch.Tensor, b: torch.Tensor | None = None, grid: tuple[int, int] = (4, 4)
+) -> torch.Tensor:
+    """uint8 images: ``max_t Σ_{tile t} (a − b)²`` as exact int64 integers [N, M] (``tiled_l2² · 255² · n``)."""
+    b = a if b is None else b
+    gh, gw = grid
+    _n, c, h, w = a.shape
+    if h % gh or w % gw:
+        raise ValueError(f"grid {grid} does not divide image size {h}x{w}")
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.int64).reshape(x.shape[0], c, gh, h // gh, gw, w // gw).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(x.shape[0], gh * gw, -1)
+
+    ta, tb = tiles(a), tiles(b)
+    return ((ta[:, None] - tb[None]) ** 2).sum(-1).amax(-1)
+
+
+def _medoid_position(sub32: torch.Tensor) -> int:
+    """Position of the least summed distance in ``sub32`` [K, K] (the float32 distances memcore reports), the
+    first on ties; the sums are exact (``math.fsum``), so the rule is the engines' documented one: argmin of
+    the summed reported distances, not of one order's rounding of them."""
+    sums = [math.fsum(row) for row in sub32.double().tolist()]
+    return sums.index(min(sums))
 
 
 def naive_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -153,20 +182,36 @@ def reference_condition(
     delta: float = 0.15,
     condition_id: int = 0,
 ) -> ReferenceRecord:
-    """Generate-and-filter of SPEC §2 steps 2–5 for one condition's candidates ``images`` [N, C, H, W]."""
-    d = naive_tiled_l2(images, grid=grid)
+    """Generate-and-filter of SPEC §2 steps 2–5 for one condition's candidates ``images`` [N, C, H, W].
+
+    Every rule is on the float32 distances memcore reports, as the engines document them: for uint8 images
+    ``float32(sqrt(S / (255² n)))`` from the exact integer squared tile maxima ``S``. The medoid is the least
+    exact sum of a member's distances (the first member on ties), the mean clique distance their exact mean,
+    and the nearest training image the least float32 distance (the first index on ties).
+    """
+    u8 = images.dtype == torch.uint8
+    c, h, w = images.shape[1:]
+    if u8:
+        sq = exact_tile_sq(images, grid=grid)
+        d = torch.sqrt(sq.double() / (255.0**2 * c * (h // grid[0]) * (w // grid[1])))
+    else:
+        d = naive_tiled_l2(images, grid=grid)
     # compare in float32 as the engines do (the threshold is a float32 comparison, SPEC §7 bitset rule)
     adj = d.float() <= torch.tensor(alpha, dtype=torch.float32)
     adj.fill_diagonal_(False)
     members = networkx_max_clique(adj)
-    sub = d[members][:, members]
+    sub = d[members][:, members].float()
     k = len(members)
-    medoid = members[int(torch.argmin(sub.sum(1)))] if k else -1
-    mean = float(sub.sum() / (k * (k - 1))) if k > 1 else None
+    medoid = members[_medoid_position(sub)] if k else -1
+    mean = math.fsum(sub.double().flatten().tolist()) / (k * (k - 1)) if k > 1 else None
     rec = ReferenceRecord(condition_id, k >= min_clique, k, tuple(members), medoid, mean)
     if train is not None and k:
-        dt = naive_l2(images[medoid : medoid + 1], train)[0].float()
-        j = int(torch.argmin(dt))
+        if u8 and train.dtype == torch.uint8:
+            st = exact_tile_sq(images[medoid : medoid + 1], train, (1, 1))[0]
+            dt = torch.sqrt(st.double() / (255.0**2 * c * h * w)).float()
+        else:
+            dt = naive_l2(images[medoid : medoid + 1], train)[0].float()
+        j = int(torch.argmin(dt))  # the first index among equal float32 distances
         rec = dataclasses.replace(
             rec,
             nearest_train_index=j,
@@ -180,11 +225,16 @@ def reference_condition(
 def reference_nn_extraction(
     candidates: torch.Tensor, seeds: Sequence[int], train: torch.Tensor, *, k: int = 50, alpha: float = 0.5
 ) -> dict[int, tuple[int, float]]:
-    """SPEC §3 by brute force: {training index: (best seed, best ratio)} for ratio <= 1 (ties: smaller seed)."""
+    """SPEC §3 by brute force: {training index: (best seed, best ratio)} for ratio <= 1 (ties: smaller seed).
+
+    S is the k nearest training images, x included (all of them when there are fewer than k). A candidate at
+    distance 0 from x has ratio 0, also when every image of S is a copy of x (0/0), as the engine documents.
+    """
     d = naive_l2(candidates, train)
     top = torch.sort(d, dim=1, stable=True)
     nd, ni = top.values[:, :k], top.indices[:, :k]
     ratio = (nd[:, 0] / (alpha * nd.mean(1))).float()
+    ratio = torch.where(nd[:, 0] == 0, 0.0, ratio)  # an exact copy of x extracts it (not 0/0 = NaN)
     best: dict[int, tuple[int, float]] = {}
     for s, r, j in zip(seeds, ratio.tolist(), ni[:, 0].tolist()):
         if r <= 1 and (j not in best or (r, s) < (best[j][1], best[j][0])):

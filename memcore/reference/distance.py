@@ -30,8 +30,10 @@ U8_SCALE2 = 65025.0
 
 
 def tile_slices(h: int, w: int, grid: tuple[int, int]) -> list[tuple[slice, slice]]:
-    """The ``gh·gw`` tiles of an ``h × w`` image in row-major grid order."""
+    """The ``gh·gw`` tiles of an ``h × w`` image in row-major grid order (ValueError unless the grid divides)."""
     gh, gw = grid
+    if gh < 1 or gw < 1 or h % gh or w % gw:
+        raise ValueError(f"grid {gh}x{gw} does not divide the image size {h}x{w}")
     th, tw = h // gh, w // gw
     return [(slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw)) for r in range(gh) for c in range(gw)]
 
