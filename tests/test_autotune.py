@@ -134,3 +134,15 @@ def test_nested_tuning_does_not_deadlock(tune_on_cpu):
     assert done.wait(60), "nested autotuning deadlocked"
     assert got[0] in ("a", "b") and set(inner_calls) == {"x", "y"}
     assert ("inner", "a") in _tune.choices() and ("inner", "b") in _tune.choices()
+
+
+def test_no_tuning_inside_a_cuda_graph_capture(tune_on_cpu, monkeypatch):
+    # tuning synchronises the device to time candidates, which breaks a CUDA graph capture: a shape class met
+    # first inside one runs the static choice untuned, and is tuned at its first call outside
+    a, b = _imgs(9, 0), _imgs(30, 1)
+    monkeypatch.setattr(D, "_capturing", lambda device: True)
+    assert torch.equal(D.tiled_l2(a, b, grid=(2, 2)), D.tiled_l2(a, b, grid=(2, 2), backend="cpu"))
+    assert _tune.choices() == {}
+    monkeypatch.setattr(D, "_capturing", lambda device: False)
+    D.tiled_l2(a, b, grid=(2, 2))
+    assert len(_tune.choices()) == 1

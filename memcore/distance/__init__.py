@@ -149,6 +149,11 @@ def _backend_for(backend: str, x: torch.Tensor) -> str:
     return name
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether this thread's current stream on ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _run(backend: str, name: str, x: torch.Tensor, key: tuple, op):
     """``op(name)``; for ``auto`` on uint8 inputs ``op`` of the fastest exact backend of this shape class
     instead (tuned on first use, see :mod:`memcore.ops._tune`)."""
@@ -162,6 +167,10 @@ def _run(backend: str, name: str, x: torch.Tensor, key: tuple, op):
         return op(name)
     key = (*key, x.device.type, x.device.index if x.device.type == "cuda" else -1, tuple(x.shape[1:]))
     chosen = _tune.chosen(key)
+    if chosen is None and _capturing(x.device):
+        # tuning times candidates with device synchronisations, which a CUDA graph capture forbids: the
+        # static choice, untuned (a later call outside the capture tunes the shape class)
+        return op(name)
     if chosen is None:
         others = (CUDA_ORDER if x.device.type == "cuda" else ("cpu",)) + _EXTRA_BACKENDS
         cands = [name] + [c for c in others if c != name and _backend.available(c, x.device)[0]]
