@@ -146,3 +146,23 @@ def test_no_tuning_inside_a_cuda_graph_capture(tune_on_cpu, monkeypatch):
     monkeypatch.setattr(D, "_capturing", lambda device: False)
     D.tiled_l2(a, b, grid=(2, 2))
     assert len(_tune.choices()) == 1
+
+
+def test_the_static_choice_failing_is_the_calls_error(tune_on_cpu, monkeypatch):
+    # it was skipped, and the next candidate, checked against nothing, became the shape class's choice for
+    # good (a passing out-of-memory too); with tuning off the call raises: so it does with tuning on
+    real = _ops._matrix_impl
+    fail = [True]
+
+    def failing(a, b, gh, gw, scale, backend):
+        if backend == "cpu" and fail[0]:
+            raise MemoryError("out of memory")
+        return real(a, b, gh, gw, scale, backend)
+
+    monkeypatch.setattr(_ops, "_matrix_impl", failing)
+    with pytest.raises(MemoryError):
+        D.tiled_l2(_imgs(5, 5), grid=(2, 2))
+    assert _tune.choices() == {}
+    fail[0] = False
+    D.tiled_l2(_imgs(5, 5), grid=(2, 2))
+    assert set(next(iter(_tune.choices().values()))["seconds"]) == {"cpu", "cublas"}

@@ -105,6 +105,10 @@ def pick(
                 out = run(be)
                 _sync(device)
             except Exception as exc:  # a backend that cannot run this shape simply does not compete
+                if be == candidates[0]:
+                    # the static choice: its error is the call's, as with tuning off (nothing to check the
+                    # others against; and a passing one, out of memory, must not fix the shape class's choice)
+                    raise
                 warnings.warn(
                     f"memcore autotune: backend {be!r} failed on {key} ({type(exc).__name__}: {exc}); skipped",
                     RuntimeWarning,
