@@ -75,3 +75,12 @@ def test_cuda_upload_on_a_side_stream_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert int(total) == int(host.sum(dtype=torch.int64))
     assert torch.equal(dev.cpu(), host)
+
+
+def test_a_device_name_and_a_0d_tensor():
+    # to_device(t, "cpu") raised AttributeError ('str' has no .type); a 0-d Upload in the background IndexError
+    from memcore.utils.transfer import Upload, to_device
+
+    t = torch.arange(4)
+    assert torch.equal(to_device(t, "cpu"), t)
+    assert torch.equal(Upload(torch.tensor(3.5), "cpu", background=True).wait(), torch.tensor(3.5))

@@ -22,9 +22,10 @@ def _staged(t: torch.Tensor, device: torch.device) -> bool:
     return device.type == "cuda" and t.device.type == "cpu"
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Host tensor -> ``device`` without a host sync (pinned staging + ``non_blocking`` on CUDA); a tensor
     already on a device goes the plain way."""
+    device = torch.device(device)
     if _staged(t, device):
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -63,7 +64,8 @@ class Upload:
         self._future: cf.Future | None = None
         self._done = None
         staged = _staged(host, device)
-        if host.numel() == 0 or not (background or staged):
+        # a 0-d tensor has no rows to copy in chunks: one plain copy
+        if host.numel() == 0 or host.dim() == 0 or not (background or staged):
             self._tensor = host.to(device).contiguous()  # nothing to copy, or not in the background
             return
         self._tensor = torch.empty(host.shape, dtype=host.dtype, device=device)
