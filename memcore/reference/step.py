@@ -74,18 +74,21 @@ def _ddpm_noise(noise: torch.Tensor | None) -> Iterator[None]:
     if noise is None:
         yield
         return
-    orig = ddpm_mod.randn_tensor
 
     def fake(shape, generator=None, device=None, dtype=None, **kw):
         if tuple(shape) != tuple(noise.shape):
             raise ValueError(f"noise shape {tuple(noise.shape)} != drawn shape {tuple(shape)}")
         return noise.to(device=device, dtype=dtype)
 
-    ddpm_mod.randn_tensor = fake
-    try:
-        yield
-    finally:
-        ddpm_mod.randn_tensor = orig
+    from memcore.utils import DIFFUSERS_RANDN_LOCK
+
+    with DIFFUSERS_RANDN_LOCK:  # the sampling engine swaps the same module global
+        orig = ddpm_mod.randn_tensor
+        ddpm_mod.randn_tensor = fake
+        try:
+            yield
+        finally:
+            ddpm_mod.randn_tensor = orig
 
 
 def _scheduler(plan: StepPlan, config: StepConfig) -> Any:

@@ -30,7 +30,6 @@ import inspect
 import math
 import numbers
 import sys
-import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +40,7 @@ import torch
 from memcore.models.loading import LoadedModel, load_model
 from memcore.ops import _backend
 from memcore.sampling.seeds import as_int, check_seeds, initial_noise, step_noise
+from memcore.utils import DIFFUSERS_RANDN_LOCK
 from memcore.utils.device import default_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import to_device
@@ -370,7 +370,7 @@ def uint8_dtype(latent: bool, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype
 
 
-_RANDN_LOCK = threading.Lock()
+_RANDN_LOCK = DIFFUSERS_RANDN_LOCK  # shared with memcore.reference.step
 
 
 @contextlib.contextmanager
