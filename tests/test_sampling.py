@@ -584,6 +584,9 @@ def test_scheduler_names_checked_at_config_time():
         SamplerConfig(scheduler="RePaintScheduler")
     with pytest.raises(ValueError, match=r"'DDIMInverseScheduler' is not supported.*inverts DDIM"):
         SamplerConfig(scheduler="DDIMInverseScheduler")
+    # its noise is torchsde's own (seeded apart from the candidate): refused whether torchsde is installed or not
+    with pytest.raises(ValueError, match=r"'DPMSolverSDEScheduler' is not supported.*Brownian tree"):
+        SamplerConfig(scheduler="DPMSolverSDEScheduler")
     with pytest.raises(ValueError, match="unknown scheduler 'NoSuchScheduler'"):
         SamplerConfig(scheduler="NoSuchScheduler")
     assert SamplerConfig(scheduler="EulerDiscreteScheduler").scheduler == "EulerDiscreteScheduler"

@@ -98,6 +98,9 @@ _NOT_SAMPLERS = {
     "DDIMInverseScheduler": "it inverts DDIM (image -> noise), it does not sample",
     "DPMSolverMultistepInverseScheduler": "it inverts DPM-Solver (image -> noise), it does not sample",
     "DDPMWuerstchenScheduler": "its continuous-time steps are Wuerstchen's, not a UNet's integer timesteps",
+    # its noise is torchsde's Brownian tree, seeded from torch's global RNG: outside memcore's (seed, step) noise
+    "DPMSolverSDEScheduler": "its step noise comes from a torchsde Brownian tree with a seed of its own, so an "
+    "image would not be a function of its seed (nor independent of its batch)",
 }
 
 
@@ -152,6 +155,10 @@ def scheduler_class(name: str) -> type:
     if cls is None:
         raise ValueError(
             f"unknown scheduler {name!r}: use 'ddim', 'ddpm', 'config' or a diffusers scheduler class name"
+        )
+    if cls_name in _NOT_SAMPLERS:  # before the dependency check: installing it would not help
+        raise ValueError(
+            f"scheduler {name!r} is not supported by memcore's sampling loop: {_NOT_SAMPLERS[cls_name]}"
         )
     if type(cls).__name__ == "DummyObject":  # diffusers' placeholder for a class whose dependency is missing
         needs = ", ".join(b for b in getattr(cls, "_backends", ()) if b != "torch") or "an optional package"
