@@ -73,3 +73,17 @@ def test_an_in_memory_nn_extraction_is_not_a_shard_claiming_every_candidate(monk
         u, None, config=cfg(nn_candidates=40), train=train, device="cpu", shard=ShardSpec()
     )
     assert whole.nn.num_candidates == 40 and len(whole.conditions) == 1
+
+
+def test_iter_extract_checks_its_arguments_when_called():
+    # a generator function reported "35" (a bare string) or a dict config only at the first next(), far from
+    # the call that was wrong
+    with pytest.raises(TypeError, match="got the string '35'"):
+        carlini.iter_extract("no/such/model", "35")
+    with pytest.raises(TypeError, match="config must be an ExtractConfig, got dict"):
+        carlini.iter_extract("no/such/model", [0], config={"num_per_condition": 4})
+    with pytest.raises(ValueError, match="unknown device"):
+        carlini.iter_extract("no/such/model", [0], device="gpu7")
+    it = carlini.iter_extract("no/such/model", (c for c in [0, 1]))  # the model loads at the first next()
+    with pytest.raises(FileNotFoundError):
+        next(it)

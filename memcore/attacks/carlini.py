@@ -1103,8 +1103,36 @@ def iter_extract(
     A run that fails, is interrupted or is closed before it has written anything but the results directory's
     ``params.json`` takes that back (see ``ResultsDir.abandon``): a refused command leaves no directory that
     would then refuse the corrected one.
+
+    Raises:
+        TypeError / ValueError: at the call, for a ``config`` that is not an ``ExtractConfig``, conditions
+            that are not a sequence, or an unknown device; everything that needs the model or the training
+            data (loaded at the first ``next()``) is checked then, before anything is sampled or written.
     """
-    state = _state if _state is not None else {}
+    if config is not None and not isinstance(config, ExtractConfig):
+        raise TypeError(f"config must be an ExtractConfig, got {type(config).__name__}")
+    conditions = _conditions_arg(conditions)  # a generator of conditions is read once, here
+    if device is not None:
+        resolve_device(device)
+    return _iter_extract(
+        model, conditions, config=config, train=train, out=out, device=device, shard=shard,
+        progress=progress, state=_state if _state is not None else {},
+    )  # fmt: skip
+
+
+def _iter_extract(
+    model: Any,
+    conditions: list[Any] | None,
+    *,
+    config: ExtractConfig | None,
+    train: PreparedTrainingSet | torch.Tensor | str | os.PathLike | None,
+    out: str | os.PathLike | None,
+    device: torch.device | str | None,
+    shard: _results.ShardSpec | None,
+    progress: bool,
+    state: dict,
+) -> Iterator[ConditionResult]:
+    """The generator :func:`iter_extract` returns once its arguments passed the call-time checks."""
     try:
         yield from _extraction(
             model, conditions, config=config, train=train, out=out, device=device, shard=shard,
