@@ -1,7 +1,8 @@
 """memcore: a fast engine that audits diffusion models for memorized training data.
 
 Implements the extraction attacks of Carlini et al. 2023 (generate-and-filter with tiled L2 and cliques,
-nearest-neighbour extraction), SIDE (surrogate classifier guidance) and membership inference. See README.md.
+nearest-neighbour extraction); SIDE (surrogate classifier guidance) and membership inference are not built yet
+(the fused step already takes SIDE's classifier-guidance term). See README.md.
 
 Public API (SPEC §7): ``memcore.distance`` (l2, tiled_l2, knn, tiled_l2_graph), ``memcore.graph``
 (max_clique, ...), ``memcore.sample`` / ``memcore.stream``, ``memcore.extract`` / ``memcore.iter_extract``.

@@ -378,6 +378,13 @@ def test_atomic_writes_have_the_mode_a_plain_open_gives(tmp_path):
     os.chmod(p, 0o640)  # a rewrite keeps the mode the file has
     R.atomic_write_json(p, {"a": 2})
     assert p.stat().st_mode & 0o777 == 0o640 and json.loads(p.read_text()) == {"a": 2}
+    # results.jsonl too (it was 0o644 less the umask: with umask 002, the summary group-writable, it not)
+    old = os.umask(0o002)
+    try:
+        R.RecordWriter(tmp_path / "results.jsonl").close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.jsonl").stat().st_mode & 0o777 == 0o664
 
 
 def test_a_merge_beside_a_running_whole_run_loses_none_of_its_records(tmp_path):
