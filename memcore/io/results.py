@@ -323,9 +323,8 @@ class RecordWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         new = not self.path.exists()
-        self._fd = os.open(
-            self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666
-        )  # less the umask, as a plain open(): the mode atomic writes give too
+        # 0o666 less the umask, as a plain open() gives (and the atomic writes of the summary and report)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
         # the file's directory entry too: fsynced records in a file that a power cut unlinks are lost
         if new and fsync:
             _fsync_dir(self.path.parent)
