@@ -388,6 +388,41 @@ def test_cuda_against_reference(dtype, shape, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("negative", [False, True])
+def test_cuda_nan_input_never_reads_as_a_match(dtype, negative):
+    # check_finite=False on the CUDA kernel (not yet run on a GPU): a NaN image, its NaN with or without the
+    # sign bit (x86's 0/0), is NaN from every other image, and every NaN written is the positive one the
+    # kernel's integer atomicMax and the k-NN keys order last
+    a = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    nan = torch.tensor(float("nan"))
+    a[1, 2, 3, 1] = nan.neg() if negative else nan
+    a = a.to(dtype).cuda()
+    d = D.tiled_l2(a, grid=(2, 2), backend="cuda", check_finite=False).cpu()
+    off = ~torch.eye(5, dtype=torch.bool)
+    assert bool(d[1][off[1]].isnan().all()) and bool(d[:, 1][off[:, 1]].isnan().all())
+    assert not bool(d[[0, 2, 3, 4]][:, [0, 2, 3, 4]].isnan().any())
+    assert bool((d.view(torch.int32)[d.isnan()] > 0).all())
+    bits = D.tiled_l2_graph(a, 1.0, grid=(2, 2), backend="cuda", check_finite=False).cpu()
+    assert bits.view(torch.int64)[:, 0].tolist() == [0b11100, 0, 0b11001, 0b10101, 0b01101]
+    _, idx = D.knn(a, a, 5, grid=(2, 2), backend="cuda", check_finite=False, chunk=2)
+    assert idx.cpu()[1].tolist() == [0, 1, 2, 3, 4] and bool((idx.cpu()[[0, 2, 3, 4], -1] == 1).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_ops_on_a_device_that_is_not_current():
+    # the core launches on the current device: the ops make it the tensors' (extract --device cuda:1)
+    torch.cuda.set_device(0)
+    a = torch.randint(0, 256, (70, 3, 16, 16), dtype=torch.uint8)
+    got = D.tiled_l2(a.to("cuda:1"), grid=(2, 2), backend="cuda")
+    assert got.device == torch.device("cuda:1")
+    assert torch.equal(got.cpu(), D.tiled_l2(a, grid=(2, 2), backend="cpu"))
+    bits = D.tiled_l2_graph(a.to("cuda:1"), 0.3, grid=(2, 2), backend="cuda").cpu()
+    assert torch.equal(bits, D.tiled_l2_graph(a, 0.3, grid=(2, 2), backend="cpu"))
+
+
+@pytest.mark.cuda
 def test_cuda_large_tile_int64_and_auto(rng):
     # A whole 3×256×256 image as one tile: S exceeds int32, the kernel must split the reduction.
     a = torch.zeros(2, 3, 256, 256, dtype=torch.uint8)
@@ -468,3 +503,14 @@ def test_knn_chunk_errors():
             D.knn(q, q, 1, chunk=bad)
     with pytest.raises(ValueError, match="chunk must be a positive int, got 0"):
         D.knn(q, q, 1, chunk=0)
+
+
+def test_merged_knn_keys_put_a_sign_bit_nan_last():
+    # x86 makes 0/0 as a NaN with its sign bit set: as an int32 bit pattern it is negative, so the (distance,
+    # index) keys of merge_topk (NN blocks) and the chunked GPU k-NN sorted it first instead of last
+    nan = -torch.tensor([float("nan")])
+    assert nan.view(torch.int32).item() < 0
+    d = torch.tensor([[nan.item(), 0.5]])
+    d[0, 0] = nan[0]
+    dist, idx = ops.merge_topk((d, torch.tensor([[0, 1]])), (torch.tensor([[0.3]]), torch.tensor([[2]])), 3)
+    assert idx.tolist() == [[2, 1, 0]] and bool(dist[0, 2].isnan())

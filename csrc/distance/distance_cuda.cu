@@ -243,9 +243,11 @@ __global__ void __launch_bounds__(256)
       const std::int64_t i = static_cast<std::int64_t>(bm) * kBlock + ty * 4 + r;
       const std::int64_t j = static_cast<std::int64_t>(bn) * kBlock + tx * 4 + q;
       if (i < ga.n && j < gb.n) {
-        // S >= 0: the float's bit pattern orders like an int, so an integer atomicMax is a float max.
-        atomicMax(reinterpret_cast<int*>(smax + i * gb.n + j),
-                  __float_as_int(static_cast<float>(total[r][q])));
+        // S >= 0: the float's bit pattern orders like an int, so an integer atomicMax is a float max. A NaN
+        // is written as the positive quiet NaN, the largest such int: it wins the maximum over tiles
+        // whatever its sign bit (a negative one would lose to 0 and read as a match).
+        const float v = static_cast<float>(total[r][q]);
+        atomicMax(reinterpret_cast<int*>(smax + i * gb.n + j), isnan(v) ? 0x7fffffff : __float_as_int(v));
       }
     }
 }

@@ -96,9 +96,10 @@ def _matrix_impl(
         return out
     if backend == "cuda":
         out = torch.empty((a.shape[0], other.shape[0]), dtype=torch.float32, device=a.device)
-        _native.family("distance").matrix_cuda(
-            *_native_args(a, other), grid_h, grid_w, float(scale), b is None, _native.ptr(out), _stream(a)
-        )
+        with torch.cuda.device(a.device):  # the core launches on the current device: make it the tensors'
+            _native.family("distance").matrix_cuda(
+                *_native_args(a, other), grid_h, grid_w, float(scale), b is None, _native.ptr(out), _stream(a)
+            )
         return out
     if backend == "triton":
         from memcore.kernels.triton import distance as tk
@@ -150,8 +151,9 @@ def _knn_chunked(
 
 
 def _keys(d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered by (distance, index): float32 distances >= 0 order like their bit patterns."""
-    return (d.view(torch.int32).to(torch.int64) << 32) | idx
+    """int64 keys ordered by (distance, index): float32 distances >= 0 order like their bit patterns. ``abs``
+    clears the sign of a NaN (x86 makes 0/0 with it set), which would otherwise sort first, not last."""
+    return (d.abs().view(torch.int32).to(torch.int64) << 32) | idx
 
 
 def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,16 +281,17 @@ def _graph_impl(
         return out
     if backend == "cuda":
         out = torch.empty((a.shape[0], words), dtype=torch.uint64, device=a.device)
-        _native.family("distance").graph_cuda(
-            *_native_args(a, other),
-            grid_h,
-            grid_w,
-            float(scale),
-            b is None,
-            float(alpha),
-            _native.ptr(out),
-            _stream(a),
-        )
+        with torch.cuda.device(a.device):  # the core launches on the current device: make it the tensors'
+            _native.family("distance").graph_cuda(
+                *_native_args(a, other),
+                grid_h,
+                grid_w,
+                float(scale),
+                b is None,
+                float(alpha),
+                _native.ptr(out),
+                _stream(a),
+            )
         return out
     if backend == "triton":
         from memcore.kernels.triton import distance as tk

@@ -341,7 +341,8 @@ def _run_native(
     if backend == "cpu":
         fam.step_cpu(*common, int(step.item()), flags, g, gr, 1.0 - gr, clip)
     else:  # cuda: the step index is read on the device (graph-capturable)
-        fam.step_cuda(*common, _native.ptr(step), flags, g, gr, 1.0 - gr, clip, _native.stream_of(sample))
+        with torch.cuda.device(sample.device):  # the core launches on the current device
+            fam.step_cuda(*common, _native.ptr(step), flags, g, gr, 1.0 - gr, clip, _native.stream_of(sample))
     return out
 
 
