@@ -476,3 +476,70 @@ def test_triton_cut_method_is_tuned(rng, tuning, monkeypatch):
     assert len(got) == 1 and set(got[0]["seconds"]) == set(tk.CUT_METHODS)
     want = torch.sort(ref.distance_matrix(q.cpu(), r.cpu(), (2, 2)), dim=1, stable=True)
     assert torch.equal(d.cpu(), want.values[:, :5]) and torch.equal(i.cpu(), want.indices[:, :5])
+
+
+def test_triton_filter_knn_float_near_duplicates_are_never_padding(rng):
+    """Float near duplicates (noise of 1e-3 on [0, 1] images, the memorization case): the cut comes from the
+    fused kernel, whose S = ‖a‖² + ‖b‖² − 2ab for such a pair differs from the filter pass's by far more than
+    the cut's few ulps (cancellation), so fewer than k references could pass: such a row must be recomputed,
+    never answered with padding keys (index 2^32 − 1)."""
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops.distance import _smallest
+
+    dev = _device()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        q = torch.rand(4, 3, 4, 4, generator=g)
+        owner = torch.arange(80) % 4  # 20 near copies of each query among 80 references
+        r = q[owner] + torch.randn(80, 3, 4, 4, generator=g) * 1e-3
+        keys = tk.knn_keys(q.to(dev), r.to(dev), 16, (1, 1), method="filter", stride=1, cap=64, cut="fused")
+        d, i = _smallest(keys, 16)
+        i = i.cpu()
+        assert bool((i < 80).all()), "padding keys in the k nearest"
+        for row in range(4):
+            assert len(set(i[row].tolist())) == 16
+            assert bool((owner[i[row]] == row).all())  # all among the query's own near copies
+        assert bool(d.isfinite().all())
+
+
+@pytest.mark.parametrize("cut", ["fused", "groupmin"])
+def test_triton_filter_knn_nan_query(cut):
+    """check_finite=False: a NaN query's cut is NaN, which no reference passes; the row must still get k
+    references (NaN distances, in index order, as the fused kernel and the reference give), not padding."""
+    from memcore.kernels.triton import distance as tk
+    from memcore.ops.distance import _smallest
+
+    dev = _device()
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(3, 1, 4, 4, generator=g)
+    r = torch.rand(40, 1, 4, 4, generator=g)
+    q[1, 0, 0, 0] = float("nan")
+    d, i = _smallest(
+        tk.knn_keys(q.to(dev), r.to(dev), 3, (1, 1), method="filter", stride=2, cap=16, cut=cut), 3
+    )
+    _, want_i = D.knn(q, r, 3, backend="reference", check_finite=False)
+    assert bool(d[1].isnan().all()) and i[1].tolist() == want_i[1].tolist() == [0, 1, 2]
+    assert torch.equal(i[[0, 2]].cpu(), want_i[[0, 2]])
+
+
+def test_triton_float_inf_or_negative_nan_input_is_never_a_match():
+    """check_finite=False: an image with an infinite pixel (‖a‖² − 2ab is inf − inf: a NaN that x86 and the
+    interpreter make with its sign bit set) or a NaN pixel with the sign bit set is never a graph edge and is
+    last in every k-NN (a sign-bit NaN was dropped by the float atomic_max — Triton's emulation sends it to
+    an unsigned min — and ordered first as a k-NN key)."""
+    dev = _device()
+    for bad in (float("inf"), -float("nan")):
+        a = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        a[1, 2, 3, 1] = bad
+        for grid in ((1, 1), (2, 2)):
+            g = D.tiled_l2_graph(a.to(dev), 10.0, grid=grid, backend="triton", check_finite=False).cpu()
+            assert g.view(torch.int64)[:, 0].tolist() == [0b11100, 0, 0b11001, 0b10101, 0b01101], (bad, grid)
+            m = D.tiled_l2(a.to(dev), grid=grid, backend="triton", check_finite=False).cpu()
+            assert not bool(m[1, [0, 2, 3, 4]].isfinite().any()), (bad, grid)
+            for method in ("fused", "filter"):
+                from memcore.kernels.triton import distance as tk
+                from memcore.ops.distance import _smallest
+
+                kw = {"stride": 1, "cap": 16} if method == "filter" else {}
+                _, i = _smallest(tk.knn_keys(a.to(dev), a.to(dev), 5, grid, method=method, **kw), 5)
+                assert bool((i[[0, 2, 3, 4], -1].cpu() == 1).all()), (bad, grid, method)

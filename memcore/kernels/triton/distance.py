@@ -273,8 +273,12 @@ def _pair_kernel(
         else:
             g = _gram(a_base, b_base, rmask, cmask, 0, d_live, H, W, TH, TW,
                       IS_INT, SHIFT, PACKED, BM, BN, BK, PRECISION)  # fmt: skip
-            # NaN propagates (a NaN input is NaN, never a match, as on every backend): the default drops it
-            s = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            # NaN propagates (a NaN input is NaN, never a match, as on every backend): the default drops it.
+            # abs clears a NaN's sign bit (inf − inf and sign-bit NaN inputs make one on x86 / the
+            # interpreter): the float atomic_max sends sign-bit values to an unsigned min, which drops them.
+            s = tl.abs(
+                tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            )
         # int32 offsets from the block's first row unless BM·M >= 2^31 (WIDE): [BM, BN] int64 addresses made
         # this the register peak (255 registers and 128 B of spills for 64x64 at Triton 3.6)
         blk = out_ptr + (pid_m * BM).to(tl.int64) * M
@@ -689,8 +693,11 @@ def _tile_s(
         else:
             g = _gram(a_base, b_base, rmask, cmask, 0, D, 1, 1, 1, 1,
                       IS_INT, False, True, BM, BN, BK, PRECISION)  # fmt: skip
-            # NaN propagates through the clamp and the maximum over tiles: see _pair_kernel
-            st = tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            # NaN propagates through the clamp and the maximum over tiles, its sign bit cleared (a key with
+            # it set would order first): see _pair_kernel
+            st = tl.abs(
+                tl.maximum(na[:, None] + nb[None, :] - 2.0 * g, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            )
         s = tl.maximum(s, st, propagate_nan=tl.PropagateNan.ALL)
     return s
 
@@ -1171,6 +1178,13 @@ def _filter_keys(
     mark("cut")
     config = _filter_config(q, r, cut, d, tiles, scale, is_int, cap)
     counts, buf = _filter_pass(q, r, cut, d, tiles, scale, is_int, cap, config)
+    if not is_int:
+        # Fewer than k candidates: the cut's float distances come from another kernel (other tile shapes),
+        # and for near duplicates S = ‖a‖² + ‖b‖² − 2ab differs between the two by far more than the cut's
+        # few ulps (cancellation); a NaN query's cut is NaN and passes nothing. Recompute such a row like an
+        # overflowed one. With at least k candidates, every unappended reference lies beyond the cut, so the
+        # k smallest (by this pass's distances) were appended. uint8 always has kk >= k (exact integer S).
+        counts = torch.where(counts < k, cap + 1, counts)
     mark("filter")
     _candidates_kernel[(triton.cdiv(n, 32), triton.cdiv(cap, 128))](
         buf, counts, n, cap, d, IS_INT=is_int, BM=32, BC=128
