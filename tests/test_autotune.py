@@ -166,3 +166,14 @@ def test_the_static_choice_failing_is_the_calls_error(tune_on_cpu, monkeypatch):
     fail[0] = False
     D.tiled_l2(_imgs(5, 5), grid=(2, 2))
     assert set(next(iter(_tune.choices().values()))["seconds"]) == {"cpu", "cublas"}
+
+
+def test_a_cached_choice_not_eligible_for_this_call_is_not_used(tune_on_cpu):
+    # the Triton k-NN and pairwise pass only the launch configurations this call's sizes allow; the shape
+    # class's cached choice came back even when it was not among them
+    key = ("test", 1)
+    runs = {"a": lambda: torch.zeros(3), "b": lambda: torch.zeros(3)}
+    _tune.pick(key, ["a", "b"], lambda be: runs[be](), torch.device("cpu"), repeats=1)
+    chosen = _tune.chosen(key)
+    other = "a" if chosen == "b" else "b"
+    assert _tune.pick(key, [other, "c"], lambda be: torch.zeros(3), torch.device("cpu")) == other

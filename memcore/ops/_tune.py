@@ -93,11 +93,13 @@ def pick(
         return candidates[0]
     hit = _CHOSEN.get(key)
     if hit is not None:
-        return hit
+        # a shape class spans sizes up to 4x apart in N·M: the class's choice may not be eligible for this
+        # call (a launch configuration over its memory budget here); then the static choice runs
+        return hit if hit in candidates else candidates[0]
     with _LOCK:
         hit = _CHOSEN.get(key)
         if hit is not None:
-            return hit
+            return hit if hit in candidates else candidates[0]
         times: dict[str, float] = {}
         want = None
         for be in candidates:
