@@ -1114,30 +1114,21 @@ def iter_extract(
     conditions = _conditions_arg(conditions)  # a generator of conditions is read once, here
     if device is not None:
         resolve_device(device)
-    return _iter_extract(
-        model, conditions, config=config, train=train, out=out, device=device, shard=shard,
-        progress=progress, state=_state if _state is not None else {},
+    state = _state if _state is not None else {}
+    return _abandoning(
+        _extraction(
+            model, conditions, config=config, train=train, out=out, device=device, shard=shard,
+            progress=progress, state=state,
+        ),
+        state,
     )  # fmt: skip
 
 
-def _iter_extract(
-    model: Any,
-    conditions: list[Any] | None,
-    *,
-    config: ExtractConfig | None,
-    train: PreparedTrainingSet | torch.Tensor | str | os.PathLike | None,
-    out: str | os.PathLike | None,
-    device: torch.device | str | None,
-    shard: _results.ShardSpec | None,
-    progress: bool,
-    state: dict,
-) -> Iterator[ConditionResult]:
-    """The generator :func:`iter_extract` returns once its arguments passed the call-time checks."""
+def _abandoning(results: Iterator[ConditionResult], state: dict) -> Iterator[ConditionResult]:
+    """``results`` (the generator :func:`iter_extract` returns), taking back the results directory's
+    ``params.json`` when the run fails or is closed before writing anything else (``ResultsDir.abandon``)."""
     try:
-        yield from _extraction(
-            model, conditions, config=config, train=train, out=out, device=device, shard=shard,
-            progress=progress, state=state,
-        )  # fmt: skip
+        yield from results
     except BaseException:
         rd = state.get("results_dir")
         if rd is not None:
