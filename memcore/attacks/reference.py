@@ -105,24 +105,6 @@ def naive_tiled_l2(
     return d.amax(-1)
 
 
-def exact_tile_sq(
-    a: torch.Tensor, b: torch.Tensor | None = None, grid: tuple[int, int] = (4, 4)
-) -> torch.Tensor:
-    """uint8 images: ``max_t Σ_{tile t} (a − b)²`` as exact int64 integers [N, M] (``tiled_l2² · 255² · n``)."""
-    b = a if b is None else b
-    gh, gw = grid
-    _n, c, h, w = a.shape
-    if h % gh or w % gw:
-        raise ValueError(f"grid {grid} does not divide image size {h}x{w}")
-
-    def tiles(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.int64).reshape(x.shape[0], c, gh, h // gh, gw, w // gw).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(x.shape[0], gh * gw, -1)
-
-    ta, tb = tiles(a), tiles(b)
-    return ((ta[:, None] - tb[None]) ** 2).sum(-1).amax(-1)
-
-
 def _medoid_position(sub32: torch.Tensor) -> int:
     """Position of the least summed distance in ``sub32`` [K, K] (the float32 distances memcore reports), the
     first on ties; the sums are exact (``math.fsum``), so the rule is the engines' documented one: argmin of
@@ -189,13 +171,11 @@ def reference_condition(
     exact sum of a member's distances (the first member on ties), the mean clique distance their exact mean,
     and the nearest training image the least float32 distance (the first index on ties).
     """
+    from memcore.reference import distance as ref_distance
+
     u8 = images.dtype == torch.uint8
-    c, h, w = images.shape[1:]
-    if u8:
-        sq = exact_tile_sq(images, grid=grid)
-        d = torch.sqrt(sq.double() / (255.0**2 * c * (h // grid[0]) * (w // grid[1])))
-    else:
-        d = naive_tiled_l2(images, grid=grid)
+    # uint8: the reference distances, float32(sqrt(S / (255² n))) from exact integer S
+    d = ref_distance.distance_matrix(images, None, grid) if u8 else naive_tiled_l2(images, grid=grid)
     # compare in float32 as the engines do (the threshold is a float32 comparison, SPEC §7 bitset rule)
     adj = d.float() <= torch.tensor(alpha, dtype=torch.float32)
     adj.fill_diagonal_(False)
@@ -207,8 +187,7 @@ def reference_condition(
     rec = ReferenceRecord(condition_id, k >= min_clique, k, tuple(members), medoid, mean)
     if train is not None and k:
         if u8 and train.dtype == torch.uint8:
-            st = exact_tile_sq(images[medoid : medoid + 1], train, (1, 1))[0]
-            dt = torch.sqrt(st.double() / (255.0**2 * c * h * w)).float()
+            dt = ref_distance.distance_matrix(images[medoid : medoid + 1], train, (1, 1))[0]
         else:
             dt = naive_l2(images[medoid : medoid + 1], train)[0].float()
         j = int(torch.argmin(dt))  # the first index among equal float32 distances

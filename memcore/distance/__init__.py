@@ -53,7 +53,7 @@ import torch
 
 from memcore.ops import _backend, _tune
 from memcore.ops import distance as _ops
-from memcore.utils.checks import finite_threshold
+from memcore.utils.checks import finite_real
 
 __all__ = ["CUDA_ORDER", "CUDA_ORDER_FLOAT", "knn", "l2", "tiled_l2", "tiled_l2_graph"]
 
@@ -319,7 +319,7 @@ def tiled_l2_graph(
         uint64 [N, ceil(M/64)] (M = N for ``b=None``): bit j of row i (word j // 64, bit j % 64) is set iff
         ``d(a_i, b_j) <= alpha`` (and i != j in the pairwise case).
     """
-    alpha = finite_threshold(alpha)
+    alpha = finite_real(alpha, "alpha")
     a, b, gh, gw, scale, name = _prepare(a, b, grid, value_range, check_finite, backend)
     m = None if b is None else _tune.bucket(b.shape[0])
     return _run(

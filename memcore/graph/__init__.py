@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from memcore.ops import clique as _ops
-from memcore.utils.checks import finite_threshold
+from memcore.utils.checks import finite_real
 from memcore.utils.profiling import stage
 
 __all__ = [
@@ -404,7 +404,7 @@ def threshold_graph(dist: torch.Tensor, alpha: float, *, backend: str = "auto") 
         raise TypeError(f"dist must be float32 or float64, got {dist.dtype}")
     _ops.check_has_data(dist, "dist")
     # one rule with memcore.distance.tiled_l2_graph: numpy scalars too; NaN, inf and 10**400 refused
-    a = finite_threshold(alpha)
+    a = finite_real(alpha, "alpha")
     d = dist.detach().to("cpu").contiguous()
     return _ops.threshold(d, a, backend=backend)
 

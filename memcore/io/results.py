@@ -328,18 +328,18 @@ class RecordWriter:
         # the file's directory entry too: fsynced records in a file that a power cut unlinks are lost
         if new and fsync:
             _fsync_dir(self.path.parent)
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(self._fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise RuntimeError(
-                        f"{self.path} is being written by another memcore run (another process with the same "
-                        "--out and shard, or an iter_extract in this one not yet finished or closed); give each "
-                        "process its own --shard or torchrun rank"
-                    ) from exc
-                raise
+        try:
+            locked = _try_lock(self._fd)
+        except OSError:
+            os.close(self._fd)
+            raise
+        if not locked:
+            os.close(self._fd)
+            raise RuntimeError(
+                f"{self.path} is being written by another memcore run (another process with the same "
+                "--out and shard, or an iter_extract in this one not yet finished or closed); give each "
+                "process its own --shard or torchrun rank"
+            )
         info = read_records(self.path)
         if info.torn_tail:
             os.ftruncate(self._fd, info.valid_bytes)
@@ -786,19 +786,28 @@ def _unwritten(path: Path) -> Iterator[bool]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = _try_lock(fd)
         except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                busy = True
-            elif exc.errno == errno.EBADF:  # a read-only descriptor on NFS: cannot tell
-                busy = False
-            else:
+            if exc.errno != errno.EBADF:  # a read-only descriptor on NFS: cannot tell
                 raise
-        else:
-            busy = False
-        yield not busy
+            free = True
+        yield free
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take ``fd``'s exclusive advisory lock without waiting: False when another open file holds it (a
+    :class:`RecordWriter`), True when taken or where there is no ``fcntl``; other errors raise."""
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def _is_empty(path: Path) -> bool:
@@ -883,7 +892,7 @@ def adopt_part_params(path: str | os.PathLike) -> bool:
     if (path / PARAMS_FILE).exists() or not (path / PARTS_DIR).is_dir():
         return False
     parts = sorted(f for f in (path / PARTS_DIR).iterdir() if _PART_RE.match(f.name))
-    sides = [part_params_path(f) for f in parts if part_params_path(f).exists()]
+    sides = [side for side in map(part_params_path, parts) if side.exists()]
     if not sides:
         return False
     first = _read_stored(sides[0])

@@ -227,12 +227,13 @@ def _first_lines(msg: str, n: int = 3) -> str:
     return " ".join(lines[:n]) + more
 
 
-def _diffusers_cls(name: Any, where: Path) -> Any:
-    import diffusers
+def _library_cls(library: str, name: Any, where: Path) -> Any:
+    """The class ``name`` of ``library`` ("diffusers" or "transformers"), or a ValueError naming ``where``."""
+    import importlib
 
-    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    cls = getattr(importlib.import_module(library), name, None) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"{where}: unknown diffusers class {name!r}")
+        raise ValueError(f"{where}: unknown {library} class {name!r}")
     return cls
 
 
@@ -283,7 +284,7 @@ def _load_scheduler_from(directory: Path) -> Any | None:
         return None
     from diffusers import SchedulerMixin
 
-    cls = _diffusers_cls(_read_json(cfg).get("_class_name", "DDPMScheduler"), cfg)
+    cls = _library_cls("diffusers", _read_json(cfg).get("_class_name", "DDPMScheduler"), cfg)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"{cfg}: {cls.__name__} is not a diffusers scheduler")
     return cls.from_pretrained(str(directory), local_files_only=True)
@@ -376,7 +377,7 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
     names = {c: _component(index, c, root) for c in ("unet", "scheduler", "vae", "text_encoder", "tokenizer")}
     if names["unet"] is None:
         raise ValueError(f"{index_path} names no 'unet' component; memcore samples UNet pipelines")
-    unet_cls = _diffusers_cls(names["unet"], index_path)
+    unet_cls = _library_cls("diffusers", names["unet"], index_path)
     if names["unet"] == "UNet2DConditionModel":  # Stable Diffusion layout: say which part is missing
         for c in ("vae", "text_encoder", "tokenizer"):
             if names[c] is None:
@@ -394,12 +395,12 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
         raise FileNotFoundError(f"{root}/scheduler/scheduler_config.json is missing")
     extra: dict[str, Any] = {}
     if names["vae"] is not None:
-        vae_cls = _diffusers_cls(names["vae"], index_path)
+        vae_cls = _library_cls("diffusers", names["vae"], index_path)
         variant = _check_weights_dir(root / "vae", "vae")
         vae = _from_pretrained(vae_cls, root, "vae", subfolder="vae", torch_dtype=dtype, variant=variant)
         extra["vae"] = _finish_unet(vae, device, dtype)
     if names["text_encoder"] is not None:
-        te_cls = _transformers_cls(names["text_encoder"], index_path)
+        te_cls = _library_cls("transformers", names["text_encoder"], index_path)
         variant = _check_weights_dir(root / "text_encoder", "text_encoder", _TRANSFORMERS_WEIGHTS)
         # the UNet's dtype when none is asked for: transformers loads a float16 checkpoint as float16 where
         # diffusers makes the UNet float32, and float16 embeddings into a float32 UNet fail
@@ -415,7 +416,7 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
             )
         extra["text_encoder"] = _finish_unet(te, device, te_dtype)
     if names["tokenizer"] is not None:
-        tok_cls = _transformers_cls(names["tokenizer"], index_path)
+        tok_cls = _library_cls("transformers", names["tokenizer"], index_path)
         tdir = root / "tokenizer"
         if not tdir.is_dir():
             raise FileNotFoundError(f"tokenizer: directory {tdir} is missing")
@@ -430,19 +431,10 @@ def _load_pipeline_dir(root: Path, device: torch.device, dtype: torch.dtype | No
     return _describe_unet(unet, scheduler, device, str(root), **extra)
 
 
-def _transformers_cls(name: str, where: Path) -> Any:
-    import transformers
-
-    cls = getattr(transformers, name, None)
-    if cls is None:
-        raise ValueError(f"{where}: unknown transformers class {name!r}")
-    return cls
-
-
 def _load_unet_dir(d: Path, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     variant = _check_weights_dir(d, "model")
     cfg = _read_json(d / "config.json")
-    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"), d / "config.json")
+    cls = _library_cls("diffusers", cfg.get("_class_name", "UNet2DModel"), d / "config.json")
     unet = _from_pretrained(cls, d, "model", torch_dtype=dtype, variant=variant)
     unet = _finish_unet(unet, device, dtype)
     scheduler = _load_scheduler_from(d) or _default_scheduler()
@@ -457,7 +449,7 @@ def _load_safetensors_file(f: Path, device: torch.device, dtype: torch.dtype | N
     from safetensors.torch import load_file
 
     cfg = _read_json(cfg_path)
-    cls = _diffusers_cls(cfg.get("_class_name", "UNet2DModel"), cfg_path)
+    cls = _library_cls("diffusers", cfg.get("_class_name", "UNet2DModel"), cfg_path)
     unet = cls.from_config(cfg)
     state = load_file(str(f))
     try:

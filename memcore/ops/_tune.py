@@ -91,15 +91,13 @@ def pick(
     """
     if len(candidates) == 1:
         return candidates[0]
-    hit = _CHOSEN.get(key)
+    hit = chosen(key, candidates)
     if hit is not None:
-        # a shape class spans sizes up to 4x apart in N·M: the class's choice may not be eligible for this
-        # call (a launch configuration over its memory budget here); then the static choice runs
-        return hit if hit in candidates else candidates[0]
+        return hit
     with _LOCK:
-        hit = _CHOSEN.get(key)
+        hit = chosen(key, candidates)
         if hit is not None:
-            return hit if hit in candidates else candidates[0]
+            return hit
         times: dict[str, float] = {}
         want = None
         for be in candidates:
@@ -135,15 +133,23 @@ def pick(
                 _sync(device)
                 best = min(best, time.perf_counter() - t0)
             times[be] = best
-        chosen = min(times, key=times.__getitem__) if times else candidates[0]
+        fastest = min(times, key=times.__getitem__) if times else candidates[0]
         _TIMES[key] = times  # before the choice: choices() (lock-free) lists only what _CHOSEN holds
-        _CHOSEN[key] = chosen
-        return chosen
+        _CHOSEN[key] = fastest
+        return fastest
 
 
-def chosen(key: tuple) -> str | None:
-    """The cached choice for ``key``, None before it was tuned (no lock: a dict read)."""
-    return _CHOSEN.get(key)
+def chosen(key: tuple, candidates: Sequence[str] | None = None) -> str | None:
+    """The cached choice for ``key``, None before it was tuned (no lock: a dict read).
+
+    With ``candidates`` (what this call may run), a choice not among them gives the first: a shape class spans
+    sizes up to 4x apart in N·M, so its choice may not be eligible for this call (a launch configuration over
+    its memory budget here); then the static choice runs.
+    """
+    hit = _CHOSEN.get(key)
+    if hit is None or candidates is None or hit in candidates:
+        return hit
+    return candidates[0]
 
 
 def choices() -> dict[tuple, dict[str, Any]]:

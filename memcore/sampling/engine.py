@@ -27,8 +27,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import inspect
-import math
-import numbers
 import sys
 import warnings
 from collections import OrderedDict
@@ -41,6 +39,7 @@ from memcore.models.loading import LoadedModel, load_model
 from memcore.ops import _backend
 from memcore.sampling.seeds import as_int, check_seeds, initial_noise, step_noise
 from memcore.utils import DIFFUSERS_RANDN_LOCK
+from memcore.utils.checks import finite_real
 from memcore.utils.device import default_device
 from memcore.utils.profiling import stage
 from memcore.utils.transfer import to_device
@@ -74,15 +73,6 @@ def check_model_options(cfg) -> None:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
     if cfg.attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {cfg.attention!r}")
-
-
-def _real(name: str, v: Any) -> float:
-    """``v`` as a finite float: a real number (int, float, numpy float), never a bool or a string."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}")
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v!r}")
-    return float(v)
 
 
 #: ``SamplerConfig.scheduler`` names the engine maps itself (the rest are diffusers class names).
@@ -297,8 +287,8 @@ class SamplerConfig:
                 raise ValueError(f"{name} must be >= 1, got {v}")
             object.__setattr__(self, name, v)
         if self.guidance_scale is not None:
-            _real("guidance_scale", self.guidance_scale)
-        if not 0.0 <= _real("eta", self.eta) <= 1.0:
+            finite_real(self.guidance_scale, "guidance_scale")
+        if not 0.0 <= finite_real(self.eta, "eta") <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -319,7 +309,7 @@ class SamplerConfig:
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise TypeError(f"channels_last must be a bool or None, got {self.channels_last!r}")
         check_model_options(self)
-        rescale = _real("guidance_rescale", self.guidance_rescale)
+        rescale = finite_real(self.guidance_rescale, "guidance_rescale")
         if rescale < 0:
             raise ValueError("guidance_rescale must be >= 0")
         if rescale > 1:  # the fused step's limit too (StepConfig): a blend weight, 1 = fully rescaled

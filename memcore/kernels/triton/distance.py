@@ -561,8 +561,7 @@ def _choose(key: tuple, names: list[str], run, device: torch.device, exact: bool
     if not exact or device.type not in TUNE_DEVICE_TYPES or not _tune.ENABLED:
         return names[0]
     if torch.compiler.is_compiling():
-        hit = _tune.chosen(key)
-        return hit if hit in names else names[0]  # as pick: only a configuration this launch allows
+        return _tune.chosen(key, names) or names[0]
     return _tune.pick(key, names, run, device)
 
 
